@@ -1,0 +1,117 @@
+"""One interface for every attack: an observed update in, a reconstruction out.
+
+`ObservedUpdate` is what a curious server holds for one client: the global model it sent, the
+parameter gradients it can derive from the reply, and what else the threat model grants.
+`Reconstruction` is the attack's guess plus honest diagnostics (per-layer rank, residuals, time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from models.base import ZooModel
+
+
+class AttackError(ValueError):
+    """The attack cannot run on this model or update (unsupported layer, wrong shapes, …)."""
+
+
+@dataclass
+class ObservedUpdate:
+    """What the server observes of one client's update.
+
+    `gradients` maps each parameter name of `model` to dL/dθ at the model's current weights.
+    For multi-step FedAvg updates it is the estimate Δw / (-lr · steps) (see `from_weight_delta`).
+    """
+
+    model: ZooModel
+    gradients: dict[str, torch.Tensor]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    batch_size: int = 1
+    known_labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(params) - set(self.gradients))
+        if missing:
+            raise AttackError(
+                f"gradients missing for parameters {missing}; pass one gradient per named parameter"
+            )
+        for name, grad in self.gradients.items():
+            if name not in params:
+                raise AttackError(f"gradient for unknown parameter {name!r}; the model has {sorted(params)}")
+            if tuple(grad.shape) != tuple(params[name].shape):
+                raise AttackError(
+                    f"gradient {name!r} has shape {tuple(grad.shape)} but the parameter has "
+                    f"{tuple(params[name].shape)}; send gradients of this model"
+                )
+
+    @classmethod
+    def from_weight_delta(
+        cls,
+        model: ZooModel,
+        before: Mapping[str, torch.Tensor],
+        after: Mapping[str, torch.Tensor],
+        learning_rate: float,
+        local_steps: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        batch_size: int = 1,
+    ) -> ObservedUpdate:
+        """Estimate the gradient from a FedAvg weight delta: g ≈ (w_before − w_after) / (lr · steps).
+
+        Exact for one SGD step (FedSGD); for several steps it is the mean gradient along the local
+        trajectory, which layer-wise inversion treats as if it were one gradient.
+        """
+        scale = 1.0 / (learning_rate * local_steps)
+        grads = {name: (before[name] - after[name]).detach().float() * scale for name in before}
+        return cls(model, grads, input_shape, num_classes, batch_size)
+
+
+def observe_gradient(model: ZooModel, inputs: torch.Tensor, targets: torch.Tensor) -> ObservedUpdate:
+    """The exact gradient a client would send for this batch (FedSGD), as the server sees it."""
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(model(inputs), targets)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    grads = torch.autograd.grad(loss, params)
+    return ObservedUpdate(
+        model=model,
+        gradients={n: g.detach().clone() for n, g in zip(names, grads, strict=True)},
+        input_shape=tuple(inputs.shape[1:]),
+        num_classes=int(getattr(getattr(model, "spec", None), "num_classes", 0)),
+        batch_size=int(inputs.shape[0]),
+    )
+
+
+@dataclass
+class Reconstruction:
+    """An attack's output: reconstructed inputs (B, *input_shape), labels and diagnostics."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    seconds: float
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack(Protocol):
+    """Every attack: `name` for reports, `reconstruct` for the work."""
+
+    name: str
+
+    def reconstruct(self, update: ObservedUpdate) -> Reconstruction: ...
+
+
+def parameter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) for every leaf module of `model.layers`, in forward order."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.Sequential):
+        raise AttackError(
+            f"{type(model).__name__} has no flat `layers` nn.Sequential; layer-wise attacks need one"
+        )
+    return [(f"layers.{i}", m) for i, m in enumerate(layers)]

@@ -1,0 +1,88 @@
+"""The Flower ClientApp: trains and evaluates the global model on this node's partition.
+
+The server sends the whole run config with each message, so the same ClientApp serves a
+`fedsim run` simulation, `flwr run .` and a real SuperNode without local configuration; the
+node's own `partition-id` (node config) picks its data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim import messages as keys
+from fedsim.client_task import ClientData, client_data, evaluate, model_for, train_locally
+from fedsim.config import RunConfig
+from models import ZooModel
+
+app = ClientApp()
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get(keys.PARTITION_ID, 0))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one train/evaluate message asks of this node."""
+
+    config: RunConfig
+    record: ConfigRecord
+    model: ZooModel
+    partition_id: int
+    data: ClientData
+
+
+def _job(msg: Message, context: Context) -> _Job:
+    torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
+    record = msg.content[keys.CONFIG]
+    config = keys.run_config_from_record(record)
+    model = model_for(config)
+    model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    partition_id = _partition_id(context)
+    return _Job(config, record, model, partition_id, client_data(config, partition_id))
+
+
+def _reply(msg: Message, job: _Job, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    content[keys.CLIENT] = ConfigRecord({keys.PARTITION_ID: job.partition_id})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    job = _job(msg, context)
+    result = train_locally(
+        job.model,
+        job.data,
+        job.config,
+        server_round=int(job.record[keys.SERVER_ROUND]),
+        partition_id=job.partition_id,
+        proximal_mu=float(job.record.get(keys.PROXIMAL_MU, 0.0)),
+    )
+    metrics = {
+        keys.TRAIN_LOSS: result.train_loss,
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.SECONDS: result.seconds,
+    }
+    return _reply(msg, job, metrics, ArrayRecord(job.model.state_dict()))
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    job = _job(msg, context)
+    loss, accuracy = evaluate(job.model, job.data.x_val, job.data.y_val)
+    metrics = {keys.EVAL_LOSS: loss, keys.EVAL_ACCURACY: accuracy, keys.NUM_EXAMPLES: len(job.data.y_val)}
+    return _reply(msg, job, metrics, None)
+
+
+@app.query("roster")
+def roster(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds, so it can sample reproducibly."""
+    content = RecordDict({keys.CLIENT: ConfigRecord({keys.PARTITION_ID: _partition_id(context)})})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,126 @@
+"""What a client does with its data: load its partition, train locally, evaluate.
+
+Every random choice is seeded from (run seed, round, partition id), so a client's update
+depends only on those and the global weights: runs repeat exactly and resume exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedsim.config import RunConfig
+from fedsim.data import Dataset, load_dataset
+from fedsim.partition import partition
+from models import InputSpec, ZooModel, build_model
+
+# Share of each client's partition held out for federated evaluation.
+LOCAL_VALIDATION_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class ClientData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    train_loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def dataset_for(config: RunConfig) -> Dataset:
+    return load_dataset(config.dataset, config.image_size or None)
+
+
+def model_for(config: RunConfig, data: Dataset | None = None) -> ZooModel:
+    """The run's model, freshly initialised from the run seed."""
+    data = data or dataset_for(config)
+    torch.manual_seed(config.seed)
+    return build_model(config.model, InputSpec(data.sample_shape, data.num_classes))
+
+
+@lru_cache(maxsize=2)
+def _partitions(config: RunConfig) -> list[np.ndarray]:
+    return partition(dataset_for(config).y_train, config.partition_spec())
+
+
+def client_data(config: RunConfig, partition_id: int) -> ClientData:
+    """This client's partition, split into local train and validation parts."""
+    data = dataset_for(config)
+    indices = _partitions(config)[partition_id]
+    rng = np.random.default_rng([config.seed, partition_id])
+    shuffled = rng.permutation(indices)
+    n_val = max(1, int(len(shuffled) * LOCAL_VALIDATION_SHARE)) if len(shuffled) > 1 else 0
+    val, train = shuffled[:n_val], shuffled[n_val:]
+    if n_val == 0:
+        val = train
+    return ClientData(
+        torch.from_numpy(data.x_train[train]),
+        torch.from_numpy(data.y_train[train]),
+        torch.from_numpy(data.x_train[val]),
+        torch.from_numpy(data.y_train[val]),
+    )
+
+
+def train_locally(
+    model: ZooModel,
+    data: ClientData,
+    config: RunConfig,
+    server_round: int,
+    partition_id: int,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Local SGD for `local_epochs`; FedProx adds (μ/2)·‖w − w_global‖² to each step's loss."""
+    start = time.perf_counter()
+    seed = int(np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # for layers that draw randomness (dropout) inside the step
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    model.train()
+    losses: list[float] = []
+    count = len(data.y_train)
+    for _ in range(config.local_epochs):
+        order = torch.randperm(count, generator=generator)
+        for batch in order.split(config.batch_size):
+            proximal = None
+            if proximal_mu > 0:
+                proximal = (
+                    0.5
+                    * proximal_mu
+                    * sum(
+                        ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
+                    )
+                )
+            losses.append(model.training_step(data.x_train[batch], data.y_train[batch], optimizer, proximal))
+    return TrainResult(float(np.mean(losses)), count, len(losses), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(
+    model: ZooModel, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512
+) -> tuple[float, float]:
+    """Mean loss and accuracy of `model` on a labelled set."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(targets), batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        outputs = model(x)
+        total_loss += float(model.loss(outputs, y)) * len(y)
+        correct += int((model.predict(outputs) == _prediction_targets(model, y)).sum())
+    return total_loss / len(targets), correct / len(targets)
+
+
+def _prediction_targets(model: ZooModel, targets: torch.Tensor) -> torch.Tensor:
+    # A single-logit (logistic) head predicts label parity, as its loss is trained on it.
+    return targets % 2 if getattr(model, "head", "ce") == "logistic" else targets

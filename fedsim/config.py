@@ -1,0 +1,138 @@
+"""The run configuration: one flat record of every knob, validated before anything is written.
+
+Keys are kebab-case, as in Flower's `[tool.flwr.app.config]`, so the same record drives
+`fedsim run` (flags or a TOML file) and `flwr run .` (`context.run_config`). Missing keys take
+defaults, because `run_simulation` hands the ServerApp an empty run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import UserInputError
+from fedsim.partition import PARTITIONERS, PartitionSpec
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedavg")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run; two runs with equal configs produce equal metrics."""
+
+    name: str = "run"
+    dataset: str = "digits"
+    image_size: int = 0  # 0 keeps the dataset's own size; 32 suits CNN6
+    model: str = "mlp"
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    imbalance_ratio: float = 10.0
+    num_clients: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    rounds: int = 3
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    num_malicious: int = 0
+    trim_beta: float = 0.2
+    seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """Build from kebab- or snake-case keys; unknown keys and wrong types are user errors."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                names = ", ".join(k.replace("_", "-") for k in known)
+                raise UserInputError(f"unknown key {raw_key!r} in {source}; known keys: {names}")
+            kwargs[key] = _coerce(raw_key, value, type(getattr(cls(), key)), source)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> RunConfig:
+        """Read a TOML (or JSON) file of config keys, e.g. a saved `runs/<name>/config.json`."""
+        try:
+            text = path.read_text()
+            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise UserInputError(
+                f"cannot read config {path}: {str(err).splitlines()[0]}; pass a readable TOML or JSON file"
+            ) from None
+        if not isinstance(values, dict):
+            raise UserInputError(f"config {path} is not a table of keys; write `key = value` lines")
+        return cls.from_mapping(values, source=str(path))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, ready for JSON or a Flower ConfigRecord."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def partition_spec(self) -> PartitionSpec:
+        return PartitionSpec(
+            kind=self.partitioner,
+            num_partitions=self.num_clients,
+            alpha=self.alpha,
+            classes_per_client=self.classes_per_client,
+            imbalance_ratio=self.imbalance_ratio,
+            seed=self.seed,
+        )
+
+    def validate(self) -> None:
+        """Checks that need no data; dataset-dependent checks happen in `fedsim.plan`."""
+        if self.rounds < 1:
+            raise UserInputError(f"rounds must be at least 1 (got {self.rounds})")
+        if self.num_clients < 1:
+            raise UserInputError(f"clients must be at least 1 (got {self.num_clients})")
+        if self.strategy not in STRATEGIES:
+            raise UserInputError(
+                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
+            )
+        if self.partitioner not in PARTITIONERS:
+            raise UserInputError(
+                f"unknown partitioner {self.partitioner!r}; choose one of: {', '.join(PARTITIONERS)}"
+            )
+        if self.partitioner == "dirichlet" and not self.alpha > 0:
+            raise UserInputError(
+                f"alpha must be > 0 (got {self.alpha}); small values such as 0.1 give skewed clients"
+            )
+        for key in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1 or (key == "fraction_train" and value == 0):
+                raise UserInputError(f"{key.replace('_', '-')} must be in (0, 1] (got {value})")
+        positive = ("local_epochs", "batch_size", "learning_rate")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise UserInputError(f"{key.replace('_', '-')} must be > 0 (got {getattr(self, key)})")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserInputError(
+                f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
+            )
+
+    def sampled_clients(self) -> int:
+        """Clients trained per round, as Flower's strategies compute it (at least one)."""
+        return max(int(self.num_clients * self.fraction_train), 1)
+
+
+def _coerce(key: str, value: Any, wanted: type, source: str) -> Any:
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if wanted is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        raise UserInputError(f"{key} in {source} must be {wanted.__name__}, got {value!r}")
+    return value

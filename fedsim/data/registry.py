@@ -1,0 +1,116 @@
+"""The dataset registry: every dataset ships inside a package, nothing is downloaded.
+
+`load_dataset(name)` returns a train/test split as channel-first float32 arrays in [0, 1]. A
+missing optional dataset raises `UserInputError` with the exact install command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.nn import functional as F
+
+from fedsim.data.idx import FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, MNIST_INSTALL, load_idx_split, mnist_dir
+from fedsim.data.photos import photo_crops
+from fedsim.errors import UserInputError
+
+# The test split is fixed (not the run seed) so every run is scored on the same held-out data.
+SPLIT_SEED = 0
+PHOTO_TRAIN_COUNT = 2000
+PHOTO_TEST_COUNT = 500
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split: x (N, C, H, W) float32 in [0, 1], y (N,) int64 class ids."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _digits() -> Dataset:
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]
+    labels = bunch.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.2, stratify=labels, random_state=SPLIT_SEED
+    )
+    return Dataset("digits", x_train, y_train, x_test, y_test, 10)
+
+
+def _idx_dataset(name: str, folder: Path | None, install: str) -> Dataset:
+    if folder is None or not (folder / "train-images-idx3-ubyte.gz").exists():
+        raise UserInputError(f"dataset {name!r} is not installed; install it with: {install}")
+    x_train, y_train = load_idx_split(folder, "train")
+    x_test, y_test = load_idx_split(folder, "t10k")
+    return Dataset(name, x_train, y_train, x_test, y_test, 10)
+
+
+def _fashion_mnist() -> Dataset:
+    return _idx_dataset("fashion-mnist", FASHION_MNIST_DIR, FASHION_MNIST_INSTALL)
+
+
+def _mnist() -> Dataset:
+    return _idx_dataset("mnist", mnist_dir(), MNIST_INSTALL)
+
+
+def _photos() -> Dataset:
+    x_train, y_train = photo_crops(PHOTO_TRAIN_COUNT, seed=SPLIT_SEED)
+    x_test, y_test = photo_crops(PHOTO_TEST_COUNT, seed=SPLIT_SEED + 1)
+    return Dataset("photos", x_train, y_train, x_test, y_test, 10)
+
+
+DATASETS: dict[str, Callable[[], Dataset]] = {
+    "digits": _digits,
+    "fashion-mnist": _fashion_mnist,
+    "mnist": _mnist,
+    "photos": _photos,
+}
+
+
+def available_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of (N, C, H, W) to (N, C, size, size), e.g. 8×8 digits to CNN6's 32×32."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+    return resized.clamp_(0.0, 1.0).numpy()
+
+
+@lru_cache(maxsize=4)
+def load_dataset(name: str, image_size: int | None = None) -> Dataset:
+    """Load a registered dataset, optionally resized to `image_size`² pixels (cached per process)."""
+    if name not in DATASETS:
+        raise UserInputError(f"unknown dataset {name!r}; choose one of: {', '.join(available_datasets())}")
+    if image_size is not None and image_size < 4:
+        raise UserInputError(f"image size {image_size} is too small; use at least 4 pixels (e.g. 32)")
+    data = DATASETS[name]()
+    if image_size is None:
+        return data
+    return Dataset(
+        data.name,
+        resize_images(data.x_train, image_size),
+        data.y_train,
+        resize_images(data.x_test, image_size),
+        data.y_test,
+        data.num_classes,
+    )

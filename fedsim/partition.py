@@ -1,0 +1,148 @@
+"""Split a labelled dataset among clients: IID, Dirichlet(α), pathological and long-tailed.
+
+Each partitioner returns one index array per client. Every kept sample is in exactly one
+partition, and the split depends only on the labels and the seed. flwr-datasets has similar
+partitioners but needs Hugging Face `datasets` (~500 MB); these are a few lines of numpy each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsim.errors import UserInputError
+
+PARTITIONERS = ("iid", "dirichlet", "pathological", "longtail")
+# Dirichlet draws can leave a client empty; redraw this many times before giving up.
+DIRICHLET_MAX_DRAWS = 100
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How to split: the partitioner's name, the client count and that partitioner's parameter."""
+
+    kind: str = "iid"
+    num_partitions: int = 10
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    imbalance_ratio: float = 10.0
+    seed: int = 0
+
+    def validate(self, num_samples: int, num_classes: int) -> None:
+        """Raise UserInputError for a spec that cannot split `num_samples` samples."""
+        if self.kind not in PARTITIONERS:
+            raise UserInputError(
+                f"unknown partitioner {self.kind!r}; choose one of: {', '.join(PARTITIONERS)}"
+            )
+        if self.num_partitions < 1:
+            raise UserInputError(f"clients must be at least 1 (got {self.num_partitions})")
+        if self.num_partitions > num_samples:
+            raise UserInputError(
+                f"{self.num_partitions} clients but only {num_samples} training samples; "
+                f"use at most {num_samples} clients"
+            )
+        if self.kind == "dirichlet" and not self.alpha > 0:
+            raise UserInputError(
+                f"alpha must be > 0 (got {self.alpha}); small values such as 0.1 give skewed clients"
+            )
+        if self.kind == "pathological" and not 1 <= self.classes_per_client <= num_classes:
+            raise UserInputError(
+                f"classes per client must be between 1 and {num_classes} (got {self.classes_per_client})"
+            )
+        if self.kind == "longtail" and not self.imbalance_ratio >= 1:
+            raise UserInputError(
+                f"imbalance ratio must be >= 1 (got {self.imbalance_ratio}); "
+                "1 means balanced, 100 very skewed"
+            )
+
+
+def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
+    """Split sample indices by `spec` (validated first); each array is sorted."""
+    num_classes = int(labels.max()) + 1
+    spec.validate(len(labels), num_classes)
+    rng = np.random.default_rng(spec.seed)
+    if spec.kind == "iid":
+        parts = iid(len(labels), spec.num_partitions, rng)
+    elif spec.kind == "dirichlet":
+        parts = dirichlet(labels, spec.num_partitions, spec.alpha, rng)
+    elif spec.kind == "pathological":
+        parts = pathological(labels, spec.num_partitions, spec.classes_per_client, rng)
+    else:
+        parts = longtail(labels, spec.num_partitions, spec.imbalance_ratio, rng)
+    return [np.sort(p) for p in parts]
+
+
+def iid(num_samples: int, num_partitions: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle, then cut into near-equal parts (sizes differ by at most one)."""
+    return list(np.array_split(rng.permutation(num_samples), num_partitions))
+
+
+def dirichlet(
+    labels: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Per class, draw client shares from Dir(α) (Hsu et al. 2019); redraw until no client is empty."""
+    for _ in range(DIRICHLET_MAX_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+        for cls in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            shares = rng.dirichlet(np.full(num_partitions, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for client, chunk in enumerate(np.split(members, cuts)):
+                parts[client].append(chunk)
+        merged = [np.concatenate(p) for p in parts]
+        if min(len(p) for p in merged) > 0:
+            return merged
+    raise UserInputError(
+        f"Dirichlet(alpha={alpha}) left a client without data in {DIRICHLET_MAX_DRAWS} draws; "
+        "use fewer clients or a larger alpha"
+    )
+
+
+def pathological(
+    labels: np.ndarray, num_partitions: int, classes_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Each client holds exactly `classes_per_client` classes (McMahan et al. 2017's shards).
+
+    Classes are dealt round-robin over a shuffled class order, so all classes are used whenever
+    clients × classes-per-client ≥ classes; each class is split evenly among its holders.
+    """
+    classes = rng.permutation(np.unique(labels))
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_partitions):
+        for slot in range(classes_per_client):
+            holders[int(classes[(client * classes_per_client + slot) % len(classes)])].append(client)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for cls, clients in holders.items():
+        if not clients:
+            continue
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        for client, chunk in zip(clients, np.array_split(members, len(clients)), strict=True):
+            parts[client].append(chunk)
+    return [np.concatenate(p) for p in parts]
+
+
+def longtail_counts(class_sizes: np.ndarray, imbalance_ratio: float) -> np.ndarray:
+    """Exponential profile n_c = n_max · ρ^(−c/(C−1)) (Cao et al. 2019), capped by what exists."""
+    num_classes = len(class_sizes)
+    decay = imbalance_ratio ** (-np.arange(num_classes) / max(num_classes - 1, 1))
+    wanted = np.floor(class_sizes.min() * decay).astype(int)
+    return np.maximum(np.minimum(wanted, class_sizes), 1)
+
+
+def longtail(
+    labels: np.ndarray, num_partitions: int, imbalance_ratio: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Subsample to a long-tailed global distribution (head class ρ× the tail), then split IID."""
+    classes = np.unique(labels)
+    sizes = np.array([(labels == c).sum() for c in classes])
+    counts = longtail_counts(sizes, imbalance_ratio)
+    kept = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, counts, strict=True)]
+    )
+    if len(kept) < num_partitions:
+        raise UserInputError(
+            f"the long-tailed subset keeps {len(kept)} samples for {num_partitions} clients; "
+            "use fewer clients or a smaller imbalance ratio"
+        )
+    return [kept[p] for p in iid(len(kept), num_partitions, rng)]

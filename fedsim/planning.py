@@ -1,0 +1,34 @@
+"""Every check a run needs before anything is written: config, data, partition, model, strategy."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsim.client_task import dataset_for
+from fedsim.config import RunConfig
+from fedsim.errors import UserInputError
+from fedsim.partition import partition
+from fedsim.strategies import check_strategy
+from models import InputSpec, available_models, build_model
+
+
+def validate_plan(config: RunConfig) -> None:
+    """Raise UserInputError (one line: problem and fix) for anything that would fail mid-run."""
+    config.validate()
+    if config.model not in available_models():
+        raise UserInputError(
+            f"unknown model {config.model!r}; choose one of: {', '.join(available_models())}"
+        )
+    data = dataset_for(config)
+    partition(data.y_train, config.partition_spec())
+    check_strategy(config)
+    spec = InputSpec(data.sample_shape, data.num_classes)
+    try:
+        model = build_model(config.model, spec)
+        with torch.no_grad():
+            model(torch.from_numpy(data.x_train[:1]))
+    except (RuntimeError, ValueError) as err:
+        raise UserInputError(
+            f"model {config.model!r} does not fit {config.dataset!r} inputs of shape {spec.shape} "
+            f"({str(err).splitlines()[0]}); try --image-size 32"
+        ) from None

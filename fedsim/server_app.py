@@ -1,0 +1,161 @@
+"""The Flower ServerApp: runs the configured strategy, scores the global model on the held-out
+test split every round, and records everything in the run store.
+
+`fedsim run` builds a ServerApp around an already-validated config (`build_server_app`);
+`flwr run .` uses the module-level `app`, which reads `context.run_config`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim import messages as keys
+from fedsim.client_task import dataset_for, evaluate, model_for
+from fedsim.config import RunConfig
+from fedsim.planning import validate_plan
+from fedsim.plots import plot_metrics
+from fedsim.reproducible import ReproducibleStrategy, partition_of
+from fedsim.store import PLOT_FILE, RunStore
+from fedsim.strategies import build_strategy, restore_strategy_state, strategy_state
+
+RoundCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FederationPlan:
+    """A validated config bound to its run store, and how far this invocation should go."""
+
+    config: RunConfig
+    store: RunStore
+    stop_after: int | None = None
+    on_round: RoundCallback | None = None
+
+    def last_round(self) -> int:
+        return min(self.config.rounds, self.stop_after or self.config.rounds)
+
+
+def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[dict[str, object]]:
+    rows = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        metrics = reply.content.metric_records[keys.METRICS]
+        rows.append(
+            {
+                "round": server_round,
+                "partition_id": partition_of(reply),
+                "stage": stage,
+                "train_loss": metrics.get(keys.TRAIN_LOSS),
+                "eval_loss": metrics.get(keys.EVAL_LOSS),
+                "eval_accuracy": metrics.get(keys.EVAL_ACCURACY),
+                "num_examples": int(metrics[keys.NUM_EXAMPLES]),
+                "seconds": metrics.get(keys.SECONDS),
+            }
+        )
+    return rows
+
+
+def run_federation(grid: Grid, plan: FederationPlan) -> None:
+    """Run (or continue) the federation up to `plan.last_round()`, checkpointing every round."""
+    config, store = plan.config, plan.store
+    data = dataset_for(config)
+    model = model_for(config, data)
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    inner = build_strategy(config)
+    done = store.last_complete_round()
+    global_weights = model.state_dict()
+    if done is None:
+        done = 0
+        store.save_checkpoint(0, global_weights, {})
+    else:
+        store.drop_rows_after(done)
+        # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting
+        # them back to the model's float32 would make a resumed run drift from a straight one.
+        global_weights, server_state = store.load_checkpoint(done)
+        restore_strategy_state(inner, server_state)
+    strategy = ReproducibleStrategy(
+        inner,
+        seed=config.seed,
+        min_nodes=config.num_clients,
+        need_roster=config.fraction_train < 1 or 0 < config.fraction_evaluate < 1,
+        round_offset=done,
+        on_train=[lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies))],
+        on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
+    )
+    round_started = [time.perf_counter()]
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        absolute = server_round + done
+        if server_round == 0 and done > 0:
+            return None  # already scored before the interruption
+        weights = arrays.to_torch_state_dict()
+        model.load_state_dict(weights)
+        loss, accuracy = evaluate(model, x_test, y_test)
+        seconds = time.perf_counter() - round_started[0]  # the round's wall time, server row only
+        round_started[0] = time.perf_counter()
+        store.append_rows(
+            [
+                {
+                    "round": absolute,
+                    "stage": "server",
+                    "eval_loss": loss,
+                    "eval_accuracy": accuracy,
+                    "num_examples": len(y_test),
+                    "seconds": seconds,
+                }
+            ]
+        )
+        if absolute > 0:
+            store.save_checkpoint(absolute, weights, strategy_state(inner))
+        if plan.on_round:
+            plan.on_round(absolute, {"loss": loss, "accuracy": accuracy})
+        return MetricRecord({keys.EVAL_LOSS: loss, keys.EVAL_ACCURACY: accuracy})
+
+    run_config = ConfigRecord(config.to_dict())
+    remaining = plan.last_round() - done
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(global_weights),
+            num_rounds=remaining,
+            train_config=run_config,
+            evaluate_config=run_config,
+            evaluate_fn=evaluate_global,
+        )
+    plot_metrics(store.metrics_path, store.path / PLOT_FILE)
+
+
+def build_server_app(plan: FederationPlan) -> ServerApp:
+    """A ServerApp bound to a validated plan (what `fedsim run` launches)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, plan)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def flwr_main(grid: Grid, context: Context) -> None:
+    """Entry point for `flwr run .`: config from `[tool.flwr.app.config]` and `-c` overrides.
+
+    `runs-dir` (default `runs`, best given as an absolute path since the SuperLink may run the
+    app elsewhere) picks where the run directory `<name>-<run id>` is written.
+    """
+    values = dict(context.run_config)
+    runs_dir = Path(str(values.pop("runs-dir", "runs")))
+    config = RunConfig.from_mapping(values, source="run config")
+    config = config.replace(name=f"{config.name}-{context.run_id}")
+    validate_plan(config)
+    run_federation(grid, FederationPlan(config, RunStore.create(runs_dir, config)))

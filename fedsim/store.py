@@ -1,0 +1,170 @@
+"""The run store: everything a run leaves in `runs/<name>/`.
+
+- `config.json`: the resolved config;
+- `metrics.csv`: one row per (round, client, stage), plus a `server` row per round;
+- `checkpoints/round-NNNN.safetensors`: the global model after each complete round (round 0 is
+  the initial model) and, for stateful strategies, `round-NNNN.strategy.safetensors`;
+- `metrics.png`: accuracy and loss per round.
+
+A checkpoint is written last in a round, atomically, so the newest checkpoint marks the last
+complete round; metrics rows after it belong to an interrupted round and are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+from fedsim.config import RunConfig
+from fedsim.errors import UserInputError
+
+METRIC_COLUMNS = (
+    "round",
+    "partition_id",
+    "stage",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "num_examples",
+    "seconds",
+)
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+PLOT_FILE = "metrics.png"
+CHECKPOINTS = "checkpoints"
+
+
+def _default_mode(base: int) -> int:
+    """`base` (0o666 files, 0o777 folders) less the umask: what open()/mkdir() would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _default_mode(0o666))  # mkstemp makes owner-only files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, root: Path, config: RunConfig) -> RunStore:
+        """Make `root/<name>` complete with config and header, or fail without leaving anything."""
+        final = root / config.name
+        if final.exists():
+            raise UserInputError(
+                f"run directory {final} already exists; "
+                f"pick another --name or continue it with --resume {final}"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{config.name}."))
+        try:
+            (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            with open(staging / METRICS_FILE, "w", newline="") as handle:
+                csv.writer(handle).writerow(METRIC_COLUMNS)
+            (staging / CHECKPOINTS).mkdir()
+            os.chmod(staging, _default_mode(0o777))  # mkdtemp makes owner-only folders
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(final)
+
+    @classmethod
+    def open(cls, path: Path) -> RunStore:
+        if not (path / CONFIG_FILE).is_file():
+            raise UserInputError(f"{path} is not a fedsim run directory (no {CONFIG_FILE}); pass runs/<name>")
+        return cls(path)
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.from_file(self.path / CONFIG_FILE)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def append_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        with open(self.metrics_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, METRIC_COLUMNS)
+            for row in rows:
+                writer.writerow({k: _format(row.get(k)) for k in METRIC_COLUMNS})
+
+    def read_rows(self) -> list[dict[str, str]]:
+        with open(self.metrics_path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def drop_rows_after(self, last_round: int) -> None:
+        """Forget rows of rounds after `last_round` (an interrupted round)."""
+        kept = [row for row in self.read_rows() if int(row["round"]) <= last_round]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, METRIC_COLUMNS)
+                writer.writeheader()
+                writer.writerows(kept)
+
+        _atomic_write(self.metrics_path, write)
+
+    def checkpoint_path(self, server_round: int, kind: str = "") -> Path:
+        suffix = f".{kind}" if kind else ""
+        return self.path / CHECKPOINTS / f"round-{server_round:04d}{suffix}.safetensors"
+
+    def save_checkpoint(
+        self, server_round: int, state: Mapping[str, torch.Tensor], strategy_state: Mapping[str, np.ndarray]
+    ) -> None:
+        """Strategy state first, model last: the model file is the round's commit marker."""
+        if strategy_state:
+            _atomic_write(
+                self.checkpoint_path(server_round, "strategy"),
+                lambda tmp: save_numpy({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, tmp),
+            )
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        _atomic_write(self.checkpoint_path(server_round), lambda tmp: save_file(tensors, tmp))
+
+    def last_complete_round(self) -> int | None:
+        rounds = [
+            int(p.name[len("round-") : len("round-") + 4])
+            for p in (self.path / CHECKPOINTS).glob("round-????.safetensors")
+        ]
+        return max(rounds, default=None)
+
+    def load_checkpoint(self, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """Model weights and strategy state; safetensors holds plain tensors, never pickled code."""
+        state = load_file(self.checkpoint_path(server_round))
+        strategy_file = self.checkpoint_path(server_round, "strategy")
+        strategy_state = load_numpy(strategy_file) if strategy_file.exists() else {}
+        return state, strategy_state
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
