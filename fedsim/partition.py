@@ -14,8 +14,6 @@ import numpy as np
 from fedsim.errors import UserInputError
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "longtail")
-# Dirichlet draws can leave a client empty; redraw this many times before giving up.
-DIRICHLET_MAX_DRAWS = 100
 
 
 @dataclass(frozen=True)
@@ -81,22 +79,24 @@ def iid(num_samples: int, num_partitions: int, rng: np.random.Generator) -> list
 def dirichlet(
     labels: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
 ) -> list[np.ndarray]:
-    """Per class, draw client shares from Dir(α) (Hsu et al. 2019); redraw until no client is empty."""
-    for _ in range(DIRICHLET_MAX_DRAWS):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
-        for cls in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            shares = rng.dirichlet(np.full(num_partitions, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-            for client, chunk in enumerate(np.split(members, cuts)):
-                parts[client].append(chunk)
-        merged = [np.concatenate(p) for p in parts]
-        if min(len(p) for p in merged) > 0:
-            return merged
-    raise UserInputError(
-        f"Dirichlet(alpha={alpha}) left a client without data in {DIRICHLET_MAX_DRAWS} draws; "
-        "use fewer clients or a larger alpha"
-    )
+    """Per class, draw client shares from Dir(α) (Hsu et al. 2019).
+
+    A small α can leave a client empty; each empty client then takes one sample from the
+    largest client, so every client trains and the draw is otherwise untouched.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        shares = rng.dirichlet(np.full(num_partitions, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].append(chunk)
+    merged = [np.concatenate(p) for p in parts]
+    for client in range(num_partitions):
+        if len(merged[client]) == 0:
+            donor = max(range(num_partitions), key=lambda c: len(merged[c]))
+            merged[client], merged[donor] = merged[donor][-1:], merged[donor][:-1]
+    return merged
 
 
 def pathological(

