@@ -171,7 +171,8 @@ def main() -> None:
             print(
                 f"{label}: loop {loop['wall_s']:.1f} s, fedsim {sim['wall_s']:.1f} s "
                 f"(start-up {sim['startup_s']:.1f} s, first round {sim['first_round_s']:.1f} s) "
-                f"-> wall ratio {entry['ratio_wall']:.2f}x, steady rounds {entry['ratio_steady_rounds']:.2f}x "
+                f"-> wall ratio {entry['ratio_wall']:.2f}x, "
+                f"steady rounds {entry['ratio_steady_rounds']:.2f}x "
                 f"(ideal {entry['ideal_ratio']:.2f}x); peak RSS {sim['peak_rss_mb']:.0f} MB"
             )
         scale = [(1_000, 10), (1_000, 100)] + ([] if args.quick else [(10_000, 10), (10_000, 100)])

@@ -20,7 +20,8 @@ def _check(name: str, shape: tuple[int, ...], train: int, test: int) -> None:
     data = load_dataset(name)
     assert data.sample_shape == shape
     assert (len(data.x_train), len(data.x_test)) == (train, test)
-    assert data.x_train.dtype == np.float32 and 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert data.x_train.dtype == np.float32
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
     assert sorted(np.unique(data.y_train)) == list(range(data.num_classes))
 
 
