@@ -7,21 +7,27 @@ written; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from attacks.registry import available_attacks
+from audits.standalone import audit_model, load_weights, write_audit
 from fedsim.config import RunConfig
-from fedsim.data import available_datasets
+from fedsim.data import available_datasets, load_dataset
 from fedsim.errors import UserInputError
 from fedsim.planning import validate_plan
 from fedsim.server_app import FederationPlan
 from fedsim.simulation import SimulationError, simulate
 from fedsim.store import RunStore
-from models import available_models
+from models import InputSpec, available_models, build_model
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated-learning simulator with privacy auditing."
@@ -56,11 +62,16 @@ def run(
     local_epochs: Annotated[int | None, Opt(help="Local epochs per round.")] = None,
     batch_size: Annotated[int | None, Opt(help="Local batch size.")] = None,
     learning_rate: Annotated[float | None, Opt(help="Client SGD learning rate.")] = None,
+    momentum: Annotated[float | None, Opt(help="Client SGD momentum (0 for plain SGD).")] = None,
     proximal_mu: Annotated[float | None, Opt(help="FedProx proximal weight μ.")] = None,
     server_learning_rate: Annotated[float | None, Opt(help="FedAdam server learning rate η.")] = None,
     num_malicious: Annotated[int | None, Opt(help="Krum: tolerated malicious clients.")] = None,
     trim_beta: Annotated[float | None, Opt(help="FedTrimmedAvg: share trimmed at each end.")] = None,
     seed: Annotated[int | None, Opt(help="Seed for data split, init, sampling and training.")] = None,
+    max_local_steps: Annotated[int | None, Opt(help="Cap local SGD steps (1 + batch 1 = FedSGD).")] = None,
+    audit: Annotated[bool | None, Opt("--audit/--no-audit", help="Attack client updates each round.")] = None,
+    audit_attacks: Annotated[str | None, Opt(help="Comma-separated attacks (see `fedsim attacks`).")] = None,
+    audit_clients: Annotated[int | None, Opt(help="Clients audited per round (0 = all sampled).")] = None,
     runs_dir: Annotated[Path, Opt(help="Folder that holds run directories.")] = Path("runs"),
     resume: Annotated[Path | None, Opt(help="Continue runs/<name> from its last complete round.")] = None,
     stop_after: Annotated[int | None, Opt(help="Stop after this round (resume later).")] = None,
@@ -113,8 +124,9 @@ def run(
 _CONFIG_FLAGS = {
     "name", "dataset", "image_size", "model", "strategy", "partitioner", "alpha", "classes_per_client",
     "imbalance_ratio", "clients", "fraction_train", "fraction_evaluate", "rounds", "local_epochs",
-    "batch_size", "learning_rate", "proximal_mu", "server_learning_rate", "num_malicious", "trim_beta",
-    "seed",
+    "batch_size", "learning_rate", "momentum", "proximal_mu", "server_learning_rate", "num_malicious",
+    "trim_beta",
+    "seed", "max_local_steps", "audit", "audit_attacks", "audit_clients",
 }  # fmt: skip
 
 
@@ -148,6 +160,85 @@ class _round_progress:  # noqa: N801 - used as a context manager, reads like a f
         self.progress.update(self.task, completed=server_round, status=status)
         if self.plain:
             console.print(f"round {server_round}: {status}")
+
+
+@cli.command()
+def audit(
+    model: Annotated[str, Opt(help=f"One of: {', '.join(available_models())}.")] = "cnn6",
+    data: Annotated[str, Opt(help=f"Samples to attack, from: {', '.join(available_datasets())}.")] = "photos",
+    image_size: Annotated[int, Opt(help="Resize images to N×N; 0 keeps them.")] = 0,
+    head: Annotated[str, Opt(help="'ce' (softmax with bias) or 'logistic' (R-GAP's one logit).")] = "ce",
+    weights: Annotated[Path | None, Opt(help="Model weights (.safetensors, e.g. a run checkpoint).")] = None,
+    samples: Annotated[int, Opt(help="Samples to attack (one batch-1 gradient each).")] = 4,
+    attacks: Annotated[
+        str, Opt(help=f"Comma-separated, from: {', '.join(available_attacks())}.")
+    ] = "layerwise",
+    seed: Annotated[int, Opt(help="Seed for the initial weights and the sample choice.")] = 0,
+    out: Annotated[Path | None, Opt(help="Output folder (default runs/audit-<model>-<data>-<time>).")] = None,
+) -> None:
+    """Audit one model's leakage: per-layer rank table, security score, attacks on N samples."""
+    try:
+        names = [a.strip() for a in attacks.split(",") if a.strip()]
+        unknown = sorted(set(names) - set(available_attacks()))
+        if unknown or not names:
+            raise UserInputError(
+                f"unknown attack(s) {unknown or '(none)'}; choose from: {', '.join(available_attacks())}"
+            )
+        if samples < 1:
+            raise UserInputError(f"--samples must be at least 1 (got {samples})")
+        if model not in available_models():
+            raise UserInputError(f"unknown model {model!r}; choose one of: {', '.join(available_models())}")
+        dataset = load_dataset(data, image_size or None)
+        torch.manual_seed(seed)
+        try:
+            net = build_model(model, InputSpec(dataset.sample_shape, dataset.num_classes), head=head)
+        except ValueError as err:
+            raise UserInputError(str(err)) from None
+        if weights is not None:
+            load_weights(net, weights)
+        folder = out or Path("runs") / f"audit-{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if folder.exists():
+            raise UserInputError(f"output folder {folder} already exists; pass another --out")
+    except UserInputError as err:
+        _fail(err)
+    chosen = np.random.default_rng(seed).choice(
+        len(dataset.y_test), size=min(samples, len(dataset.y_test)), replace=False
+    )
+    inputs, labels = dataset.x_test[chosen], dataset.y_test[chosen]
+    result, images = audit_model(net, inputs, labels, names, seed=seed)
+    settings = {
+        "model": model,
+        "data": data,
+        "image_size": image_size,
+        "head": head,
+        "seed": seed,
+        "weights": str(weights) if weights else None,
+        "samples": [int(i) for i in chosen],
+    }
+    write_audit(folder, result, inputs, images, settings)
+    out_console = Console()
+    if result.security is not None:
+        out_console.print(result.security.to_table(), markup=False, highlight=False)
+    else:
+        out_console.print(f"security metric: not applicable ({result.security_error})")
+    table = Table("attack", "samples", "mean PSNR (dB)", "mean SSIM", "label acc.", "s / sample")
+    for attack_name, s in result.summary().items():
+        cells = [_fmt(s[k], f) for k, f in (("mean_psnr", ".1f"), ("mean_ssim", ".3f"),
+                                            ("label_accuracy", ".2f"), ("mean_seconds", ".2f"))]  # fmt: skip
+        table.add_row(attack_name, str(s["samples"]), *cells)
+    out_console.print(table)
+    out_console.print(f"wrote {folder}/report.json, audit.csv, reconstructions.png")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@cli.command("attacks")
+def list_attacks() -> None:
+    """List the attacks an audit can run."""
+    for name in available_attacks():
+        typer.echo(name)
 
 
 @cli.command("datasets")

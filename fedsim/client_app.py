@@ -46,11 +46,19 @@ def _job(msg: Message, context: Context) -> _Job:
     return _Job(config, record, model, partition_id, client_data(config, partition_id))
 
 
-def _reply(msg: Message, job: _Job, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
+def _reply(
+    msg: Message,
+    job: _Job,
+    metrics: dict[str, float | int],
+    arrays: ArrayRecord | None = None,
+    truth: ConfigRecord | None = None,
+) -> Message:
     content = RecordDict({keys.METRICS: MetricRecord(metrics)})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     content[keys.CLIENT] = ConfigRecord({keys.PARTITION_ID: job.partition_id})
+    if truth is not None:
+        content[keys.AUDIT_TRUTH] = truth
     return Message(content, reply_to=msg)
 
 
@@ -68,9 +76,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {
         keys.TRAIN_LOSS: result.train_loss,
         keys.NUM_EXAMPLES: result.num_examples,
+        keys.LOCAL_STEPS: result.steps,
         keys.SECONDS: result.seconds,
     }
-    return _reply(msg, job, metrics, ArrayRecord(job.model.state_dict()))
+    truth = None
+    if job.config.audit:
+        seen = result.seen
+        truth = keys.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
+    return _reply(msg, job, metrics, ArrayRecord(job.model.state_dict()), truth)
 
 
 @app.evaluate()
@@ -78,7 +91,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     loss, accuracy = evaluate(job.model, job.data.x_val, job.data.y_val)
     metrics = {keys.EVAL_LOSS: loss, keys.EVAL_ACCURACY: accuracy, keys.NUM_EXAMPLES: len(job.data.y_val)}
-    return _reply(msg, job, metrics, None)
+    return _reply(msg, job, metrics)
 
 
 @app.query("roster")

@@ -30,12 +30,17 @@ class ClientData:
     y_val: torch.Tensor
 
 
+# At most this many of the samples a client trained on go back to the auditor as ground truth.
+MAX_TRUTH_SAMPLES = 64
+
+
 @dataclass(frozen=True)
 class TrainResult:
     train_loss: float
     num_examples: int
     steps: int
     seconds: float
+    seen: torch.Tensor  # indices into the client's x_train, in order of first use (capped)
 
 
 def dataset_for(config: RunConfig) -> Dataset:
@@ -80,7 +85,8 @@ def train_locally(
     partition_id: int,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Local SGD for `local_epochs`; FedProx adds (μ/2)·‖w − w_global‖² to each step's loss."""
+    """Local SGD for `local_epochs` (at most `max_local_steps` steps when set); FedProx adds
+    (μ/2)·‖w − w_global‖² to each step's loss."""
     start = time.perf_counter()
     seed = int(np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(seed)
@@ -89,10 +95,16 @@ def train_locally(
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     model.train()
     losses: list[float] = []
+    seen: list[torch.Tensor] = []
     count = len(data.y_train)
+    step_limit = config.max_local_steps or None
     for _ in range(config.local_epochs):
         order = torch.randperm(count, generator=generator)
         for batch in order.split(config.batch_size):
+            if step_limit is not None and len(losses) >= step_limit:
+                break
+            if len(seen) < MAX_TRUTH_SAMPLES:
+                seen.append(batch)
             proximal = None
             if proximal_mu > 0:
                 proximal = (
@@ -103,7 +115,10 @@ def train_locally(
                     )
                 )
             losses.append(model.training_step(data.x_train[batch], data.y_train[batch], optimizer, proximal))
-    return TrainResult(float(np.mean(losses)), count, len(losses), time.perf_counter() - start)
+    trained = min(count, len(losses) * config.batch_size)
+    return TrainResult(
+        float(np.mean(losses)), trained, len(losses), time.perf_counter() - start, _ordered_unique(seen)
+    )
 
 
 @torch.no_grad()
@@ -124,3 +139,11 @@ def evaluate(
 def _prediction_targets(model: ZooModel, targets: torch.Tensor) -> torch.Tensor:
     # A single-logit (logistic) head predicts label parity, as its loss is trained on it.
     return targets % 2 if getattr(model, "head", "ce") == "logistic" else targets
+
+
+def _ordered_unique(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Sample indices in order of first use, at most MAX_TRUTH_SAMPLES of them."""
+    order: dict[int, None] = {}
+    for batch in batches:
+        order.update(dict.fromkeys(batch.tolist()))
+    return torch.tensor(list(order)[:MAX_TRUTH_SAMPLES], dtype=torch.long)

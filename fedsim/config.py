@@ -47,6 +47,10 @@ class RunConfig:
     num_malicious: int = 0
     trim_beta: float = 0.2
     seed: int = 0
+    max_local_steps: int = 0  # 0: no limit; FedSGD = batch-size 1 and one step
+    audit: bool = False
+    audit_attacks: str = "layerwise"  # comma-separated attack names
+    audit_clients: int = 2  # clients audited per round (0: every sampled client)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
@@ -114,6 +118,8 @@ class RunConfig:
             value = getattr(self, key)
             if not 0 <= value <= 1 or (key == "fraction_train" and value == 0):
                 raise UserInputError(f"{key.replace('_', '-')} must be in (0, 1] (got {value})")
+        if self.max_local_steps < 0 or self.audit_clients < 0:
+            raise UserInputError("max-local-steps and audit-clients must be >= 0 (0 means no limit)")
         positive = ("local_epochs", "batch_size", "learning_rate")
         for key in positive:
             if not getattr(self, key) > 0:
@@ -122,6 +128,9 @@ class RunConfig:
             raise UserInputError(
                 f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
             )
+
+    def attack_names(self) -> list[str]:
+        return [name.strip() for name in self.audit_attacks.split(",") if name.strip()]
 
     def sampled_clients(self) -> int:
         """Clients trained per round, as Flower's strategies compute it (at least one)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+from flwr.app import ConfigRecord
+
 from fedsim.config import RunConfig
 
 ARRAYS = "arrays"
@@ -21,7 +24,11 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 NUM_EXAMPLES = "num-examples"
 SECONDS = "seconds"
+LOCAL_STEPS = "local-steps"
 SERVER_ROUND = "server-round"
+# Simulation only: the samples a client trained on, so the auditor can score reconstructions.
+# Strategies never read ConfigRecords of replies, so aggregation cannot use it.
+AUDIT_TRUTH = "audit-truth"
 PROXIMAL_MU = "proximal-mu"
 
 _RUN_KEYS = frozenset(RunConfig().to_dict())
@@ -32,3 +39,21 @@ def run_config_from_record(record: Mapping[str, Any]) -> RunConfig:
     return RunConfig.from_mapping(
         {k: v for k, v in record.items() if k in _RUN_KEYS}, source="server message"
     )
+
+
+def encode_truth(inputs: np.ndarray, labels: np.ndarray) -> ConfigRecord:
+    """Samples as raw bytes plus shape: ConfigRecords carry bytes, not arrays."""
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    return ConfigRecord(
+        {
+            "inputs": inputs.tobytes(),
+            "labels": np.ascontiguousarray(labels, dtype=np.int64).tobytes(),
+            "shape": [int(d) for d in inputs.shape],
+        }
+    )
+
+
+def decode_truth(record: ConfigRecord) -> tuple[np.ndarray, np.ndarray]:
+    shape = tuple(int(d) for d in record["shape"])
+    inputs = np.frombuffer(record["inputs"], dtype=np.float32).reshape(shape)
+    return inputs, np.frombuffer(record["labels"], dtype=np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from attacks.registry import available_attacks
 from fedsim.client_task import dataset_for
 from fedsim.config import RunConfig
 from fedsim.errors import UserInputError
@@ -19,6 +20,13 @@ def validate_plan(config: RunConfig) -> None:
         raise UserInputError(
             f"unknown model {config.model!r}; choose one of: {', '.join(available_models())}"
         )
+    if config.audit:
+        unknown = sorted(set(config.attack_names()) - set(available_attacks()))
+        if unknown or not config.attack_names():
+            raise UserInputError(
+                f"unknown attack(s) {', '.join(unknown) or '(none given)'} in audit-attacks; "
+                f"choose from: {', '.join(available_attacks())}"
+            )
     data = dataset_for(config)
     partition(data.y_train, config.partition_spec())
     check_strategy(config)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from audits.auditor import AuditingStrategy, UpdateAuditor
 from fedsim import messages as keys
 from fedsim.client_task import dataset_for, evaluate, model_for
 from fedsim.config import RunConfig
@@ -62,6 +64,20 @@ def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[
     return rows
 
 
+def _with_auditor(inner: Strategy, config: RunConfig, store: RunStore) -> AuditingStrategy:
+    """The auditor sits inside the ordering wrapper (absolute rounds, sorted replies) and
+    outside any DP wrapper, where an honest-but-curious server stands."""
+    return AuditingStrategy(
+        inner,
+        UpdateAuditor(config.attack_names()),
+        make_model=lambda: model_for(config),
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        output_dir=store.path,
+        max_clients=config.audit_clients,
+    )
+
+
 def run_federation(grid: Grid, plan: FederationPlan) -> None:
     """Run (or continue) the federation up to `plan.last_round()`, checkpointing every round."""
     config, store = plan.config, plan.store
@@ -69,6 +85,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     model = model_for(config, data)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     inner = build_strategy(config)
+    audited = _with_auditor(inner, config, store) if config.audit else inner
     done = store.last_complete_round()
     global_weights = model.state_dict()
     if done is None:
@@ -76,12 +93,14 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         store.save_checkpoint(0, global_weights, {})
     else:
         store.drop_rows_after(done)
+        if isinstance(audited, AuditingStrategy):
+            audited.log.drop_rows_after(done)
         # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting
         # them back to the model's float32 would make a resumed run drift from a straight one.
         global_weights, server_state = store.load_checkpoint(done)
         restore_strategy_state(inner, server_state)
     strategy = ReproducibleStrategy(
-        inner,
+        audited,
         seed=config.seed,
         min_nodes=config.num_clients,
         need_roster=config.fraction_train < 1 or 0 < config.fraction_evaluate < 1,

@@ -1,0 +1,391 @@
+"""Layer-wise gradient inversion (R-GAP, Zhu & Blaschko 2021; COPA, Chen & Campbell 2021).
+
+For one sample (batch size 1) the attack walks the network from the output to the input. The
+head gives the label, k = dL/dlogits and the head's input (`attacks.layerwise_head`). Then, for
+each Linear/Conv2d layer from the top down, it
+
+1. inverts the activation on the reconstruction above: z = sigma^{-1}(x_next),
+2. backpropagates k: k = (W_next^T k_next) on unpadded positions * sigma'(z) (a Linear layer with
+   bias uses its observed bias gradient, which *is* k; a conv bias gradient, sum of k over
+   positions, is reported as a check),
+3. solves the stacked system [K; W; P] x = [vec(dL/dW); z - b; 0] in the least-squares sense
+   (`attacks.layerwise_systems`: structured normal equations in float64, padding eliminated).
+   With `system="auto"` (default) a layer whose gradient constraints alone determine x with
+   good conditioning is solved from them alone - one small system shared by all input channels,
+   as R-GAP does for FC layers - and the weight constraints are reported as a residual check.
+   On CNN6 that is the four deeper convs; the first two need the stacked system.
+
+Every layer's rank, deficit, residual and extreme singular values are reported: a rank-deficient
+layer (e.g. CNN6-d's second conv) means the data is not determined by the gradient, and the
+reconstruction below it is a minimum-norm guess. `hybrid=True` refines such layers by gradient
+matching (COPA's hybrid, `attacks.layerwise_hybrid`).
+
+Ambiguities (logistic head without bias only) are kept as hypotheses: wrong labels are dropped
+when the layer below becomes inconsistent (relative residual > `keep_ratio` x the best); an
+ambiguity that survives to the input (the two roots of the logistic equation on a bias-free,
+positively homogeneous net give the same gradient up to an input scale) is resolved by the data
+range prior `input_range`: least violation of the range, then the largest candidate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks.base import AttackError, ObservedUpdate, Reconstruction
+from attacks.layerwise_head import HeadHypothesis, cross_entropy_head, logistic_head
+from attacks.layerwise_hybrid import HybridConfig, refine_layer
+from attacks.layerwise_systems import (
+    DEFAULT_BLAS_THREADS,
+    RANK_RTOL,
+    ConvGeometry,
+    NetworkPlan,
+    PlannedLayer,
+    RankInfo,
+    activation_derivative,
+    backprop_input,
+    balance,
+    blas_threads,
+    build_system,
+    invert_activation,
+    plan_network,
+    residuals,
+    solve_gradient_only,
+    solve_normal,
+    weight_of,
+)
+
+
+@dataclass
+class _Hypothesis:
+    """One branch of the reconstruction: the tensor above the current layer and dL/d(it).
+
+    `family` lists (scale, head info) of every head hypothesis this branch stands for: on a
+    positively homogeneous remainder they are exact multiples, so they are solved once.
+    """
+
+    label: int
+    y: np.ndarray
+    g: np.ndarray
+    family: tuple[tuple[float, dict[str, Any]], ...]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LayerwiseInversion:
+    """R-GAP / COPA layer-wise inversion of a batch-1 gradient (optionally with hybrid refinement).
+
+    rank_rtol: singular values below rank_rtol * sigma_max count as zero (rank, deficit).
+    system: "auto" solves a layer from its gradient constraints alone when they determine it
+        well (R-GAP's FC treatment, extended to convs; much faster), else the stacked system;
+        "stacked" always solves [K; W; P] as R-GAP / COPA do for convs.
+    input_range: data range used only to break ambiguities that survive to the input (see the
+        module docstring); None picks the smaller logistic root instead.
+    keep_ratio: a hypothesis is dropped when its residual exceeds keep_ratio x the best one.
+    hybrid, hybrid_steps, hybrid_config: COPA's gradient-matching refinement of rank-deficient
+        layers (`attacks.layerwise_hybrid`).
+    blas_threads: BLAS threads while solving (see `attacks.layerwise_systems.DEFAULT_BLAS_THREADS`).
+    """
+
+    def __init__(
+        self,
+        rank_rtol: float = RANK_RTOL,
+        system: str = "auto",
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+        keep_ratio: float = 10.0,
+        hybrid: bool = False,
+        hybrid_steps: int = 200,
+        hybrid_config: HybridConfig | None = None,
+        blas_threads: int | None = DEFAULT_BLAS_THREADS,
+    ) -> None:
+        if system not in ("auto", "stacked"):
+            raise ValueError(f"system must be 'auto' or 'stacked', got {system!r}")
+        self.rank_rtol = rank_rtol
+        self.system = system
+        self.input_range = input_range
+        self.keep_ratio = keep_ratio
+        self.hybrid = hybrid
+        self.hybrid_config = hybrid_config or HybridConfig(steps=hybrid_steps)
+        self.blas_threads = blas_threads
+        self.name = "layerwise-hybrid" if hybrid else "layerwise"
+
+    # ----------------------------------------------------------------------------------------
+    def reconstruct(self, update: ObservedUpdate) -> Reconstruction:
+        if update.batch_size != 1:
+            raise AttackError(
+                f"layer-wise inversion needs a batch-1 gradient, got batch size {update.batch_size}; "
+                "use an optimisation attack for batches"
+            )
+        with blas_threads(self.blas_threads):
+            return self._reconstruct(update)
+
+    def _reconstruct(self, update: ObservedUpdate) -> Reconstruction:
+        start = time.perf_counter()
+        model = update.model
+        plan = plan_network(model, tuple(update.input_shape))
+        grads = {name: g.detach().double().cpu().numpy() for name, g in update.gradients.items()}
+        known = None
+        if update.known_labels is not None:
+            known = int(torch.as_tensor(update.known_labels).reshape(-1)[0])
+        branches = self._head_branches(model, plan, grads, known)
+        branches = _merge_scaled(branches, plan, len(plan.layers) - 1)
+        for layer in reversed(plan.layers[:-1]):
+            branches = self._prune([self._invert_layer(model, layer, b, grads) for b in branches])
+            branches = _merge_scaled(branches, plan, layer.index)
+        inputs, chosen, (scale, head), candidates = self._choose(plan, branches)
+        seconds = time.perf_counter() - start
+        diagnostics = {
+            "layers": chosen.layers,
+            "head": head,
+            "label": chosen.label,
+            "candidates": candidates,
+            "scale_of_listed_branch": scale,
+            "rank_rtol": self.rank_rtol,
+            "rank_deficient_layers": [d["layer"] for d in chosen.layers if d.get("deficit", 0) > 0],
+        }
+        if getattr(model, "head", "ce") == "logistic":
+            diagnostics["label_kind"] = "binary target t = label % 2 of the logistic head"
+        x = torch.from_numpy(inputs.reshape(1, *update.input_shape)).float()
+        return Reconstruction(x, torch.tensor([chosen.label]), seconds, diagnostics)
+
+    # ----------------------------------------------------------------------------------------
+    def _head_branches(
+        self, model: nn.Module, plan: NetworkPlan, grads: dict[str, np.ndarray], known: int | None
+    ) -> list[_Hypothesis]:
+        start = time.perf_counter()
+        head = plan.head
+        weight = weight_of(head)
+        grad_w = grads[head.weight_name]
+        grad_b = grads[head.bias_name] if head.bias_name else None
+        if getattr(model, "head", "ce") == "logistic":
+            if head.geometry.out_channels != 1:
+                raise AttackError("a logistic head must have exactly one output logit")
+            hyps = logistic_head(grad_w, grad_b, weight, known, _positive_head_input(plan))
+        else:
+            bias = head.module.bias.detach().double().numpy() if head.bias_name else None
+            hyps = [cross_entropy_head(grad_w, grad_b, weight, bias, known)]
+        return [self._branch_from_head(head, weight, grad_w, h, time.perf_counter() - start) for h in hyps]
+
+    @staticmethod
+    def _branch_from_head(
+        head: PlannedLayer, weight: np.ndarray, grad_w: np.ndarray, hyp: HeadHypothesis, seconds: float
+    ) -> _Hypothesis:
+        resid = np.linalg.norm(grad_w - np.outer(hyp.k, hyp.x)) / max(np.linalg.norm(grad_w), 1e-300)
+        k_norm = float(np.linalg.norm(hyp.k))
+        diag = _layer_diag(
+            head,
+            "analytic",
+            head.geometry.unknowns,
+            head.geometry.unknowns,
+            float(resid),
+            k_norm,
+            k_norm,
+            seconds,
+        )
+        y, g = hyp.x.reshape(head.in_shape), weight.T @ hyp.k
+        return _Hypothesis(hyp.label, y, g, ((1.0, hyp.info),), layers=[diag])
+
+    # ----------------------------------------------------------------------------------------
+    def _invert_layer(
+        self,
+        model: nn.Module,
+        layer: PlannedLayer,
+        branch: _Hypothesis,
+        grads: dict[str, np.ndarray],
+    ) -> _Hypothesis:
+        start = time.perf_counter()
+        z, k = _undo_ops(layer.post, branch.y, branch.g)
+        weight = weight_of(layer)
+        geom = layer.geometry
+        grad_w = grads[layer.weight_name]
+        extra: dict[str, Any] = {}
+        if layer.bias_name is not None:
+            grad_b = grads[layer.bias_name]
+            bias = layer.module.bias.detach().double().numpy()
+            k, extra["bias_check"] = _use_bias_gradient(geom.is_linear, k, grad_b)
+            z = z - (bias if geom.is_linear else bias[:, None, None])
+        x, info = self._solve(geom, weight, k, grad_w, z)
+        alpha = balance(geom, weight, k)
+        res = residuals(geom, alpha, weight, k, grad_w, z, x)
+        if self.hybrid and info.deficit > 0:
+            x, extra["hybrid"] = refine_layer(
+                model, layer, x, k, z, alpha, grads, branch.label, self.hybrid_config
+            )
+            extra["residual_before_hybrid"] = res.stacked
+            res = residuals(geom, alpha, weight, k, grad_w, z, x)
+        padded = geom.padding_unknowns
+        diag = _layer_diag(
+            layer,
+            info.method,
+            geom.padded_unknowns,
+            info.rank + padded,
+            res.stacked,
+            info.sigma_min,
+            info.sigma_max,
+            time.perf_counter() - start,
+        )
+        diag.update(gradient_residual=res.gradient, weight_residual=res.weight, **extra)
+        return _Hypothesis(
+            branch.label,
+            x.reshape(layer.in_shape),
+            backprop_input(geom, weight, k).reshape(layer.in_shape),
+            branch.family,
+            [*branch.layers, diag],
+        )
+
+    def _solve(
+        self, geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, grad_w: np.ndarray, z: np.ndarray
+    ) -> tuple[np.ndarray, RankInfo]:
+        """Gradient constraints alone when they determine the layer well ("auto"), else [K; W; P]."""
+        solved = solve_gradient_only(geom, k, grad_w) if self.system == "auto" else None
+        if solved is not None:
+            return solved
+        x, info = solve_normal(build_system(geom, weight, k, grad_w, z), self.rank_rtol)
+        assert x is not None
+        return x, info
+
+    def _prune(self, branches: list[_Hypothesis]) -> list[_Hypothesis]:
+        """Drop hypotheses the layer just solved finds inconsistent (residual >> the best one)."""
+        if len(branches) <= 1:
+            return branches
+        best = min(b.layers[-1]["residual"] for b in branches)
+        return [b for b in branches if b.layers[-1]["residual"] <= self.keep_ratio * best + 1e-12]
+
+    # ----------------------------------------------------------------------------------------
+    def _choose(
+        self, plan: NetworkPlan, branches: list[_Hypothesis]
+    ) -> tuple[np.ndarray, _Hypothesis, tuple[float, dict[str, Any]], list[dict[str, Any]]]:
+        """Undo the ops before the first layer, then pick among surviving candidates (module doc)."""
+        candidates = []
+        for branch in branches:
+            base, _ = _undo_ops(plan.pre, branch.y, branch.g)
+            candidates += [(scale * base, branch, (scale, head)) for scale, head in branch.family]
+        summary = [
+            {"label": b.label, "scale": s, "mu": h.get("mu"), "range_violation": self._violation(x)}
+            for x, b, (s, h) in candidates
+        ]
+
+        def key(item: tuple[np.ndarray, _Hypothesis, tuple[float, dict[str, Any]]]) -> tuple[float, float]:
+            x, _, (_, head) = item
+            if self.input_range is None:
+                return (0.0, abs(head.get("mu", 0.0)))
+            return (round(self._violation(x), 12), -float(np.ptp(x)))
+
+        x, branch, member = min(candidates, key=key)
+        return x, branch, member, summary
+
+    def _violation(self, x: np.ndarray) -> float:
+        if self.input_range is None:
+            return 0.0
+        lo, hi = self.input_range
+        return float(np.mean(np.clip(lo - x, 0, None) ** 2 + np.clip(x - hi, 0, None) ** 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _undo_ops(
+    ops: tuple[tuple[int, nn.Module, tuple[int, ...]], ...], y: np.ndarray, g: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Walk back through reshapes and activations: y <- sigma^{-1}(y), g <- g * sigma'(z)."""
+    for _, op, in_shape in reversed(ops):
+        y = y.reshape(in_shape)
+        g = g.reshape(in_shape)
+        if not isinstance(op, nn.Flatten):
+            y = invert_activation(op, y)
+            g = g * activation_derivative(op, y)
+    return y, g
+
+
+def _use_bias_gradient(is_linear: bool, k: np.ndarray, grad_b: np.ndarray) -> tuple[np.ndarray, float]:
+    """A Linear bias gradient is k itself (observed, so used); a conv one is k summed over positions."""
+    scale = max(float(np.linalg.norm(grad_b)), 1e-300)
+    if is_linear:
+        check = float(np.linalg.norm(k.ravel() - grad_b) / scale)
+        return np.asarray(grad_b, dtype=np.float64).reshape(k.shape), check
+    return k, float(np.linalg.norm(k.reshape(k.shape[0], -1).sum(1) - grad_b) / scale)
+
+
+def _positive_head_input(plan: NetworkPlan) -> bool:
+    """True when the op feeding the head has a positive range (sigmoid), so sign(dL/dW) = sign(k)."""
+    ops = plan.layers[-2].post if len(plan.layers) > 1 else plan.pre
+    acts = [op for _, op, _ in ops if not isinstance(op, nn.Flatten)]
+    return bool(acts) and isinstance(acts[-1], nn.Sigmoid)
+
+
+def _positively_homogeneous_below(plan: NetworkPlan, index: int) -> bool:
+    """Layers 0..index and the ops between them commute with positive scaling (no bias, leaky/id)."""
+    ops = list(plan.pre)
+    for layer in plan.layers[:index]:
+        ops += list(layer.post)
+    scalable = all(isinstance(op, (nn.Flatten, nn.LeakyReLU, nn.Identity)) for _, op, _ in ops)
+    return scalable and all(layer.bias_name is None for layer in plan.layers[:index])
+
+
+def _merge_scaled(branches: list[_Hypothesis], plan: NetworkPlan, index: int) -> list[_Hypothesis]:
+    """Fold branches that are positive multiples of another into its `family` when the layers below
+    are positively homogeneous: their solutions are then exact multiples, so solve once."""
+    if len(branches) <= 1 or not _positively_homogeneous_below(plan, index):
+        return branches
+    merged: list[_Hypothesis] = []
+    for branch in branches:
+        for kept in merged:
+            ratio = _family_ratio(branch, kept)
+            if ratio is not None:
+                kept.family += tuple((s * ratio, head) for s, head in branch.family)
+                break
+        else:
+            merged.append(branch)
+    return merged
+
+
+def _family_ratio(branch: _Hypothesis, kept: _Hypothesis) -> float | None:
+    """s with branch = s * kept in the data and kept = s * branch in dL/d(data), same label."""
+    ratio = _positive_ratio(branch.y, kept.y)
+    inverse = _positive_ratio(kept.g, branch.g)
+    if branch.label != kept.label or ratio is None or inverse is None:
+        return None
+    return ratio if abs(inverse / ratio - 1.0) < 1e-9 else None
+
+
+def _positive_ratio(a: np.ndarray, b: np.ndarray) -> float | None:
+    """s > 0 with a = s * b (to 1e-9 relative), else None."""
+    nb = float(b.ravel() @ b.ravel())
+    if nb == 0:
+        return None
+    s = float(a.ravel() @ b.ravel()) / nb
+    if s <= 0:
+        return None
+    err = np.linalg.norm(a - s * b) / max(np.linalg.norm(a), 1e-300)
+    return s if err < 1e-9 else None
+
+
+def _layer_diag(
+    layer: PlannedLayer,
+    method: str,
+    unknowns: int,
+    rank: int,
+    residual: float,
+    sigma_min: float,
+    sigma_max: float,
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "layer": layer.index,
+        "module": layer.module_index,
+        "type": layer.kind,
+        "method": method,
+        "unknowns": unknowns,
+        "rank": rank,
+        "deficit": unknowns - rank,
+        "residual": residual,
+        "sigma_min": sigma_min,
+        "sigma_max": sigma_max,
+        "seconds": seconds,
+    }

@@ -1,0 +1,648 @@
+"""Per-layer linear systems of layer-wise gradient inversion (R-GAP / COPA), built from structure.
+
+For batch size 1, a conv (or linear) layer with input x, weight W and output-gradient k obeys
+
+    gradient constraints  K x = vec(dL/dW)     (dL/dW[o,c,u,v] = sum_pos k[o,pos] x_c[shifted pos])
+    weight constraints    W x = z - b          (z: the pre-activation output, b: the bias)
+    padding constraints   P x_padded = 0       (zero padding is known)
+
+R-GAP builds these as dense Toeplitz matrices on the padded input and calls lstsq, which takes
+minutes per image. Here the padding constraints are eliminated exactly (the unknowns are the
+interior pixels; each padded pixel adds one to the rank of [K; W; P]) and the normal matrix
+A^T A of the weighted interior system A = [alpha K; W] is assembled from its structure:
+
+* K is block-diagonal with the same block for every input channel, so K^T K = I (x) Q with
+  Q = Kblk^T Kblk of size (H*W)^2;
+* W^T W is a sum, over pairs of kernel offsets (a, b), of the (C_in x C_in) matrix
+  w[:, :, a]^T w[:, :, b] placed at the pixel pairs that one output position sees through a and b.
+
+A Linear layer is the special case of a 1x1 conv on a 1x1 image with C_in = in_features.
+The normal matrix is factorised in float64: Cholesky plus Lanczos estimates of the extreme
+eigenvalues certify full rank; otherwise a pivoted Cholesky gives the numerical rank. The attack
+and `audits.security_metric` both use this module, so they report the same ranks.
+
+When the gradient block alone has full column rank and is well conditioned (the deeper CNN6
+convs, every FC layer), `solve_gradient_only` solves one small (H*W)^2 system shared by all
+input channels instead - what R-GAP does for FC layers - and the weight constraints serve as a
+check (their residual is reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import scipy.linalg as sla
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+from torch.nn import functional as F
+
+from attacks.base import AttackError, parameter_layers
+
+# Relative tolerance on singular values of the weighted interior system A = [alpha K; W]:
+# sigma_i counts towards the rank when sigma_i > RANK_RTOL * sigma_max (i.e. lambda_i > 1e-10 *
+# lambda_max on A^T A). A^T A holds sigma^2 with absolute error of order eps * sigma_max^2, so
+# exactly-null directions show up near 1e-8 * sigma_max (measured: <= 1.5e-8 on CNN6-d layer 1),
+# while genuine singular values of CNN6 / CNN6-d are >= 1e-2 * sigma_max; 1e-5 sits in the gap.
+RANK_RTOL = 1e-5
+
+# Clipping before inverting saturating activations (COPA clips tanh inputs to +-0.9999).
+TANH_CLIP = 0.9999
+SIGMOID_CLIP = 1e-4
+
+INVERTIBLE_ACTIVATIONS = (nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+RESHAPES = (nn.Flatten,)
+
+# A layer is solved from its gradient constraints alone when their per-channel block has
+# sigma_min / sigma_max above this (CNN6's deeper convs: 0.18-0.58; the stacked systems of its
+# first two convs: about 0.02). Below it, or when rank-deficient, the stacked system is solved.
+GRADIENT_ONLY_RATIO = 1e-2
+
+
+# BLAS threads while solving. Measured on the 2-core dev machine (CNN6, 32x32): one thread takes
+# 0.9-1.2 s, two take 0.8-1.3 s (the Lanczos solves are memory-bound), but when the other core is
+# busy OpenBLAS's spinning threads make two take 5-10 s. None leaves the process setting alone.
+DEFAULT_BLAS_THREADS = 1
+
+
+@contextmanager
+def blas_threads(limit: int | None) -> Iterator[None]:
+    """Temporarily limit BLAS threads (restored on exit); a no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        limit = None
+    if limit is None:
+        yield
+        return
+    with threadpool_limits(limits=limit, user_api="blas"):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shape facts of one conv layer; a Linear layer is a 1x1 conv on a 1x1 image."""
+
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    is_linear: bool = False
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + 2 * self.padding[0] - self.kernel[0]) // self.stride[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + 2 * self.padding[1] - self.kernel[1]) // self.stride[1] + 1
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def out_pixels(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def offsets(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def unknowns(self) -> int:
+        """Interior unknowns (what is actually solved for)."""
+        return self.in_channels * self.pixels
+
+    @property
+    def padded_unknowns(self) -> int:
+        """Unknowns of R-GAP's system on the zero-padded input (what R-GAP and COPA report)."""
+        padded = (self.height + 2 * self.padding[0]) * (self.width + 2 * self.padding[1])
+        return self.in_channels * padded
+
+    @property
+    def padding_unknowns(self) -> int:
+        return self.padded_unknowns - self.unknowns
+
+    @property
+    def out_size(self) -> int:
+        return self.out_channels * self.out_pixels
+
+    @property
+    def weight_count(self) -> int:
+        return self.out_channels * self.in_channels * self.offsets
+
+
+def _conv_padding(module: nn.Conv2d, index: int) -> tuple[int, int]:
+    padding = module.padding
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if any(k % 2 == 0 for k in module.kernel_size):
+            raise AttackError(
+                f"layer {index} (Conv2d) uses asymmetric 'same' padding; only symmetric padding is supported"
+            )
+        return (module.kernel_size[0] // 2, module.kernel_size[1] // 2)
+    return (int(padding[0]), int(padding[1]))
+
+
+def geometry_of(module: nn.Module, in_shape: tuple[int, ...], index: int) -> ConvGeometry:
+    """Geometry of a Linear or Conv2d layer seen on inputs of shape `in_shape` (no batch dim)."""
+    if isinstance(module, nn.Linear):
+        return ConvGeometry(module.in_features, module.out_features, 1, 1, (1, 1), (1, 1), (0, 0), True)
+    if not isinstance(module, nn.Conv2d):
+        raise AttackError(f"layer {index} ({type(module).__name__}) is not a Linear or Conv2d layer")
+    if module.groups != 1 or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
+        raise AttackError(
+            f"layer {index} (Conv2d) uses groups/dilation/non-zero padding; layer-wise inversion supports "
+            "plain convs only (use an optimisation attack)"
+        )
+    if len(in_shape) != 3:
+        raise AttackError(f"layer {index} (Conv2d) expects (C, H, W) inputs, got shape {in_shape}")
+    return ConvGeometry(
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        height=in_shape[1],
+        width=in_shape[2],
+        kernel=(int(module.kernel_size[0]), int(module.kernel_size[1])),
+        stride=(int(module.stride[0]), int(module.stride[1])),
+        padding=_conv_padding(module, index),
+    )
+
+
+@lru_cache(maxsize=64)
+def offset_maps(geom: ConvGeometry) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """For each kernel offset a = (u, v): the output positions that see an interior pixel through
+    a, and which interior pixel (flat indices). Within one offset the map is injective."""
+    oh, ow = geom.out_height, geom.out_width
+    rows = np.arange(oh)[:, None]
+    cols = np.arange(ow)[None, :]
+    maps = []
+    for u in range(geom.kernel[0]):
+        for v in range(geom.kernel[1]):
+            y = geom.stride[0] * rows + u - geom.padding[0]
+            x = geom.stride[1] * cols + v - geom.padding[1]
+            valid = (y >= 0) & (y < geom.height) & (x >= 0) & (x < geom.width)
+            valid = np.broadcast_to(valid, (oh, ow))
+            out_idx = (rows * ow + cols)[valid]
+            in_idx = np.broadcast_to(y * geom.width + x, (oh, ow))[valid]
+            maps.append((out_idx, in_idx))
+    return tuple(maps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The system
+# ---------------------------------------------------------------------------------------------
+
+
+def gradient_block(geom: ConvGeometry, k: np.ndarray) -> np.ndarray:
+    """Kblk, shape (C_out * kh * kw, H * W): the gradient constraints of one input channel."""
+    k = k.reshape(geom.out_channels, geom.out_pixels)
+    block = np.zeros((geom.out_channels, geom.offsets, geom.pixels))
+    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
+        block[:, a, in_idx] = k[:, out_idx]
+    return block.reshape(geom.out_channels * geom.offsets, geom.pixels)
+
+
+def weight_gram(geom: ConvGeometry, weight: np.ndarray) -> np.ndarray:
+    """W^T W on the interior unknowns, assembled from kernel-offset pairs (see module doc)."""
+    n_in = geom.in_channels
+    w = weight.reshape(geom.out_channels, n_in, geom.offsets)
+    if geom.is_linear:
+        flat = w[:, :, 0]
+        return flat.T @ flat
+    gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
+    maps = offset_maps(geom)
+    pair = np.einsum("oca,odb->abcd", w, w, optimize=True)  # (A, A, C_in, C_in)
+    positions = np.full((geom.offsets, geom.out_pixels), -1)
+    for a, (out_idx, in_idx) in enumerate(maps):
+        positions[a, out_idx] = in_idx
+    for a in range(geom.offsets):
+        for b in range(geom.offsets):
+            both = (positions[a] >= 0) & (positions[b] >= 0)
+            gram[positions[a, both], positions[b, both]] += pair[a, b]
+    return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Numerical rank of the interior system and its extreme singular values."""
+
+    rank: int
+    unknowns: int
+    sigma_min: float
+    sigma_max: float
+    method: str
+    sigma_min_nonzero: float | None = None  # smallest singular value above the tolerance (when known)
+
+    @property
+    def deficit(self) -> int:
+        return self.unknowns - self.rank
+
+
+@dataclass
+class LayerSystem:
+    """Normal equations (A^T A) x = A^T b of the weighted interior system A = [alpha K; W]."""
+
+    geometry: ConvGeometry
+    gram: np.ndarray
+    rhs: np.ndarray | None
+    alpha: float
+
+
+def build_system(
+    geom: ConvGeometry,
+    weight: np.ndarray,
+    k: np.ndarray,
+    grad: np.ndarray | None = None,
+    z: np.ndarray | None = None,
+) -> LayerSystem:
+    """Assemble the normal equations; `grad` (dL/dW) and `z` (output minus bias) give the rhs.
+
+    alpha balances the two blocks (equal trace in A^T A) so that the rank tolerance and the
+    least-squares weighting do not depend on the arbitrary scale of k relative to W.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
+    q = kblock.T @ kblock
+    gram = weight_gram(geom, weight)
+    alpha2 = balance(geom, weight, k) ** 2
+    n = geom.pixels
+    for c in range(geom.in_channels):
+        gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += alpha2 * q
+    rhs = None
+    if grad is not None and z is not None:
+        rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, weight, z)
+    return LayerSystem(geom, gram, rhs, float(np.sqrt(alpha2)))
+
+
+def balance(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> float:
+    """alpha with tr(alpha^2 K^T K) = tr(W^T W): both blocks weigh the same in the least squares."""
+    w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, geom.in_channels, geom.offsets)
+    k = np.asarray(k, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
+    maps = offset_maps(geom)
+    hits = np.array([out_idx.size for out_idx, _ in maps], dtype=np.float64)
+    w_trace = float(((w**2).sum(axis=(0, 1)) * hits).sum())
+    k_trace = geom.in_channels * sum(float((k[:, out_idx] ** 2).sum()) for out_idx, _ in maps)
+    return float(np.sqrt(w_trace / k_trace)) if k_trace > 0 and w_trace > 0 else 1.0
+
+
+def solve_gradient_only(
+    geom: ConvGeometry, k: np.ndarray, grad: np.ndarray, min_ratio: float = GRADIENT_ONLY_RATIO
+) -> tuple[np.ndarray, RankInfo] | None:
+    """Solve K x = vec(dL/dW) alone, one small shared system for all input channels.
+
+    R-GAP does this for FC layers; it applies to any layer whose per-channel block Kblk has full
+    column rank with sigma_min / sigma_max >= `min_ratio` (then the gradient alone determines
+    the input, as well conditioned as the stacked system). Returns None when it does not apply.
+    """
+    if geom.out_channels * geom.offsets < geom.pixels:
+        return None
+    kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
+    lam, vecs = np.linalg.eigh(kblock.T @ kblock)
+    if lam[-1] <= 0 or lam[0] < (min_ratio**2) * lam[-1]:
+        return None
+    b = _gradient_rhs(geom, kblock, grad).reshape(geom.in_channels, geom.pixels).T
+    x = vecs @ ((vecs.T @ b) / lam[:, None])
+    n = geom.unknowns
+    return x.T.ravel(), RankInfo(n, n, float(np.sqrt(lam[0])), float(np.sqrt(lam[-1])), "gradient-only")
+
+
+def _gradient_rhs(geom: ConvGeometry, kblock: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    g = np.asarray(grad, dtype=np.float64).reshape(geom.out_channels, geom.in_channels, geom.offsets)
+    g = g.transpose(0, 2, 1).reshape(geom.out_channels * geom.offsets, geom.in_channels)
+    return (kblock.T @ g).T.ravel()
+
+
+def _weight_rhs(geom: ConvGeometry, weight: np.ndarray, z: np.ndarray) -> np.ndarray:
+    if geom.is_linear:
+        return weight.T @ np.asarray(z, dtype=np.float64).ravel()
+    zt = _as_image(z, geom.out_channels, _out_hw(geom))
+    x = torch.nn.grad.conv2d_input(
+        (1, geom.in_channels, geom.height, geom.width),
+        torch.from_numpy(weight),
+        zt,
+        stride=geom.stride,
+        padding=geom.padding,
+    )
+    return x.numpy().ravel()
+
+
+def _out_hw(geom: ConvGeometry) -> tuple[int, int]:
+    return geom.out_height, geom.out_width
+
+
+def _as_image(values: np.ndarray, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64).reshape(1, channels, *size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward operators (for residuals and for backpropagating k)
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_weight(geom: ConvGeometry, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """W x (no bias), float64, flat."""
+    if geom.is_linear:
+        return weight @ x.ravel()
+    xt = _as_image(x, geom.in_channels, (geom.height, geom.width))
+    out = F.conv2d(xt, torch.from_numpy(weight), stride=geom.stride, padding=geom.padding)
+    return out.numpy().ravel()
+
+
+def apply_gradient(
+    geom: ConvGeometry, weight_shape: tuple[int, ...], k: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """K x = dL/dW for output gradient k and input x, float64, shaped like the weight."""
+    if geom.is_linear:
+        return np.outer(k.ravel(), x.ravel())
+    xt = _as_image(x, geom.in_channels, (geom.height, geom.width))
+    kt = _as_image(k, geom.out_channels, _out_hw(geom))
+    g = torch.nn.grad.conv2d_weight(xt, weight_shape, kt, stride=geom.stride, padding=geom.padding)
+    return g.numpy()
+
+
+def backprop_input(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """W^T k restricted to the interior (padded positions dropped), float64, flat."""
+    return _weight_rhs(geom, weight, k)
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """Relative residuals of a candidate x: stacked (alpha-weighted), gradient block, weight block."""
+
+    stacked: float
+    gradient: float
+    weight: float
+
+
+def residuals(
+    geom: ConvGeometry,
+    alpha: float,
+    weight: np.ndarray,
+    k: np.ndarray,
+    grad: np.ndarray,
+    z: np.ndarray,
+    x: np.ndarray,
+) -> Residuals:
+    """||A x - b|| / ||b|| per block and stacked, with forward operators (no cancellation)."""
+    r_w = apply_weight(geom, weight, x) - np.ravel(z)
+    r_k = apply_gradient(geom, tuple(weight.shape), k, x).ravel() - np.ravel(grad)
+    g2, z2 = float(np.ravel(grad) @ np.ravel(grad)), float(np.ravel(z) @ np.ravel(z))
+    rk2, rw2 = float(r_k @ r_k), float(r_w @ r_w)
+    den = alpha**2 * g2 + z2
+    return Residuals(
+        stacked=float(np.sqrt((alpha**2 * rk2 + rw2) / den)) if den > 0 else float(np.sqrt(rk2 + rw2)),
+        gradient=float(np.sqrt(rk2 / g2)) if g2 > 0 else float(np.sqrt(rk2)),
+        weight=float(np.sqrt(rw2 / z2)) if z2 > 0 else float(np.sqrt(rw2)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving and ranking
+# ---------------------------------------------------------------------------------------------
+
+
+def _top_eigenvalue(operator: np.ndarray | LinearOperator, n: int) -> float:
+    """Largest eigenvalue by Lanczos to 1e-3 relative accuracy (diagnostics need no more)."""
+    v0 = np.random.default_rng(0).standard_normal(n)
+    return float(eigsh(operator, k=1, ncv=8, which="LA", tol=1e-3, v0=v0, return_eigenvectors=False)[0])
+
+
+def _largest_eigenvalue(gram: np.ndarray) -> float:
+    return _top_eigenvalue(gram, gram.shape[0])
+
+
+def _smallest_eigenvalue(factor: tuple[np.ndarray, bool], n: int) -> float:
+    """lambda_min by Lanczos on the inverse, applied through the Cholesky factor."""
+
+    def solve(v: np.ndarray) -> np.ndarray:
+        return sla.cho_solve(factor, v, check_finite=False)
+
+    return 1.0 / _top_eigenvalue(LinearOperator((n, n), matvec=solve, dtype=np.float64), n)
+
+
+# Below this size a full eigendecomposition is cheaper than Cholesky plus two Lanczos runs.
+SMALL_SYSTEM = 400
+
+
+def solve_normal(system: LayerSystem, rtol: float = RANK_RTOL) -> tuple[np.ndarray | None, RankInfo]:
+    """Least-squares solution (near minimum-norm when rank-deficient) and the numerical rank.
+
+    Fast path: Cholesky, certified full rank when sigma_min / sigma_max > rtol (extreme
+    eigenvalues of A^T A by Lanczos, 1e-3 relative accuracy). Otherwise a pivoted Cholesky
+    (LAPACK pstrf, pivots > rtol^2 * lambda_max) gives the rank, and a Tikhonov-regularised
+    Cholesky solve (shift rtol^2 * lambda_max) the minimum-norm solution to about 1e-6 relative.
+    """
+    gram = system.gram
+    n = gram.shape[0]
+    if n <= SMALL_SYSTEM:
+        return _solve_eigen(system, rtol)
+    lam_max = _largest_eigenvalue(gram)
+    if lam_max <= 0:
+        return (None if system.rhs is None else np.zeros(n)), RankInfo(0, n, 0.0, 0.0, "zero")
+    try:
+        factor = sla.cho_factor(gram, lower=False, check_finite=False)
+        lam_min = _smallest_eigenvalue(factor, n)
+    except (np.linalg.LinAlgError, ValueError):
+        factor, lam_min = None, 0.0
+    if factor is not None and lam_min > (rtol**2) * lam_max:
+        x = None if system.rhs is None else sla.cho_solve(factor, system.rhs, check_finite=False)
+        return x, RankInfo(n, n, float(np.sqrt(lam_min)), float(np.sqrt(lam_max)), "cholesky")
+    return _solve_deficient(system, rtol, lam_max, lam_min)
+
+
+def _solve_deficient(
+    system: LayerSystem, rtol: float, lam_max: float, lam_min: float
+) -> tuple[np.ndarray | None, RankInfo]:
+    """Rank by pivoted Cholesky; sigma_min is the Lanczos estimate, or 0 when Cholesky failed."""
+    shift = (rtol**2) * lam_max
+    _, _, rank, _ = sla.lapack.dpstrf(system.gram, tol=shift)
+    x = None
+    if system.rhs is not None:
+        shifted = system.gram + shift * np.eye(system.gram.shape[0])
+        x = sla.cho_solve(sla.cho_factor(shifted, check_finite=False), system.rhs, check_finite=False)
+    n = system.gram.shape[0]
+    sigma_min = float(np.sqrt(max(lam_min, 0.0)))
+    return x, RankInfo(int(rank), n, sigma_min, float(np.sqrt(lam_max)), "pivoted-cholesky+tikhonov")
+
+
+def layer_rank(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, rtol: float = RANK_RTOL) -> RankInfo:
+    """Numerical rank of the interior system [alpha K; W] for output gradient k (no rhs needed).
+
+    The rank of R-GAP's padded system [K; W; P] is this rank plus `geom.padding_unknowns`.
+    """
+    if geom.is_linear:
+        return _linear_rank(geom, weight, k, rtol)
+    _, info = solve_normal(build_system(geom, weight, k), rtol)
+    return info
+
+
+def _linear_rank(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, rtol: float) -> RankInfo:
+    """A^T A = alpha^2 |k|^2 I + W^T W: its spectrum from the smaller of W W^T and W^T W."""
+    w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, geom.in_channels)
+    k = np.asarray(k, dtype=np.float64).ravel()
+    shift = balance(geom, weight, k) ** 2 * float(k @ k)
+    n = geom.in_channels
+    lam_w = np.linalg.eigvalsh(w @ w.T if geom.out_channels < n else w.T @ w)
+    lam_w = np.concatenate([np.zeros(max(n - lam_w.size, 0)), np.clip(lam_w, 0.0, None)])
+    lam = np.sort(shift + lam_w)
+    return _rank_info(lam, lam > (rtol**2) * lam[-1], "analytic")
+
+
+def _rank_info(lam: np.ndarray, keep: np.ndarray, method: str) -> RankInfo:
+    lam_max = max(float(lam[-1]), 0.0)
+    nonzero = float(np.sqrt(lam[keep].min())) if keep.any() else 0.0
+    return RankInfo(
+        int(keep.sum()), lam.size, float(np.sqrt(max(lam[0], 0.0))), float(np.sqrt(lam_max)), method, nonzero
+    )
+
+
+def _solve_eigen(system: LayerSystem, rtol: float) -> tuple[np.ndarray | None, RankInfo]:
+    lam, vecs = np.linalg.eigh(system.gram)
+    keep = lam > (rtol**2) * lam[-1]
+    x = None
+    if system.rhs is not None:
+        v = vecs[:, keep]
+        x = v @ ((v.T @ system.rhs) / lam[keep])
+    return x, _rank_info(lam, keep, "eigh")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def check_activation(module: nn.Module, index: int) -> None:
+    """Raise AttackError unless `module` is an activation we can invert exactly."""
+    if isinstance(module, nn.LeakyReLU) and module.negative_slope <= 0:
+        raise AttackError(
+            f"layer {index} (LeakyReLU with slope {module.negative_slope}) is not invertible; layer-wise "
+            "inversion cannot invert it (use an optimisation attack)"
+        )
+
+
+def invert_activation(module: nn.Module, y: np.ndarray) -> np.ndarray:
+    """z = sigma^{-1}(y); tanh / sigmoid outputs are clipped first (saturation loses information)."""
+    if isinstance(module, nn.LeakyReLU):
+        return np.where(y >= 0, y, y / module.negative_slope)
+    if isinstance(module, nn.Tanh):
+        return np.arctanh(np.clip(y, -TANH_CLIP, TANH_CLIP))
+    if isinstance(module, nn.Sigmoid):
+        s = np.clip(y, SIGMOID_CLIP, 1 - SIGMOID_CLIP)
+        return np.log(s) - np.log1p(-s)
+    return y
+
+
+def activation_derivative(module: nn.Module, z: np.ndarray) -> np.ndarray:
+    """sigma'(z), used to backpropagate k through the reconstructed pre-activation."""
+    if isinstance(module, nn.LeakyReLU):
+        return np.where(z > 0, 1.0, module.negative_slope)
+    if isinstance(module, nn.Tanh):
+        return 1.0 - np.tanh(z) ** 2
+    if isinstance(module, nn.Sigmoid):
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 - s)
+    return np.ones_like(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the network
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One Linear/Conv2d layer and the invertible ops that follow it up to the next one."""
+
+    index: int  # position among linear layers, 0 = closest to the input
+    module_index: int  # index in model.layers
+    module: nn.Module
+    geometry: ConvGeometry
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    post: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]  # (module index, op, op input shape)
+    weight_name: str
+    bias_name: str | None
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """The network as a chain of linear layers separated by invertible elementwise ops/reshapes."""
+
+    input_shape: tuple[int, ...]
+    pre: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]
+    layers: tuple[PlannedLayer, ...]
+
+    @property
+    def head(self) -> PlannedLayer:
+        return self.layers[-1]
+
+
+def _unsupported(index: int, module: nn.Module) -> AttackError:
+    return AttackError(
+        f"layer {index} ({type(module).__name__}) cannot be inverted by layer-wise (R-GAP/COPA) inversion: "
+        "only Linear, Conv2d, Flatten and invertible activations (LeakyReLU, Tanh, Sigmoid, Identity) are "
+        "supported; use an optimisation attack for this model"
+    )
+
+
+def plan_network(model: nn.Module, input_shape: tuple[int, ...]) -> NetworkPlan:
+    """Validate `model.layers` and record each module's input shape (one dummy forward pass)."""
+    modules = parameter_layers(model)
+    shapes: list[tuple[int, ...]] = []
+    x = torch.zeros((1, *input_shape), dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        for index, (_, module) in enumerate(modules):
+            if not isinstance(module, (nn.Linear, nn.Conv2d, *RESHAPES, *INVERTIBLE_ACTIVATIONS)):
+                raise _unsupported(index, module)
+            if isinstance(module, nn.Flatten) and (module.start_dim != 1 or module.end_dim != -1):
+                raise _unsupported(index, module)
+            check_activation(module, index)
+            shapes.append(tuple(x.shape[1:]))
+            x = module(x)
+    linear_at = [i for i, (_, m) in enumerate(modules) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not linear_at or linear_at[-1] != len(modules) - 1 or not isinstance(modules[-1][1], nn.Linear):
+        raise AttackError("layer-wise inversion needs the network to end in a Linear head (logits)")
+    pre = tuple((i, modules[i][1], shapes[i]) for i in range(linear_at[0]))
+    layers = []
+    for li, mi in enumerate(linear_at):
+        prefix, module = modules[mi]
+        end = linear_at[li + 1] if li + 1 < len(linear_at) else len(modules)
+        post = tuple((j, modules[j][1], shapes[j]) for j in range(mi + 1, end))
+        out_shape = shapes[mi + 1] if mi + 1 < len(shapes) else tuple(x.shape[1:])
+        layers.append(
+            PlannedLayer(
+                index=li,
+                module_index=mi,
+                module=module,
+                geometry=geometry_of(module, shapes[mi], mi),
+                in_shape=shapes[mi],
+                out_shape=out_shape,
+                post=post,
+                weight_name=f"{prefix}.weight",
+                bias_name=f"{prefix}.bias" if getattr(module, "bias", None) is not None else None,
+            )
+        )
+    return NetworkPlan(tuple(input_shape), pre, tuple(layers))
+
+
+def weight_of(layer: PlannedLayer) -> np.ndarray:
+    """The layer's weight as float64, conv-shaped (C_out, C_in, kh, kw) or (out, in) for Linear."""
+    return layer.module.weight.detach().double().cpu().numpy()

@@ -1,0 +1,188 @@
+"""The server-side auditor: a strategy wrapper that attacks every (sampled) client update.
+
+It wraps any `flwr.serverapp.strategy` strategy by composition, outside the DP wrappers, so it
+sees exactly what an honest-but-curious server sees: the global model it sent and each client's
+returned weights. From those it forms the observed update and runs the configured attacks:
+
+- FedSGD, batch 1, one step: Δw / lr is the client's gradient (up to float32 rounding of the
+  weights, so a larger learning rate leaks more precisely), and layer-wise inversion
+  can recover the sample exactly when every layer's system has full rank.
+- Batch > 1 or several local steps (FedAvg): Δw / (lr · steps) is only the mean gradient along
+  the local trajectory (and SGD momentum distorts it further); layer-wise inversion then solves
+  for a single image that explains an average and generally fails, and optimisation attacks
+  reconstruct at best a blend. Rows say which threat model applied.
+
+In simulation the client sends the samples it trained on in a side record (`audit-truth`) that
+no strategy reads; the auditor scores reconstructions against them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from attacks.base import AttackError, ObservedUpdate, Reconstruction
+from attacks.registry import build_attack
+from audits.leakage import score_reconstruction
+from audits.report import AuditLog, save_grid
+from audits.security_metric import security_report
+from fedsim import messages as keys
+from models import ZooModel
+
+AUDIT_FILE = "audit.csv"
+GRID_FOLDER = "audit"
+
+
+@dataclass
+class AttackOutcome:
+    """One attack on one update: the scores, or why it could not run."""
+
+    attack: str
+    reconstruction: Reconstruction | None
+    psnr: float | None
+    ssim: float | None
+    label_correct: bool | None
+    seconds: float
+    note: str = ""
+
+
+class UpdateAuditor:
+    """Runs named attacks on an observed update and scores them against the true samples."""
+
+    def __init__(self, attack_names: Sequence[str]) -> None:
+        self.attacks = [build_attack(name) for name in attack_names]
+
+    def audit(self, update: ObservedUpdate, truth_x: np.ndarray, truth_y: np.ndarray) -> list[AttackOutcome]:
+        binary = getattr(update.model, "head", "ce") == "logistic"
+        outcomes = []
+        for attack in self.attacks:
+            start = time.perf_counter()
+            try:
+                rec = attack.reconstruct(update)
+            except AttackError as err:
+                elapsed = time.perf_counter() - start
+                outcomes.append(AttackOutcome(attack.name, None, None, None, None, elapsed, note=str(err)))
+                continue
+            score = score_reconstruction(rec, truth_x, truth_y, binary)
+            outcomes.append(
+                AttackOutcome(attack.name, rec, score.psnr, score.ssim, score.label_correct, rec.seconds)
+            )
+        return outcomes
+
+
+def threat_model(batch_size: int, local_steps: int) -> str:
+    if local_steps == 1:
+        return f"fedsgd-b{batch_size}" + (
+            " (dw/lr: one gradient)" if batch_size == 1 else " (dw/lr: batch-mean gradient)"
+        )
+    return f"fedavg-b{batch_size}-s{local_steps} (gradient estimated as dw/(lr*steps))"
+
+
+class AuditingStrategy(Strategy):
+    """Wraps a strategy; audits up to `max_clients` replies per round before aggregating."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        auditor: UpdateAuditor,
+        make_model: Callable[[], ZooModel],
+        learning_rate: float,
+        batch_size: int,
+        output_dir: Path,
+        max_clients: int = 0,
+    ) -> None:
+        self.inner = inner
+        self.auditor = auditor
+        self.make_model = make_model
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_clients = max_clients
+        self.log = AuditLog(output_dir / AUDIT_FILE)
+        self.grid_dir = output_dir / GRID_FOLDER
+        self.grid_dir.mkdir(exist_ok=True)
+        self._global: dict[str, torch.Tensor] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        audited = [r for r in replies if not r.has_error() and keys.AUDIT_TRUTH in r.content.config_records]
+        if self.max_clients:
+            audited = audited[: self.max_clients]
+        if audited and self._global is not None:
+            self._audit_round(server_round, audited)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def _audit_round(self, server_round: int, replies: list[Message]) -> None:
+        model = self.make_model()
+        model.load_state_dict({k: v.float() for k, v in self._global.items()})
+        input_shape = tuple(int(d) for d in model.spec.shape)
+        rank_score = _rank_score(model, input_shape)
+        rows, originals, recs, captions, titles = [], [], {}, {}, []
+        for reply in replies:
+            partition_id = int(reply.content.config_records[keys.CLIENT][keys.PARTITION_ID])
+            titles.append(f"client {partition_id}")
+            truth_x, truth_y = keys.decode_truth(reply.content.config_records[keys.AUDIT_TRUTH])
+            steps = int(reply.content.metric_records[keys.METRICS].get(keys.LOCAL_STEPS, 1))
+            batch = min(self.batch_size, len(truth_y))
+            local = reply.content[keys.ARRAYS].to_torch_state_dict()
+            names = [n for n, _ in model.named_parameters()]
+            update = ObservedUpdate.from_weight_delta(
+                model, {n: self._global[n] for n in names}, {n: local[n] for n in names},
+                self.learning_rate, steps, input_shape, model.spec.num_classes, batch,
+            )  # fmt: skip
+            threat = threat_model(batch, steps)
+            originals.append(truth_x[0])
+            for outcome in self.auditor.audit(update, truth_x, truth_y):
+                rows.append(
+                    {"round": server_round, "partition_id": partition_id, "attack": outcome.attack,
+                     "threat": threat, "psnr": outcome.psnr, "ssim": outcome.ssim,
+                     "label_correct": outcome.label_correct, "rank_score": rank_score,
+                     "seconds": outcome.seconds, "note": outcome.note}
+                )  # fmt: skip
+                image = None if outcome.reconstruction is None else outcome.reconstruction.inputs[0].numpy()
+                recs.setdefault(outcome.attack, []).append(image)
+                caption = "n/a" if outcome.psnr is None else f"{outcome.psnr:.1f} dB"
+                captions.setdefault(outcome.attack, []).append(caption)
+        self.log.append(rows)
+        save_grid(
+            np.stack(originals),
+            recs,
+            self.grid_dir / f"round-{server_round:04d}.png",
+            captions=captions,
+            column_titles=titles,
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def _rank_score(model: ZooModel, input_shape: tuple[int, ...]) -> float | None:
+    """The architecture's security score at the current weights; None where layer-wise
+    inversion does not apply (the metric is defined on the same per-layer systems)."""
+    try:
+        return float(security_report(model, input_shape).score)
+    except AttackError:
+        return None

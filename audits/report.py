@@ -1,0 +1,96 @@
+"""Audit outputs: `audit.csv` rows and original-vs-reconstruction grids."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+AUDIT_COLUMNS = (
+    "round",
+    "partition_id",
+    "attack",
+    "threat",
+    "psnr",
+    "ssim",
+    "label_correct",
+    "rank_score",
+    "seconds",
+    "note",
+)
+
+
+class AuditLog:
+    """Appends rows to a CSV with a fixed header (written once)."""
+
+    def __init__(self, path: Path, columns: Sequence[str] = AUDIT_COLUMNS) -> None:
+        self.path = path
+        self.columns = tuple(columns)
+        if not path.exists():
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            for row in rows:
+                writer.writerow({k: _cell(row.get(k)) for k in self.columns})
+
+    def drop_rows_after(self, last_round: int) -> None:
+        """Forget rows of an interrupted round (the run store does the same for metrics.csv)."""
+        with open(self.path, newline="") as handle:
+            kept = [r for r in csv.DictReader(handle) if int(r["round"]) <= last_round]
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _to_display(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) in [0, 1] to something imshow draws: grey for one channel, RGB for three."""
+    image = np.clip(image, 0.0, 1.0)
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+def save_grid(
+    originals: np.ndarray,
+    reconstructions: Mapping[str, np.ndarray],
+    path: Path,
+    captions: Mapping[str, Sequence[str]] | None = None,
+    column_titles: Sequence[str] | None = None,
+) -> None:
+    """Row 0: the originals; one row per attack below, each image captioned (e.g. its PSNR)."""
+    rows = 1 + len(reconstructions)
+    cols = len(originals)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 1.4, 1.7 * rows), squeeze=False)
+    named_rows = [("original", originals), *reconstructions.items()]
+    for r, (name, images) in enumerate(named_rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images) and images[c] is not None:
+                ax.imshow(_to_display(images[c]), cmap="gray", vmin=0, vmax=1)
+            if captions and name in captions and c < len(captions[name]):
+                ax.set_xlabel(captions[name][c], fontsize=7)
+            if r == 0 and column_titles:
+                ax.set_title(column_titles[c], fontsize=8)
+        axes[r][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,201 @@
+"""Layer-wise (R-GAP / COPA) inversion on real photo crops: what leaks, what does not, and why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attacks.base import AttackError, ObservedUpdate, observe_gradient
+from attacks.layerwise import LayerwiseInversion
+from attacks.layerwise_head import logistic_roots
+from fedsim.data.photos import photo_crops
+from models import InputSpec, build_model
+from models.classifiers import SequentialClassifier
+
+SPEC = InputSpec((3, 32, 32), 10)
+# Generous: catches a regression to R-GAP's dense construction (~500 s) even on a loaded machine.
+MAX_SECONDS = 30.0
+
+
+def psnr(reconstruction: torch.Tensor, original: np.ndarray) -> float:
+    """PSNR on [0, 1] images (peak 1), as breaching reports it."""
+    mse = float(np.mean((reconstruction.detach().numpy().astype(np.float64) - original) ** 2))
+    return 10.0 * np.log10(1.0 / max(mse, 1e-30))
+
+
+def seeded(name: str, seed: int = 0, **options: object) -> SequentialClassifier:
+    torch.manual_seed(seed)
+    model = build_model(name, SPEC, **options)
+    assert isinstance(model, SequentialClassifier)
+    return model
+
+
+@pytest.fixture(scope="module")
+def crops() -> tuple[np.ndarray, np.ndarray]:
+    return photo_crops(6, seed=1)
+
+
+def attack(model: nn.Module, image: np.ndarray, label: int, **options: object):
+    update = observe_gradient(model, torch.from_numpy(image[None]), torch.tensor([label]))
+    return LayerwiseInversion(**options).reconstruct(update)
+
+
+def layer(result, index: int) -> dict:
+    return next(d for d in result.diagnostics["layers"] if d["layer"] == index)
+
+
+def test_cnn6_recovers_natural_crops_and_labels(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    model = seeded("cnn6")
+    for i in (0, 1):
+        result = attack(model, images[i], int(labels[i]))
+        assert psnr(result.inputs, images[i : i + 1]) >= 40.0
+        assert int(result.labels[0]) == int(labels[i])
+        assert result.seconds < MAX_SECONDS
+        diags = result.diagnostics["layers"]
+        assert [d["layer"] for d in diags] == [6, 5, 4, 3, 2, 1, 0]
+        assert all(d["deficit"] == 0 for d in diags)
+        assert {"unknowns", "rank", "residual", "sigma_min", "sigma_max", "seconds", "type"} <= set(diags[1])
+        assert layer(result, 1)["unknowns"] == 4332 and layer(result, 0)["unknowns"] == 3888
+
+
+def test_cnn6_after_one_sgd_step(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    model = seeded("cnn6", seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch, targets = photo_crops(8, seed=7)
+    model.training_step(
+        torch.from_numpy(batch), torch.from_numpy(targets), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+    result = attack(model, images[2], int(labels[2]))
+    assert psnr(result.inputs, images[2:3]) >= 40.0
+    assert int(result.labels[0]) == int(labels[2])
+
+
+def test_cnn6_logistic_head_recovers_image_and_binary_label(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    model = seeded("cnn6", head="logistic")
+    parities = set()
+    for i in range(len(labels)):
+        if int(labels[i]) % 2 in parities:
+            continue
+        parities.add(int(labels[i]) % 2)
+        result = attack(model, images[i], int(labels[i]))
+        assert psnr(result.inputs, images[i : i + 1]) >= 40.0
+        assert int(result.labels[0]) == int(labels[i]) % 2
+        assert result.diagnostics["head"]["head"] == "logistic"
+    assert parities == {0, 1}
+
+
+def test_logistic_head_with_large_logit_picks_the_right_root(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    """A confidently classified sample: two roots, same gradient up to input scale on bias-free
+    LeakyReLU nets; the data-range prior must pick the large-logit root here."""
+    images, labels = crops
+    model = seeded("cnn6", head="logistic")
+    with torch.no_grad():
+        model.layers[-1].weight.mul_(3000.0)
+    i = next(j for j in range(len(labels)) if labels[j] % 2 == 0)
+    with torch.no_grad():
+        logit = float(model(torch.from_numpy(images[i : i + 1])))
+    result = attack(model, images[i], int(labels[i]))
+    head = result.diagnostics["head"]
+    assert len(head["roots"]) == 2 and len(result.diagnostics["candidates"]) == 2
+    assert head["logit"] == pytest.approx(logit, rel=1e-3)
+    assert psnr(result.inputs, images[i : i + 1]) >= 40.0
+
+
+def test_full_rank_fc_net_recovers_the_crop(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    model = seeded("mlp", hidden=256, depth=2)
+    result = attack(model, images[0], int(labels[0]))
+    assert psnr(result.inputs, images[0:1]) >= 40.0
+    assert all(d["deficit"] == 0 for d in result.diagnostics["layers"])
+
+
+def test_ce_labels_recovered_on_several_samples() -> None:
+    images, labels = photo_crops(8, seed=4)
+    model = seeded("mlp", hidden=64, depth=1)
+    recovered = [int(attack(model, images[i], int(labels[i])).labels[0]) for i in range(len(labels))]
+    assert recovered == [int(y) for y in labels]
+
+
+def test_known_label_is_used_when_given(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    model = seeded("mlp", hidden=64, depth=1)
+    update = observe_gradient(model, torch.from_numpy(images[:1]), torch.from_numpy(labels[:1]))
+    update.known_labels = torch.from_numpy(labels[:1])
+    result = LayerwiseInversion().reconstruct(update)
+    assert int(result.labels[0]) == int(labels[0])
+    assert psnr(result.inputs, images[:1]) >= 40.0
+
+
+def test_lenet_sigmoid_is_supported(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    result = attack(seeded("lenet"), images[0], int(labels[0]))
+    assert psnr(result.inputs, images[0:1]) >= 40.0
+
+
+def test_cnn6_d_fails_where_the_second_conv_is_rank_deficient() -> None:
+    images, labels = photo_crops(3, seed=0)
+    model = seeded("cnn6-d")
+    scores = []
+    for i in range(3):
+        result = attack(model, images[i], int(labels[i]))
+        scores.append(psnr(result.inputs, images[i : i + 1]))
+        second = layer(result, 1)
+        assert (second["unknowns"], second["rank"], second["deficit"]) == (4332, 4052, 280)
+        assert result.diagnostics["rank_deficient_layers"] == [1]
+        assert int(result.labels[0]) == int(labels[i])  # the label still leaks
+    assert float(np.mean(scores)) < 15.0
+
+
+def test_hybrid_refines_the_deficient_layer_only() -> None:
+    images, labels = photo_crops(1, seed=0)
+    result = attack(seeded("cnn6-d"), images[0], int(labels[0]), hybrid=True, hybrid_steps=20)
+    assert result.diagnostics["layers"] and "hybrid" in layer(result, 1)
+    assert all("hybrid" not in d for d in result.diagnostics["layers"] if d["layer"] != 1)
+    log = layer(result, 1)["hybrid"]
+    assert log["steps"] == 20 and log["loss_best"] <= log["loss_start"]
+
+
+def test_stacked_system_agrees_with_auto(crops: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = crops
+    model = seeded("lenet", activation="tanh")
+    result = attack(model, images[1], int(labels[1]), system="stacked")
+    assert all(d["method"] in ("analytic", "cholesky") for d in result.diagnostics["layers"])
+    assert psnr(result.inputs, images[1:2]) >= 40.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.1), nn.LeakyReLU(0.0)],
+    ids=["maxpool", "batchnorm", "relu", "dropout", "leaky-slope-0"],
+)
+def test_unsupported_layer_raises_clear_error(bad: nn.Module) -> None:
+    layers = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bad, nn.Flatten(), nn.LazyLinear(10))
+    spec = InputSpec((3, 8, 8), 10)
+    model = SequentialClassifier(layers, spec)
+    model(torch.zeros(1, 3, 8, 8))  # materialise the lazy head
+    update = observe_gradient(model, torch.rand(1, 3, 8, 8), torch.tensor([3]))
+    with pytest.raises(AttackError, match=rf"layer 1 \({type(bad).__name__}") as info:
+        LayerwiseInversion().reconstruct(update)
+    assert "optimisation attack" in str(info.value)
+
+
+def test_batches_are_rejected() -> None:
+    model = seeded("mlp", hidden=32, depth=1)
+    images, labels = photo_crops(2, seed=0)
+    update: ObservedUpdate = observe_gradient(model, torch.from_numpy(images), torch.from_numpy(labels))
+    with pytest.raises(AttackError, match="batch"):
+        LayerwiseInversion().reconstruct(update)
+
+
+@pytest.mark.parametrize("c", [0.7, 1e-6, -1e-6, -0.1, -0.27])
+def test_logistic_roots_solve_the_scalar_equation(c: float) -> None:
+    roots = logistic_roots(c)
+    assert len(roots) == (1 if c > 0 else 2)
+    for mu in roots:
+        assert -mu / (1 + np.exp(mu)) == pytest.approx(c, rel=1e-9, abs=1e-15)
