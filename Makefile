@@ -27,9 +27,11 @@ data:
 	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 	  else echo "optional: sudo apt-get install -y dataset-fashion-mnist"; fi; fi
 
+# FedAvg on digits (5 clients, Dirichlet(1.0) skew) with the auditor attacking 2 updates a round.
 demo: install
 	$(VENV)/bin/fedsim run --name demo-$$(date +%Y%m%d-%H%M%S) --dataset digits --model mlp \
-	  --clients 5 --rounds 5 --partitioner dirichlet --alpha 1.0
+	  --clients 5 --rounds 5 --partitioner dirichlet --alpha 1.0 --local-epochs 1 --batch-size 8 \
+	  --audit --audit-attacks layerwise,analytic-fc,idlg --audit-clients 2
 
 test: install data
 	$(PY) -m pytest
@@ -42,6 +44,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/sim_overhead.py
+	$(PY) benchmarks/inversion.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

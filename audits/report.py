@@ -94,3 +94,28 @@ def save_grid(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summarise_audit(path: Path) -> list[dict[str, Any]]:
+    """Per attack over a whole run: rows, runs that produced an image, PSNR mean/max, label accuracy,
+    and the first reason an attack could not run (e.g. it needs a batch-1 gradient)."""
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    summary = []
+    for attack, rows in frame.groupby("attack", sort=False):
+        ran = rows.dropna(subset=["psnr"])
+        labels = ran["label_correct"].dropna().astype(str) == "True"
+        notes = rows["note"].dropna()
+        summary.append(
+            {
+                "attack": attack,
+                "updates": len(rows),
+                "reconstructed": len(ran),
+                "mean_psnr": float(ran["psnr"].mean()) if len(ran) else None,
+                "max_psnr": float(ran["psnr"].max()) if len(ran) else None,
+                "label_accuracy": float(labels.mean()) if len(labels) else None,
+                "note": str(notes.iloc[0]) if len(notes) else "",
+            }
+        )
+    return summary

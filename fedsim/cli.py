@@ -19,6 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from attacks.registry import available_attacks
+from audits.auditor import AUDIT_FILE
+from audits.report import summarise_audit
 from audits.standalone import audit_model, load_weights, write_audit
 from fedsim.config import RunConfig
 from fedsim.data import available_datasets, load_dataset
@@ -119,6 +121,21 @@ def run(
         f"round {final['round']}: server test accuracy {float(final['eval_accuracy']):.4f}, "
         f"loss {float(final['eval_loss']):.4f} -> {store.path}"
     )
+    if run_config.audit and (store.path / AUDIT_FILE).exists():
+        _print_audit_summary(store.path / AUDIT_FILE)
+
+
+def _print_audit_summary(path: Path) -> None:
+    table = Table("attack", "updates", "images", "mean PSNR", "max PSNR", "labels", title=f"audit: {path}")
+    summary = summarise_audit(path)
+    for s in summary:
+        table.add_row(s["attack"], str(s["updates"]), str(s["reconstructed"]), _fmt(s["mean_psnr"], ".1f"),
+                      _fmt(s["max_psnr"], ".1f"), _fmt(s["label_accuracy"], ".2f"))  # fmt: skip
+    out = Console()
+    out.print(table)
+    for s in summary:
+        if s["note"]:
+            out.print(f"{s['attack']}: {s['note']}", markup=False, highlight=False)
 
 
 _CONFIG_FLAGS = {
