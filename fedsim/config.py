@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import UserInputError
-from fedsim.partition import PARTITIONERS, PartitionSpec
+from fedsim.partition import PartitionSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedavg")
 
@@ -97,7 +97,8 @@ class RunConfig:
         )
 
     def validate(self) -> None:
-        """Checks that need no data; dataset-dependent checks happen in `fedsim.plan`."""
+        """Checks that need no data; the partition spec is checked against the data in
+        `fedsim.planning.validate_plan`."""
         if self.rounds < 1:
             raise UserInputError(f"rounds must be at least 1 (got {self.rounds})")
         if self.num_clients < 1:
@@ -105,14 +106,6 @@ class RunConfig:
         if self.strategy not in STRATEGIES:
             raise UserInputError(
                 f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
-            )
-        if self.partitioner not in PARTITIONERS:
-            raise UserInputError(
-                f"unknown partitioner {self.partitioner!r}; choose one of: {', '.join(PARTITIONERS)}"
-            )
-        if self.partitioner == "dirichlet" and not self.alpha > 0:
-            raise UserInputError(
-                f"alpha must be > 0 (got {self.alpha}); small values such as 0.1 give skewed clients"
             )
         for key in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, key)
