@@ -59,14 +59,14 @@ def test_unknown_model_lists_the_choices() -> None:
 
 
 def test_cnn6_trains_without_nan_on_32px_digits() -> None:
-    config = RunConfig(model="cnn6", image_size=32, num_clients=6, learning_rate=0.02, local_epochs=2)
+    config = RunConfig(model="cnn6", image_size=32, num_clients=6, learning_rate=0.05, local_epochs=2)
     model = model_for(config)
     data = client_data(config, 0)
-    before, _ = evaluate(model, data.x_val, data.y_val)
+    before, _ = evaluate(model, data.x_train, data.y_train)
     result = train_locally(model, data, config, server_round=1, partition_id=0)
-    after, _ = evaluate(model, data.x_val, data.y_val)
+    after, _ = evaluate(model, data.x_train, data.y_train)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert after < before, f"validation loss did not fall: {before:.3f} -> {after:.3f}"
+    assert after < before - 0.005, f"training loss did not fall: {before:.4f} -> {after:.4f}"
     assert result.steps == 2 * -(-len(data.y_train) // config.batch_size)
 
 
