@@ -72,9 +72,11 @@ class PeakRss:
 def config_flags(config: RunConfig) -> list[str]:
     flags = []
     for key, value in config.to_dict().items():
-        if key == "num-clients":
-            key = "clients"
-        flags += [f"--{key}", str(value)]
+        flag = "--clients" if key == "num-clients" else f"--{key}"
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key}")
+        else:
+            flags += [flag, str(value)]
     return flags
 
 
