@@ -35,6 +35,9 @@ class ObservedUpdate:
     num_classes: int
     batch_size: int = 1
     known_labels: torch.Tensor | None = None
+    # Per-parameter standard deviation of the gradient estimate, when known (weight deltas: the
+    # float32 rounding of the weights divided by lr * steps); None for exact gradients.
+    gradient_noise: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         params = dict(self.model.named_parameters())
@@ -71,7 +74,17 @@ class ObservedUpdate:
         """
         scale = 1.0 / (learning_rate * local_steps)
         grads = {name: (before[name] - after[name]).detach().float() * scale for name in before}
-        return cls(model, grads, input_shape, num_classes, batch_size)
+        noise = {name: _rounding_std(before[name], after[name]) * scale for name in before}
+        return cls(model, grads, input_shape, num_classes, batch_size, gradient_noise=noise)
+
+
+def _rounding_std(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Std of the float32 rounding error of `after` (uniform over one ulp: ulp / sqrt(12)), per entry."""
+    b = before.detach().float()
+    a = after.detach().float()
+    big = torch.maximum(a.abs(), b.abs())
+    ulp = torch.nextafter(big, torch.full_like(big, float("inf"))) - big
+    return (ulp / 12**0.5).float()
 
 
 def observe_gradient(model: ZooModel, inputs: torch.Tensor, targets: torch.Tensor) -> ObservedUpdate:

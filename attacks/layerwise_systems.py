@@ -374,6 +374,32 @@ def apply_gradient(
     return g.numpy()
 
 
+def output_gradient_fit(
+    geom: ConvGeometry, residual: np.ndarray, x: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares fit of a change of one entry of k to a weight-gradient residual.
+
+    Changing k[o, p] by d changes dL/dW[o] by d * patch_p(x) (the input patch output position p
+    sees). Returns (<residual[o], patch_p(x)>, |patch_p(x)|^2), flat over (o, p) and broadcast
+    over o, so that the best single-entry change is their ratio.
+    """
+    if geom.is_linear:
+        r = np.asarray(residual, dtype=np.float64).reshape(geom.out_channels, geom.in_channels)
+        xv = np.ravel(x)
+        return r @ xv, np.full(geom.out_channels, float(xv @ xv))
+    xt = _as_image(x, geom.in_channels, (geom.height, geom.width))
+    rt = torch.from_numpy(
+        np.ascontiguousarray(residual, dtype=np.float64).reshape(
+            geom.out_channels, geom.in_channels, *geom.kernel
+        )
+    )
+    num = F.conv2d(xt, rt, stride=geom.stride, padding=geom.padding).numpy().ravel()
+    ones = torch.ones((1, geom.in_channels, *geom.kernel), dtype=torch.float64)
+    den = F.conv2d(xt * xt, ones, stride=geom.stride, padding=geom.padding).numpy()
+    den = np.broadcast_to(den, (1, geom.out_channels, geom.out_height, geom.out_width)).ravel()
+    return num, den
+
+
 def backprop_input(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> np.ndarray:
     """W^T k restricted to the interior (padded positions dropped), float64, flat."""
     return _weight_rhs(geom, weight, k)
@@ -438,7 +464,9 @@ def _smallest_eigenvalue(factor: tuple[np.ndarray, bool], n: int) -> float:
 SMALL_SYSTEM = 400
 
 
-def solve_normal(system: LayerSystem, rtol: float = RANK_RTOL) -> tuple[np.ndarray | None, RankInfo]:
+def solve_normal(
+    system: LayerSystem, rtol: float = RANK_RTOL, keep: dict | None = None
+) -> tuple[np.ndarray | None, RankInfo]:
     """Least-squares solution (near minimum-norm when rank-deficient) and the numerical rank.
 
     Fast path: Cholesky, certified full rank when sigma_min / sigma_max > rtol (extreme
@@ -459,6 +487,8 @@ def solve_normal(system: LayerSystem, rtol: float = RANK_RTOL) -> tuple[np.ndarr
     except (np.linalg.LinAlgError, ValueError):
         factor, lam_min = None, 0.0
     if factor is not None and lam_min > (rtol**2) * lam_max:
+        if keep is not None:
+            keep["factor"] = factor
         x = None if system.rhs is None else sla.cho_solve(factor, system.rhs, check_finite=False)
         return x, RankInfo(n, n, float(np.sqrt(lam_min)), float(np.sqrt(lam_max)), "cholesky")
     return _solve_deficient(system, rtol, lam_max, lam_min)
@@ -477,6 +507,58 @@ def _solve_deficient(
     n = system.gram.shape[0]
     sigma_min = float(np.sqrt(max(lam_min, 0.0)))
     return x, RankInfo(int(rank), n, sigma_min, float(np.sqrt(lam_max)), "pivoted-cholesky+tikhonov")
+
+
+class Resolver:
+    """Re-solves a full-rank stacked system after k changed in a few entries (derivative signs).
+
+    Only the gradient block depends on k: the new normal matrix is the old one plus
+    alpha^2 (I (x) (Q_new - Q_old)), a low-rank change, so preconditioned conjugate gradients with
+    the old Cholesky factor converge in a few iterations (no new factorisation or weight Gram).
+    """
+
+    def __init__(
+        self, system: LayerSystem, factor: tuple[np.ndarray, bool], weight: np.ndarray, k: np.ndarray
+    ) -> None:
+        self.system = system
+        self.factor = factor
+        self.weight = np.asarray(weight, dtype=np.float64)
+        kblock = gradient_block(system.geometry, np.asarray(k, dtype=np.float64))
+        self.q = kblock.T @ kblock
+
+    def solve(
+        self, k: np.ndarray, grad: np.ndarray, z: np.ndarray, x0: np.ndarray, rtol: float = 1e-12
+    ) -> np.ndarray:
+        geom, alpha2 = self.system.geometry, self.system.alpha**2
+        kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
+        dq = alpha2 * (kblock.T @ kblock - self.q)
+        rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, self.weight, z)
+        n_in, n = geom.in_channels, geom.pixels
+
+        def apply(v: np.ndarray) -> np.ndarray:
+            return self.system.gram @ v + (v.reshape(n_in, n) @ dq).ravel()
+
+        def precond(v: np.ndarray) -> np.ndarray:
+            return sla.cho_solve(self.factor, v, check_finite=False)
+
+        x = np.array(x0, dtype=np.float64).ravel()
+        r = rhs - apply(x)
+        zv = precond(r)
+        p = zv.copy()
+        rz = float(r @ zv)
+        stop = (rtol * float(np.linalg.norm(rhs))) ** 2
+        for _ in range(100):
+            if float(r @ r) <= stop:
+                break
+            ap = apply(p)
+            step = rz / float(p @ ap)
+            x += step * p
+            r -= step * ap
+            zv = precond(r)
+            rz_new = float(r @ zv)
+            p = zv + (rz_new / rz) * p
+            rz = rz_new
+        return x
 
 
 def layer_rank(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, rtol: float = RANK_RTOL) -> RankInfo:
