@@ -52,6 +52,7 @@ class AttackOutcome:
     label_correct: bool | None
     seconds: float
     note: str = ""
+    matched: int = 0  # the true sample the (first) reconstructed image was paired with
 
 
 class UpdateAuditor:
@@ -85,7 +86,15 @@ class UpdateAuditor:
                 continue
             score = score_reconstruction(rec, truth_x, truth_y, binary)
             outcomes.append(
-                AttackOutcome(attack.name, rec, score.psnr, score.ssim, score.label_correct, rec.seconds)
+                AttackOutcome(
+                    attack.name,
+                    rec,
+                    score.psnr,
+                    score.ssim,
+                    score.label_correct,
+                    rec.seconds,
+                    matched=int(score.matched[0]),
+                )
             )
         return outcomes
 
@@ -158,8 +167,9 @@ class AuditingStrategy(Strategy):
                 self.learning_rate, steps, input_shape, model.spec.num_classes, batch,
             )  # fmt: skip
             threat = threat_model(batch, steps)
-            originals.append(truth_x[0])
-            for outcome in self.auditor.audit(update, truth_x, truth_y):
+            outcomes = self.auditor.audit(update, truth_x, truth_y)
+            originals.append(truth_x[_best(outcomes).matched])
+            for outcome in outcomes:
                 rows.append(
                     {"round": server_round, "partition_id": partition_id, "attack": outcome.attack,
                      "threat": threat, "psnr": outcome.psnr, "ssim": outcome.ssim,
@@ -189,6 +199,12 @@ class AuditingStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+def _best(outcomes: list[AttackOutcome]) -> AttackOutcome:
+    """The outcome with the highest PSNR: the grid shows the true sample it was paired with
+    (a multi-sample update has many; this is the one the attacks got closest to)."""
+    return max(outcomes, key=lambda o: -1.0 if o.psnr is None else o.psnr)
 
 
 def _rank_score(model: ZooModel, input_shape: tuple[int, ...]) -> float | None:

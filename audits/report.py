@@ -74,11 +74,11 @@ def save_grid(
     captions: Mapping[str, Sequence[str]] | None = None,
     column_titles: Sequence[str] | None = None,
 ) -> None:
-    """Row 0: the originals; one row per attack below, each image captioned (e.g. its PSNR)."""
+    """Row 0: the true samples; one row per attack below, each image captioned (e.g. its PSNR)."""
     rows = 1 + len(reconstructions)
     cols = len(originals)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 1.4, 1.7 * rows), squeeze=False)
-    named_rows = [("original", originals), *reconstructions.items()]
+    named_rows = [("true sample", originals), *reconstructions.items()]
     for r, (name, images) in enumerate(named_rows):
         for c in range(cols):
             ax = axes[r][c]
