@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -122,6 +122,7 @@ class _Best:
             self.extra = None if extra is None else extra.detach().clone()
 
 
+@dataclass
 class DLG:
     """Deep Leakage from Gradients: L-BFGS on dummy data and a learnt soft label.
 
@@ -132,39 +133,19 @@ class DLG:
     label enters a cross-entropy (BCE for a single-logit head), the loss DLG assumes the client uses.
     """
 
-    name = "dlg"
+    name: ClassVar[str] = "dlg"
 
-    def __init__(
-        self,
-        iterations: int = 300,
-        lr: float = 1.0,
-        inner_iterations: int = 20,
-        history_size: int = 100,
-        line_search: str | None = None,
-        init: str = "randn",
-        seed: int = 0,
-        tolerance: float = 0.0,
-    ) -> None:
-        self.iterations = iterations
-        self.lr = lr
-        self.inner_iterations = inner_iterations
-        self.history_size = history_size
-        self.line_search = line_search
-        self.init = init
-        self.seed = seed
-        self.tolerance = tolerance
+    iterations: int = 300
+    lr: float = 1.0
+    inner_iterations: int = 20
+    history_size: int = 100
+    line_search: str | None = None
+    init: str = "randn"
+    seed: int = 0
+    tolerance: float = 0.0
 
     def settings(self) -> dict[str, Any]:
-        return {
-            "iterations": self.iterations,
-            "lr": self.lr,
-            "inner_iterations": self.inner_iterations,
-            "history_size": self.history_size,
-            "line_search": self.line_search,
-            "init": self.init,
-            "seed": self.seed,
-            "tolerance": self.tolerance,
-        }
+        return asdict(self)
 
     def initial_inputs(self, update: ObservedUpdate) -> torch.Tensor:
         """The starting dummy batch, clamped to [0, 1] so it can be scored as a baseline image."""
@@ -247,10 +228,11 @@ class DLG:
         return Reconstruction(inputs, labels.detach().clone(), time.perf_counter() - start, diagnostics)
 
 
+@dataclass
 class IDLG(DLG):
     """iDLG: DLG with the label fixed to the one the last layer's gradient gives away."""
 
-    name = "idlg"
+    name: ClassVar[str] = "idlg"
 
     def reconstruct(self, update: ObservedUpdate) -> Reconstruction:
         start = time.perf_counter()
@@ -267,6 +249,7 @@ class IDLG(DLG):
         return self._result(best, labels, stats, start)
 
 
+@dataclass
 class InvertingGradients:
     """Geiping et al. 2020: cosine gradient distance + TV prior, signed Adam, boxed to [0, 1].
 
@@ -277,39 +260,19 @@ class InvertingGradients:
     is known or recovered with iDLG, as in the paper. The lowest-loss iterate is returned.
     """
 
-    name = "inverting-gradients"
+    name: ClassVar[str] = "inverting-gradients"
 
-    def __init__(
-        self,
-        iterations: int = 24_000,
-        lr: float = 0.1,
-        tv_weight: float = 0.01,
-        signed: bool = True,
-        boxed: bool = True,
-        schedule: bool = True,
-        init: str = "randn",
-        seed: int = 0,
-    ) -> None:
-        self.iterations = iterations
-        self.lr = lr
-        self.tv_weight = tv_weight
-        self.signed = signed
-        self.boxed = boxed
-        self.schedule = schedule
-        self.init = init
-        self.seed = seed
+    iterations: int = 24_000
+    lr: float = 0.1
+    tv_weight: float = 0.01
+    signed: bool = True
+    boxed: bool = True
+    schedule: bool = True
+    init: str = "randn"
+    seed: int = 0
 
     def settings(self) -> dict[str, Any]:
-        return {
-            "iterations": self.iterations,
-            "lr": self.lr,
-            "tv_weight": self.tv_weight,
-            "signed": self.signed,
-            "boxed": self.boxed,
-            "schedule": self.schedule,
-            "init": self.init,
-            "seed": self.seed,
-        }
+        return asdict(self)
 
     def initial_inputs(self, update: ObservedUpdate) -> torch.Tensor:
         """The starting dummy batch as the attack sees it after boxing to [0, 1]."""
