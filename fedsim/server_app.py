@@ -78,6 +78,26 @@ def _with_auditor(inner: Strategy, config: RunConfig, store: RunStore) -> Auditi
     )
 
 
+def _starting_point(
+    store: RunStore, inner: Strategy, audited: Strategy, initial: dict[str, torch.Tensor]
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """(last complete round, global weights): round 0 and the initial model for a new run;
+    for a resumed one the newest checkpoint, with the strategy's state restored and the rows
+    of the interrupted round dropped."""
+    done = store.last_complete_round()
+    if done is None:
+        store.save_checkpoint(0, initial, {})
+        return 0, initial
+    store.drop_rows_after(done)
+    if isinstance(audited, AuditingStrategy):
+        audited.log.drop_rows_after(done)
+    # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting them
+    # back to the model's float32 would make a resumed run drift from a straight one.
+    weights, server_state = store.load_checkpoint(done)
+    restore_strategy_state(inner, server_state)
+    return done, weights
+
+
 def run_federation(grid: Grid, plan: FederationPlan) -> None:
     """Run (or continue) the federation up to `plan.last_round()`, checkpointing every round."""
     config, store = plan.config, plan.store
@@ -86,19 +106,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     inner = build_strategy(config)
     audited = _with_auditor(inner, config, store) if config.audit else inner
-    done = store.last_complete_round()
-    global_weights = model.state_dict()
-    if done is None:
-        done = 0
-        store.save_checkpoint(0, global_weights, {})
-    else:
-        store.drop_rows_after(done)
-        if isinstance(audited, AuditingStrategy):
-            audited.log.drop_rows_after(done)
-        # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting
-        # them back to the model's float32 would make a resumed run drift from a straight one.
-        global_weights, server_state = store.load_checkpoint(done)
-        restore_strategy_state(inner, server_state)
+    done, global_weights = _starting_point(store, inner, audited, model.state_dict())
     strategy = ReproducibleStrategy(
         audited,
         seed=config.seed,
