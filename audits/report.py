@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedsim.files import drop_csv_rows_after
+
 AUDIT_COLUMNS = (
     "round",
     "partition_id",
@@ -44,13 +46,8 @@ class AuditLog:
                 writer.writerow({k: _cell(row.get(k)) for k in self.columns})
 
     def drop_rows_after(self, last_round: int) -> None:
-        """Forget rows of an interrupted round (the run store does the same for metrics.csv)."""
-        with open(self.path, newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if int(r["round"]) <= last_round]
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.columns)
-            writer.writeheader()
-            writer.writerows(kept)
+        """Forget rows of an interrupted round, as the run store does for metrics.csv."""
+        drop_csv_rows_after(self.path, self.columns, last_round)
 
 
 def _cell(value: Any) -> str:

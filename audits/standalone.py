@@ -8,6 +8,9 @@ Everything lands in one folder: `report.json`, `audit.csv`, `reconstructions.png
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from audits.auditor import UpdateAuditor
 from audits.report import AuditLog, save_grid
 from audits.security_metric import SecurityReport, security_report
 from fedsim.errors import UserInputError
+from fedsim.files import default_mode
 from models import ZooModel
 
 STANDALONE_COLUMNS = ("sample", "label", "attack", "psnr", "ssim", "label_correct", "seconds", "note")
@@ -99,6 +103,19 @@ def audit_model(
     return StandaloneAudit(security, security_error, rows), images
 
 
+def check_output_folder(folder: Path) -> None:
+    """Before any attack runs: the folder must be new and its parent writable."""
+    if folder.exists():
+        raise UserInputError(f"output folder {folder} already exists; pass another --out")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=folder.parent).cleanup()
+    except OSError as err:
+        raise UserInputError(
+            f"cannot write the audit to {folder} ({err.strerror or err}); pass a writable --out"
+        ) from None
+
+
 def write_audit(
     folder: Path,
     audit: StandaloneAudit,
@@ -106,8 +123,25 @@ def write_audit(
     images: dict[str, list[np.ndarray | None]],
     settings: dict[str, Any],
 ) -> None:
-    """report.json, audit.csv and reconstructions.png in `folder` (which must not exist yet)."""
-    folder.mkdir(parents=True)
+    """report.json, audit.csv and reconstructions.png, written in a staging folder and renamed
+    to `folder` (which must not exist) so a failure leaves nothing half-written."""
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        _write_audit_files(staging, audit, inputs, images, settings)
+        os.chmod(staging, default_mode(0o777))  # mkdtemp makes owner-only folders
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_audit_files(
+    folder: Path,
+    audit: StandaloneAudit,
+    inputs: np.ndarray,
+    images: dict[str, list[np.ndarray | None]],
+    settings: dict[str, Any],
+) -> None:
     AuditLog(folder / "audit.csv", STANDALONE_COLUMNS).append(audit.rows)
     report = {
         "settings": settings,

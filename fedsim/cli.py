@@ -21,13 +21,13 @@ from rich.table import Table
 from attacks.registry import available_attacks
 from audits.auditor import AUDIT_FILE
 from audits.report import summarise_audit
-from audits.standalone import audit_model, load_weights, write_audit
+from audits.standalone import audit_model, check_output_folder, load_weights, write_audit
 from fedsim.config import RunConfig
 from fedsim.data import available_datasets, load_dataset
 from fedsim.errors import UserInputError
-from fedsim.planning import validate_plan
+from fedsim.planning import check_attack_names, check_model_name, validate_plan
 from fedsim.server_app import FederationPlan
-from fedsim.simulation import SimulationError, simulate
+from fedsim.simulation import SimulationError, check_ray_address, simulate
 from fedsim.store import RunStore
 from models import InputSpec, available_models, build_model
 
@@ -87,7 +87,11 @@ def run(
         overrides["num_clients"] = overrides.pop("clients")
     try:
         if stop_after is not None and stop_after < 1:
-            raise UserInputError(f"--stop-after must be at least 1 (got {stop_after})")
+            raise UserInputError(f"--stop-after must be at least 1 (got {stop_after}); pass a round number")
+        if cpus is not None and cpus < 1:
+            raise UserInputError(f"--cpus must be at least 1 (got {cpus}); leave it out to use every core")
+        if ray_address:
+            check_ray_address(ray_address)
         if resume is not None:
             if overrides or config is not None:
                 raise UserInputError(
@@ -196,15 +200,10 @@ def audit(
     """Audit one model's leakage: per-layer rank table, security score, attacks on N samples."""
     try:
         names = [a.strip() for a in attacks.split(",") if a.strip()]
-        unknown = sorted(set(names) - set(available_attacks()))
-        if unknown or not names:
-            raise UserInputError(
-                f"unknown attack(s) {unknown or '(none)'}; choose from: {', '.join(available_attacks())}"
-            )
+        check_attack_names(names)
         if samples < 1:
-            raise UserInputError(f"--samples must be at least 1 (got {samples})")
-        if model not in available_models():
-            raise UserInputError(f"unknown model {model!r}; choose one of: {', '.join(available_models())}")
+            raise UserInputError(f"--samples must be at least 1 (got {samples}); pass e.g. --samples 4")
+        check_model_name(model)
         dataset = load_dataset(data, image_size or None)
         torch.manual_seed(seed)
         try:
@@ -214,8 +213,7 @@ def audit(
         if weights is not None:
             load_weights(net, weights)
         folder = out or Path("runs") / f"audit-{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if folder.exists():
-            raise UserInputError(f"output folder {folder} already exists; pass another --out")
+        check_output_folder(folder)
     except UserInputError as err:
         _fail(err)
     chosen = np.random.default_rng(seed).choice(

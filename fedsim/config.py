@@ -19,6 +19,8 @@ from fedsim.errors import UserInputError
 from fedsim.partition import PartitionSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedavg")
+# Names users reach for that the record spells differently (the CLI flag is --clients).
+KEY_ALIASES = {"clients": "num_clients"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
             key = raw_key.replace("-", "_")
+            key = KEY_ALIASES.get(key, key)
             if key not in known:
                 names = ", ".join(k.replace("_", "-") for k in known)
                 raise UserInputError(f"unknown key {raw_key!r} in {source}; known keys: {names}")
@@ -100,9 +103,11 @@ class RunConfig:
         """Checks that need no data; the partition spec is checked against the data in
         `fedsim.planning.validate_plan`."""
         if self.rounds < 1:
-            raise UserInputError(f"rounds must be at least 1 (got {self.rounds})")
+            raise UserInputError(f"rounds must be at least 1 (got {self.rounds}); pass --rounds 1 or more")
         if self.num_clients < 1:
-            raise UserInputError(f"clients must be at least 1 (got {self.num_clients})")
+            raise UserInputError(
+                f"clients must be at least 1 (got {self.num_clients}); pass --clients 1 or more"
+            )
         if self.strategy not in STRATEGIES:
             raise UserInputError(
                 f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
@@ -110,13 +115,18 @@ class RunConfig:
         for key in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, key)
             if not 0 <= value <= 1 or (key == "fraction_train" and value == 0):
-                raise UserInputError(f"{key.replace('_', '-')} must be in (0, 1] (got {value})")
-        if self.max_local_steps < 0 or self.audit_clients < 0:
-            raise UserInputError("max-local-steps and audit-clients must be >= 0 (0 means no limit)")
-        positive = ("local_epochs", "batch_size", "learning_rate")
-        for key in positive:
+                low = "(0" if key == "fraction_train" else "[0"
+                raise UserInputError(
+                    f"{_flag(key)} must be in {low}, 1] (got {value}); pass a share such as 0.5"
+                )
+        for key in ("max_local_steps", "audit_clients", "num_malicious", "momentum"):
+            if getattr(self, key) < 0:
+                raise UserInputError(f"{_flag(key)} must be >= 0 (got {getattr(self, key)}); pass 0 or more")
+        for key in ("local_epochs", "batch_size", "learning_rate", "server_learning_rate"):
             if not getattr(self, key) > 0:
-                raise UserInputError(f"{key.replace('_', '-')} must be > 0 (got {getattr(self, key)})")
+                raise UserInputError(
+                    f"{_flag(key)} must be > 0 (got {getattr(self, key)}); pass a positive value"
+                )
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise UserInputError(
                 f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
@@ -136,5 +146,11 @@ def _coerce(key: str, value: Any, wanted: type, source: str) -> Any:
     if wanted is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
-        raise UserInputError(f"{key} in {source} must be {wanted.__name__}, got {value!r}")
+        raise UserInputError(
+            f"{key} in {source} must be {wanted.__name__}, got {value!r}; write it as a {wanted.__name__}"
+        )
     return value
+
+
+def _flag(field_name: str) -> str:
+    return field_name.replace("_", "-")

@@ -34,7 +34,9 @@ class PartitionSpec:
                 f"unknown partitioner {self.kind!r}; choose one of: {', '.join(PARTITIONERS)}"
             )
         if self.num_partitions < 1:
-            raise UserInputError(f"clients must be at least 1 (got {self.num_partitions})")
+            raise UserInputError(
+                f"clients must be at least 1 (got {self.num_partitions}); pass --clients 1 or more"
+            )
         if self.num_partitions > num_samples:
             raise UserInputError(
                 f"{self.num_partitions} clients but only {num_samples} training samples; "
@@ -46,7 +48,8 @@ class PartitionSpec:
             )
         if self.kind == "pathological" and not 1 <= self.classes_per_client <= num_classes:
             raise UserInputError(
-                f"classes per client must be between 1 and {num_classes} (got {self.classes_per_client})"
+                f"classes per client must be between 1 and {num_classes} (got {self.classes_per_client}); "
+                f"pass --classes-per-client 1 to {num_classes}"
             )
         if self.kind == "longtail" and not self.imbalance_ratio >= 1:
             raise UserInputError(
@@ -119,7 +122,16 @@ def pathological(
         members = rng.permutation(np.flatnonzero(labels == cls))
         for client, chunk in zip(clients, np.array_split(members, len(clients)), strict=True):
             parts[client].append(chunk)
-    return [np.concatenate(p) for p in parts]
+    merged = [np.concatenate(p) for p in parts]
+    empty = sum(len(p) == 0 for p in merged)
+    if empty:
+        smallest = min(int((labels == c).sum()) for c in classes)
+        raise UserInputError(
+            f"the pathological split leaves {empty} of {num_partitions} clients without samples "
+            f"(the smallest class has {smallest} samples to share); use fewer clients or more "
+            "classes per client"
+        )
+    return merged
 
 
 def longtail_counts(class_sizes: np.ndarray, imbalance_ratio: float) -> np.ndarray:

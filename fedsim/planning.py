@@ -16,17 +16,9 @@ from models import InputSpec, available_models, build_model
 def validate_plan(config: RunConfig) -> None:
     """Raise UserInputError (one line: problem and fix) for anything that would fail mid-run."""
     config.validate()
-    if config.model not in available_models():
-        raise UserInputError(
-            f"unknown model {config.model!r}; choose one of: {', '.join(available_models())}"
-        )
+    check_model_name(config.model)
     if config.audit:
-        unknown = sorted(set(config.attack_names()) - set(available_attacks()))
-        if unknown or not config.attack_names():
-            raise UserInputError(
-                f"unknown attack(s) {', '.join(unknown) or '(none given)'} in audit-attacks; "
-                f"choose from: {', '.join(available_attacks())}"
-            )
+        check_attack_names(config.attack_names())
     data = dataset_for(config)
     partition(data.y_train, config.partition_spec())
     check_strategy(config)
@@ -40,3 +32,17 @@ def validate_plan(config: RunConfig) -> None:
             f"model {config.model!r} does not fit {config.dataset!r} inputs of shape {spec.shape} "
             f"({str(err).splitlines()[0]}); try --image-size 32"
         ) from None
+
+
+def check_model_name(name: str) -> None:
+    if name not in available_models():
+        raise UserInputError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+
+
+def check_attack_names(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(available_attacks()))
+    if unknown or not names:
+        raise UserInputError(
+            f"unknown attack(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from: {', '.join(available_attacks())}"
+        )

@@ -7,6 +7,7 @@ test split every round, and records everything in the run store.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ from fedsim.store import PLOT_FILE, RunStore
 from fedsim.strategies import build_strategy, restore_strategy_state, strategy_state
 
 RoundCallback = Callable[[int, dict[str, float]], None]
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """A round in which no client trained: going on would checkpoint an unchanged model as if
+    the round had happened."""
 
 
 @dataclass
@@ -62,6 +69,24 @@ def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[
             }
         )
     return rows
+
+
+def require_training(server_round: int, replies: list[Message]) -> None:
+    """Raise FederationError when every client's training failed; warn when some did."""
+    failed = [reply for reply in replies if reply.has_error()]
+    if failed and len(failed) == len(replies):
+        raise FederationError(
+            f"round {server_round}: all {len(replies)} clients failed to train "
+            f"(first error: {_client_error(failed[0].error.reason)})"
+        )
+    if failed:
+        log.warning("round %d: %d of %d clients failed to train", server_round, len(failed), len(replies))
+
+
+def _client_error(reason: str) -> str:
+    """The exception's own message out of Flower's wrapping `<class ...>:<'... Message: text'>`."""
+    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
+    return last.rpartition("Message: ")[2].removesuffix("'>")
 
 
 def _with_auditor(inner: Strategy, config: RunConfig, store: RunStore) -> AuditingStrategy:
@@ -113,7 +138,10 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         min_nodes=config.num_clients,
         need_roster=config.fraction_train < 1 or 0 < config.fraction_evaluate < 1,
         round_offset=done,
-        on_train=[lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies))],
+        on_train=[
+            require_training,
+            lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies)),
+        ],
         on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
     )
     round_started = [time.perf_counter()]

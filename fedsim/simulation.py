@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from flwr.simulation import run_simulation
 
 from fedsim.client_app import app as client_app
-from fedsim.server_app import FederationPlan, build_server_app
+from fedsim.errors import UserInputError
+from fedsim.server_app import FederationError, FederationPlan, build_server_app
 
 
 def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | None) -> dict[str, Any]:
@@ -20,6 +22,25 @@ def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | No
     else:
         init_args["num_cpus"] = cpus or os.cpu_count() or 1
     return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a cluster address nobody answers at: Ray itself would wait for minutes.
+
+    `auto` (find the local cluster) is left to Ray; `host:port` and `ray://host:port` are probed.
+    """
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserInputError(f"--ray-address {address!r} is not host:port; pass e.g. 10.0.0.5:6379 or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserInputError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); "
+            "start one with `ray start --head` or fix --ray-address"
+        ) from None
 
 
 def simulate(
@@ -36,17 +57,21 @@ def simulate(
         # ERROR: also hides the deprecation notice of run_simulation, which we call knowingly
         # (`flwr run .` is the supported path for deployments; see the README).
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    run_simulation(
-        server_app=build_server_app(plan),
-        client_app=client_app,
-        num_supernodes=plan.config.num_clients,
-        backend_config=backend_config(cpus, cpus_per_client, ray_address),
-        verbose_logging=verbose,
-    )
+    reason = ""
+    try:
+        run_simulation(
+            server_app=build_server_app(plan),
+            client_app=client_app,
+            num_supernodes=plan.config.num_clients,
+            backend_config=backend_config(cpus, cpus_per_client, ray_address),
+            verbose_logging=verbose,
+        )
+    except FederationError as err:  # re-raised by run_simulation from the ServerApp's thread
+        reason = f" ({err})"
     reached = plan.store.last_complete_round() or 0
     if reached < plan.last_round():
         raise SimulationError(
-            f"the simulation stopped after round {reached} of {plan.last_round()}; "
+            f"the simulation stopped after round {reached} of {plan.last_round()}{reason}; "
             f"rerun with --verbose to see Flower's log, then --resume {plan.store.path}"
         )
 

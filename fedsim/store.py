@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from fedsim.config import RunConfig
 from fedsim.errors import UserInputError
+from fedsim.files import atomic_write, default_mode, drop_csv_rows_after
 
 METRIC_COLUMNS = (
     "round",
@@ -46,26 +47,6 @@ PLOT_FILE = "metrics.png"
 CHECKPOINTS = "checkpoints"
 
 
-def _default_mode(base: int) -> int:
-    """`base` (0o666 files, 0o777 folders) less the umask: what open()/mkdir() would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return base & ~umask
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode(0o666))  # mkstemp makes owner-only files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class RunStore:
     """Reads and writes one run directory."""
 
@@ -81,14 +62,19 @@ class RunStore:
                 f"run directory {final} already exists; "
                 f"pick another --name or continue it with --resume {final}"
             )
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{config.name}."))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{config.name}."))
+        except OSError as err:
+            raise UserInputError(
+                f"cannot create a run directory in {root} ({err.strerror}); pass a writable --runs-dir"
+            ) from None
         try:
             (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             with open(staging / METRICS_FILE, "w", newline="") as handle:
                 csv.writer(handle).writerow(METRIC_COLUMNS)
             (staging / CHECKPOINTS).mkdir()
-            os.chmod(staging, _default_mode(0o777))  # mkdtemp makes owner-only folders
+            os.chmod(staging, default_mode(0o777))  # mkdtemp makes owner-only folders
             staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -121,15 +107,7 @@ class RunStore:
 
     def drop_rows_after(self, last_round: int) -> None:
         """Forget rows of rounds after `last_round` (an interrupted round)."""
-        kept = [row for row in self.read_rows() if int(row["round"]) <= last_round]
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, METRIC_COLUMNS)
-                writer.writeheader()
-                writer.writerows(kept)
-
-        _atomic_write(self.metrics_path, write)
+        drop_csv_rows_after(self.metrics_path, METRIC_COLUMNS, last_round)
 
     def checkpoint_path(self, server_round: int, kind: str = "") -> Path:
         suffix = f".{kind}" if kind else ""
@@ -140,12 +118,12 @@ class RunStore:
     ) -> None:
         """Strategy state first, model last: the model file is the round's commit marker."""
         if strategy_state:
-            _atomic_write(
+            atomic_write(
                 self.checkpoint_path(server_round, "strategy"),
                 lambda tmp: save_numpy({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, tmp),
             )
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        _atomic_write(self.checkpoint_path(server_round), lambda tmp: save_file(tensors, tmp))
+        atomic_write(self.checkpoint_path(server_round), lambda tmp: save_file(tensors, tmp))
 
     def last_complete_round(self) -> int | None:
         rounds = [

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
-from fedsim.config import RunConfig
+from fedsim.config import STRATEGIES, RunConfig
 from fedsim.errors import UserInputError
 
 
@@ -21,14 +21,14 @@ def check_strategy(config: RunConfig) -> None:
             "add clients or raise fraction-train"
         )
     if config.strategy == "fedtrimmedavg" and not 0 <= config.trim_beta < 0.5:
-        raise UserInputError(f"trim-beta must be in [0, 0.5) (got {config.trim_beta})")
+        raise UserInputError(f"trim-beta must be in [0, 0.5) (got {config.trim_beta}); pass e.g. 0.2")
     if config.strategy == "fedprox" and config.proximal_mu < 0:
-        raise UserInputError(f"proximal-mu must be >= 0 (got {config.proximal_mu})")
+        raise UserInputError(f"proximal-mu must be >= 0 (got {config.proximal_mu}); pass e.g. 0.01")
 
 
 def build_strategy(config: RunConfig) -> Strategy:
-    """The inner strategy; every node must be up before round 1 so sampling sees all of them."""
-    check_strategy(config)
+    """The inner strategy (config checked by `validate_plan`); every node must be up before
+    round 1 so sampling sees all of them."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -48,7 +48,7 @@ def build_strategy(config: RunConfig) -> Strategy:
         return FedMedian(**common)
     if config.strategy == "fedtrimmedavg":
         return FedTrimmedAvg(beta=config.trim_beta, **common)
-    raise UserInputError(f"unknown strategy {config.strategy!r}")
+    raise UserInputError(f"unknown strategy {config.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
 
 
 # Server-optimiser moments of the FedOpt family (FedAdam): needed to resume a run exactly.

@@ -65,16 +65,24 @@ def test_audit_loads_run_checkpoints_and_rejects_mismatched_weights(tmp_path: Pa
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--attacks", "telepathy"], "unknown attack(s) ['telepathy']"),
+        (["--attacks", "telepathy"], "unknown attack(s) telepathy; choose from"),
         (["--model", "vgg"], "unknown model 'vgg'"),
         (["--samples", "0"], "--samples must be at least 1"),
         (["--weights", "/nonexistent.safetensors"], "cannot read weights"),
+        (["--image-size", "2"], "image size 2 is out of range; pass 4 to 256"),
     ],
 )
 def test_audit_bad_input(args: list[str], message: str, tmp_path: Path) -> None:
     code, output = _audit([*args, "--out", str(tmp_path / "x")])
     assert code == 2 and output.startswith("error: ") and message in output
     assert not (tmp_path / "x").exists()
+
+
+def test_audit_to_an_unwritable_folder_fails_before_attacking(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, output = _audit(["--model", "mlp", "--data", "digits", "--out", str(blocker / "audit")])
+    assert code == 2 and output.startswith(f"error: cannot write the audit to {blocker / 'audit'}")
 
 
 @pytest.mark.slow

@@ -26,7 +26,18 @@ CASES = [
         ["--strategy", "krum", "--clients", "3", "--num-malicious", "1"],
         "Krum with 1 malicious clients needs more",
     ),
-    (["--fraction-train", "1.5"], "fraction-train must be in (0, 1] (got 1.5)"),
+    (["--fraction-train", "1.5"], "fraction-train must be in (0, 1] (got 1.5); pass a share"),
+    (["--momentum", "-0.5"], "momentum must be >= 0 (got -0.5); pass 0 or more"),
+    (["--num-malicious", "-1"], "num-malicious must be >= 0 (got -1)"),
+    (["--strategy", "fedadam", "--server-learning-rate", "0"], "server-learning-rate must be > 0 (got 0.0)"),
+    (["--image-size", "100000"], "image size 100000 is out of range; pass 4 to 256 pixels"),
+    (
+        ["--partitioner", "pathological", "--classes-per-client", "1", "--clients", "1437"],
+        "the pathological split leaves",
+    ),
+    (["--cpus", "0"], "--cpus must be at least 1 (got 0); leave it out to use every core"),
+    (["--stop-after", "0"], "--stop-after must be at least 1"),
+    (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
 ]
 
 
@@ -77,5 +88,23 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     """The same as a user sees it: stderr has exactly the error line, no traceback."""
     result = run_fedsim(["run", "--rounds", "0"], cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: rounds must be at least 1 (got 0)"
+    assert result.stderr.strip() == "error: rounds must be at least 1 (got 0); pass --rounds 1 or more"
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_dir_that_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["run", "--runs-dir", str(blocker)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: cannot create a run directory in {blocker}")
+    assert "pass a writable --runs-dir" in result.output and blocker.read_text() == "not a folder"
+
+
+def test_clients_key_in_a_config_file(tmp_path: Path) -> None:
+    """The README's TOML uses `clients`, the flag's name, as well as `num-clients`."""
+    from fedsim.config import RunConfig
+
+    config = tmp_path / "run.toml"
+    config.write_text("clients = 4\nrounds = 2\n")
+    assert RunConfig.from_file(config).num_clients == 4

@@ -36,8 +36,7 @@ def test_every_kept_sample_lands_in_exactly_one_partition(spec: PartitionSpec) -
         spec.kind == "pathological" and spec.num_partitions * spec.classes_per_client >= 10
     ):
         assert len(joined) == len(DIGITS), "a sample was dropped"
-    if spec.kind == "dirichlet":
-        assert min(len(p) for p in parts) > 0
+    assert min(len(p) for p in parts) > 0, "a client got no data"
 
 
 @settings(max_examples=30, deadline=None)
@@ -96,3 +95,8 @@ def test_longtail_class_counts_decay_exponentially_to_the_ratio() -> None:
 def test_bad_specs_are_user_errors(spec: PartitionSpec, message: str) -> None:
     with pytest.raises(UserInputError, match=message):
         partition(DIGITS, spec)
+
+
+def test_pathological_split_that_would_leave_clients_empty_is_refused() -> None:
+    with pytest.raises(UserInputError, match=r"leaves .* clients without samples"):
+        partition(DIGITS, PartitionSpec("pathological", 1437, classes_per_client=1))

@@ -96,13 +96,20 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return resized.clamp_(0.0, 1.0).numpy()
 
 
+# Resizing a whole dataset beyond this exhausts memory long before it helps an experiment.
+MAX_IMAGE_SIZE = 256
+
+
 @lru_cache(maxsize=4)
 def load_dataset(name: str, image_size: int | None = None) -> Dataset:
     """Load a registered dataset, optionally resized to `image_size`² pixels (cached per process)."""
     if name not in DATASETS:
         raise UserInputError(f"unknown dataset {name!r}; choose one of: {', '.join(available_datasets())}")
-    if image_size is not None and image_size < 4:
-        raise UserInputError(f"image size {image_size} is too small; use at least 4 pixels (e.g. 32)")
+    if image_size is not None and not 4 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserInputError(
+            f"image size {image_size} is out of range; pass 4 to {MAX_IMAGE_SIZE} pixels (e.g. 32), "
+            "or 0 to keep the dataset's size"
+        )
     data = DATASETS[name]()
     if image_size is None:
         return data
