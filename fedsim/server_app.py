@@ -103,16 +103,22 @@ def _with_auditor(inner: Strategy, config: RunConfig, store: RunStore) -> Auditi
     )
 
 
+@dataclass(frozen=True)
+class StartingPoint:
+    done: int  # last complete round
+    weights: dict[str, torch.Tensor]
+    resumed: bool  # round 0 was scored by an earlier invocation
+
+
 def _starting_point(
     store: RunStore, inner: Strategy, audited: Strategy, initial: dict[str, torch.Tensor]
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """(last complete round, global weights): round 0 and the initial model for a new run;
-    for a resumed one the newest checkpoint, with the strategy's state restored and the rows
-    of the interrupted round dropped."""
+) -> StartingPoint:
+    """Round 0 and the initial model for a new run; for a resumed one the newest checkpoint,
+    with the strategy's state restored and the rows of the interrupted round dropped."""
     done = store.last_complete_round()
     if done is None:
         store.save_checkpoint(0, initial, {})
-        return 0, initial
+        return StartingPoint(0, initial, resumed=False)
     store.drop_rows_after(done)
     if isinstance(audited, AuditingStrategy):
         audited.log.drop_rows_after(done)
@@ -120,7 +126,7 @@ def _starting_point(
     # back to the model's float32 would make a resumed run drift from a straight one.
     weights, server_state = store.load_checkpoint(done)
     restore_strategy_state(inner, server_state)
-    return done, weights
+    return StartingPoint(done, weights, resumed=True)
 
 
 def run_federation(grid: Grid, plan: FederationPlan) -> None:
@@ -131,7 +137,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     inner = build_strategy(config)
     audited = _with_auditor(inner, config, store) if config.audit else inner
-    done, global_weights = _starting_point(store, inner, audited, model.state_dict())
+    start = _starting_point(store, inner, audited, model.state_dict())
+    done = start.done
     strategy = ReproducibleStrategy(
         audited,
         seed=config.seed,
@@ -148,7 +155,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         absolute = server_round + done
-        if server_round == 0 and done > 0:
+        if server_round == 0 and start.resumed:
             return None  # already scored before the interruption
         weights = arrays.to_torch_state_dict()
         model.load_state_dict(weights)
@@ -178,7 +185,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     if remaining > 0:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(global_weights),
+            initial_arrays=ArrayRecord(start.weights),
             num_rounds=remaining,
             train_config=run_config,
             evaluate_config=run_config,

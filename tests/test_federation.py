@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,20 @@ def test_cnn6_federation_on_32px_fashion_mnist(tmp_path: Path) -> None:
     server = [r for r in rows if r["stage"] == "server"]
     assert float(server[-1]["eval_loss"]) < float(server[0]["eval_loss"]), "server test loss did not fall"
     assert final_server_accuracy(tmp_path / "runs" / "cnn6") > 0.15  # chance is 0.10
+
+
+def test_resume_after_a_kill_in_round_one(tmp_path: Path) -> None:
+    """Killed mid round 1: only round 0 is checkpointed and round-1 rows are half written.
+    Resuming must drop those rows, keep round 0's single server row and finish like a straight run."""
+    _run(["--name", "straight", "--clients", "3", "--rounds", "2", "--local-epochs", "1"], tmp_path)
+    runs = tmp_path / "runs"
+    shutil.copytree(runs / "straight", runs / "killed")
+    for later in ("round-0001.safetensors", "round-0002.safetensors"):
+        (runs / "killed" / "checkpoints" / later).unlink()
+    _run(["--resume", str(runs / "killed")], tmp_path)
+    rows = read_metrics(runs / "killed")
+    assert [r["round"] for r in rows if r["stage"] == "server"] == ["0", "1", "2"]
+    assert _without_timing(rows) == _without_timing(read_metrics(runs / "straight"))
+    straight = load_file(runs / "straight" / "checkpoints" / "round-0002.safetensors")
+    resumed = load_file(runs / "killed" / "checkpoints" / "round-0002.safetensors")
+    assert all((straight[k] == resumed[k]).all() for k in straight), "resumed weights differ"
