@@ -3,7 +3,10 @@
 Papers report PSNR with different peaks (breaching: 1 on [0, 1] images; COPA: 255) and call
 different things SSIM (breaching: CW-SSIM). Fixing one convention here keeps this project's
 numbers comparable with each other: peak 1, plain SSIM from scikit-image, Hungarian matching of
-a reconstructed batch to the originals (the order of a reconstructed batch is arbitrary).
+a reconstructed batch to the originals (the order of a reconstructed batch is arbitrary). The
+auditor pairs differently (`audits.leakage`: each reconstruction with its nearest true sample),
+because an attack on a multi-sample update may return fewer or more images than were trained on.
+Averages use `reported_psnr`, capped at PSNR_CAP_DB so an exact recovery does not read as inf.
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ def psnr(original: ArrayLike, reconstruction: ArrayLike, peak: float = 1.0) -> n
     errors = mse(original, reconstruction)
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(peak**2 / errors)
+
+
+# float32 images that agree to the last bit are ~140 dB apart; beyond that PSNR measures rounding.
+PSNR_CAP_DB = 150.0
+
+
+def reported_psnr(original: ArrayLike, reconstruction: ArrayLike) -> np.ndarray:
+    """Per-image PSNR (peak 1) capped at PSNR_CAP_DB: finite, so it can be averaged and plotted."""
+    return np.minimum(psnr(original, reconstruction), PSNR_CAP_DB)
 
 
 def mean_psnr(original: ArrayLike, reconstruction: ArrayLike, peak: float = 1.0) -> float:

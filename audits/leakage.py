@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from attacks.base import Reconstruction
-from audits.image_metrics import mse, psnr, ssim
+from audits.image_metrics import mse, reported_psnr, ssim
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def score_reconstruction(
         got = torch.as_tensor(reconstruction.labels).reshape(-1).cpu().numpy()[: len(wanted)]
         label_correct = bool(np.array_equal(got, wanted[: len(got)]))
     return LeakageScore(
-        psnr=float(np.mean(np.minimum(psnr(paired, rec), 100.0))),  # cap: identical images give inf
+        psnr=float(np.mean(reported_psnr(paired, rec))),
         ssim=float(np.mean(ssim(paired, rec))),
         label_correct=label_correct,
         matched=matched,

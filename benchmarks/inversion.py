@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from attacks.base import observe_gradient  # noqa: E402
 from attacks.layerwise import LayerwiseInversion  # noqa: E402
 from attacks.optimisation import DLG, InvertingGradients  # noqa: E402
-from audits.image_metrics import psnr, ssim  # noqa: E402
+from audits.image_metrics import reported_psnr, ssim  # noqa: E402
 from audits.security_metric import security_report  # noqa: E402
 from fedsim.data.photos import photo_crops  # noqa: E402
 from models import InputSpec, available_models, build_model  # noqa: E402
@@ -58,7 +58,7 @@ def run_attacks(model_name: str, dlg_steps: int, ig_steps: int, crop_seed: int) 
                 "attack": attack.name,
                 "budget": getattr(attack, "iterations", None),
                 "seconds": seconds,
-                "psnr": float(min(psnr(inputs, out)[0], 200.0)),
+                "psnr": float(reported_psnr(inputs, out)[0]),
                 "ssim": float(ssim(inputs, out)[0]),
                 "label_correct": None if rec.labels is None else int(rec.labels[0]) == int(labels[0]),
             }
