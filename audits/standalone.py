@@ -8,8 +8,6 @@ Everything lands in one folder: `report.json`, `audit.csv`, `reconstructions.png
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from audits.auditor import UpdateAuditor
 from audits.report import AuditLog, save_grid
 from audits.security_metric import SecurityReport, security_report
 from fedsim.errors import UserInputError
-from fedsim.files import default_mode
+from fedsim.files import staged_folder
 from models import ZooModel
 
 STANDALONE_COLUMNS = ("sample", "label", "attack", "psnr", "ssim", "label_correct", "seconds", "note")
@@ -123,26 +121,8 @@ def write_audit(
     images: dict[str, list[np.ndarray | None]],
     settings: dict[str, Any],
 ) -> None:
-    """report.json, audit.csv and reconstructions.png, written in a staging folder and renamed
-    to `folder` (which must not exist) so a failure leaves nothing half-written."""
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        _write_audit_files(staging, audit, inputs, images, settings)
-        os.chmod(staging, default_mode(0o777))  # mkdtemp makes owner-only folders
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _write_audit_files(
-    folder: Path,
-    audit: StandaloneAudit,
-    inputs: np.ndarray,
-    images: dict[str, list[np.ndarray | None]],
-    settings: dict[str, Any],
-) -> None:
-    AuditLog(folder / "audit.csv", STANDALONE_COLUMNS).append(audit.rows)
+    """report.json, audit.csv and reconstructions.png in `folder` (which must not exist yet),
+    staged so that a failure leaves nothing half-written."""
     report = {
         "settings": settings,
         "security": audit.security.to_dict() if audit.security else None,
@@ -150,14 +130,16 @@ def _write_audit_files(
         "attacks": audit.summary(),
         "samples": audit.rows,
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     captions = {
         attack: [
             "n/a" if r["psnr"] is None else f"{r['psnr']:.1f} dB" for r in audit.rows if r["attack"] == attack
         ]
         for attack in images
     }
-    save_grid(inputs, images, folder / "reconstructions.png", captions=captions)
+    with staged_folder(folder) as staging:
+        AuditLog(staging / "audit.csv", STANDALONE_COLUMNS).append(audit.rows)
+        (staging / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        save_grid(inputs, images, staging / "reconstructions.png", captions=captions)
 
 
 def _json_default(value: Any) -> Any:

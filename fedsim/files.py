@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,6 +33,20 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """Yield a hidden staging folder beside `final`, renamed to `final` once the block succeeds
+    and removed if it fails: the folder appears complete or not at all."""
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield staging
+        os.chmod(staging, default_mode(0o777))  # mkdtemp makes owner-only folders
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def drop_csv_rows_after(path: Path, columns: Sequence[str], last_round: int) -> None:

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from fedsim.config import RunConfig
 from fedsim.errors import UserInputError
-from fedsim.files import atomic_write, default_mode, drop_csv_rows_after
+from fedsim.files import atomic_write, drop_csv_rows_after, staged_folder
 
 METRIC_COLUMNS = (
     "round",
@@ -64,21 +61,15 @@ class RunStore:
             )
         try:
             root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{config.name}."))
+            with staged_folder(final) as staging:
+                (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                with open(staging / METRICS_FILE, "w", newline="") as handle:
+                    csv.writer(handle).writerow(METRIC_COLUMNS)
+                (staging / CHECKPOINTS).mkdir()
         except OSError as err:
             raise UserInputError(
                 f"cannot create a run directory in {root} ({err.strerror}); pass a writable --runs-dir"
             ) from None
-        try:
-            (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            with open(staging / METRICS_FILE, "w", newline="") as handle:
-                csv.writer(handle).writerow(METRIC_COLUMNS)
-            (staging / CHECKPOINTS).mkdir()
-            os.chmod(staging, default_mode(0o777))  # mkdtemp makes owner-only folders
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return cls(final)
 
     @classmethod
