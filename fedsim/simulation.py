@@ -35,7 +35,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise UserInputError(f"--ray-address {address!r} is not host:port; pass e.g. 10.0.0.5:6379 or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [IPv6]
     except OSError as err:
         raise UserInputError(
             f"no Ray cluster answers at {address} ({err.strerror or err}); "
