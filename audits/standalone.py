@@ -7,8 +7,9 @@ Everything lands in one folder: `report.json`, `audit.csv`, `reconstructions.png
 
 from __future__ import annotations
 
+import errno
 import json
-import tempfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def check_output_folder(folder: Path) -> None:
         raise UserInputError(f"output folder {folder} already exists; pass another --out")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=folder.parent).cleanup()
+        if not os.access(folder.parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
     except OSError as err:
         raise UserInputError(
             f"cannot write the audit to {folder} ({err.strerror or err}); pass a writable --out"

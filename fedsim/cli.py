@@ -22,7 +22,7 @@ from attacks.registry import available_attacks
 from audits.auditor import AUDIT_FILE
 from audits.report import summarise_audit
 from audits.standalone import audit_model, check_output_folder, load_weights, write_audit
-from fedsim.config import RunConfig
+from fedsim.config import RunConfig, field_name
 from fedsim.data import available_datasets, load_dataset
 from fedsim.errors import UserInputError
 from fedsim.planning import check_attack_names, check_model_name, validate_plan
@@ -82,9 +82,7 @@ def run(
     verbose: Annotated[bool, Opt(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated simulation and write runs/<name>/ (metrics, checkpoints, plot)."""
-    overrides = {k: v for k, v in locals().items() if k in _CONFIG_FLAGS and v is not None}
-    if "clients" in overrides:
-        overrides["num_clients"] = overrides.pop("clients")
+    overrides = {field_name(k): v for k, v in locals().items() if k in _CONFIG_FLAGS and v is not None}
     try:
         if stop_after is not None and stop_after < 1:
             raise UserInputError(f"--stop-after must be at least 1 (got {stop_after}); pass a round number")

@@ -60,10 +60,9 @@ class RunConfig:
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
-            key = raw_key.replace("-", "_")
-            key = KEY_ALIASES.get(key, key)
+            key = field_name(raw_key)
             if key not in known:
-                names = ", ".join(k.replace("_", "-") for k in known)
+                names = ", ".join(_flag(k) for k in known)
                 raise UserInputError(f"unknown key {raw_key!r} in {source}; known keys: {names}")
             kwargs[key] = _coerce(raw_key, value, type(getattr(cls(), key)), source)
         return cls(**kwargs)
@@ -87,7 +86,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case keys, ready for JSON or a Flower ConfigRecord."""
-        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+        return {_flag(k): v for k, v in dataclasses.asdict(self).items()}
 
     def partition_spec(self) -> PartitionSpec:
         return PartitionSpec(
@@ -152,5 +151,11 @@ def _coerce(key: str, value: Any, wanted: type, source: str) -> Any:
     return value
 
 
-def _flag(field_name: str) -> str:
-    return field_name.replace("_", "-")
+def field_name(key: str) -> str:
+    """The RunConfig field a config key or CLI option names (kebab- or snake-case, or an alias)."""
+    snake = key.replace("-", "_")
+    return KEY_ALIASES.get(snake, snake)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
