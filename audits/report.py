@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-
-from fedsim.files import drop_csv_rows_after
 
 AUDIT_COLUMNS = (
     "round",
@@ -27,35 +24,6 @@ AUDIT_COLUMNS = (
     "seconds",
     "note",
 )
-
-
-class AuditLog:
-    """Appends rows to a CSV with a fixed header (written once)."""
-
-    def __init__(self, path: Path, columns: Sequence[str] = AUDIT_COLUMNS) -> None:
-        self.path = path
-        self.columns = tuple(columns)
-        if not path.exists():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(self.columns)
-
-    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, self.columns)
-            for row in rows:
-                writer.writerow({k: _cell(row.get(k)) for k in self.columns})
-
-    def drop_rows_after(self, last_round: int) -> None:
-        """Forget rows of an interrupted round, as the run store does for metrics.csv."""
-        drop_csv_rows_after(self.path, self.columns, last_round)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _to_display(image: np.ndarray) -> np.ndarray:

@@ -33,8 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedsim.client_task import client_data, dataset_for, evaluate, model_for, train_locally  # noqa: E402
-from fedsim.config import RunConfig  # noqa: E402
+from fedsim.config.run_config import RunConfig  # noqa: E402
+from fedsim.data.clients import client_data, dataset_for  # noqa: E402
+from fedsim.training.local import evaluate, model_for, train_locally  # noqa: E402
 
 
 class PeakRss:

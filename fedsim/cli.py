@@ -19,16 +19,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from attacks.registry import available_attacks
-from audits.auditor import AUDIT_FILE
 from audits.report import summarise_audit
-from audits.standalone import audit_model, check_output_folder, load_weights, write_audit
-from fedsim.config import RunConfig, field_name
+from audits.standalone import audit_model
+from fedsim.config.run_config import RunConfig, field_name
 from fedsim.data import available_datasets, load_dataset
 from fedsim.errors import UserInputError
-from fedsim.planning import check_attack_names, check_model_name, validate_plan
-from fedsim.server_app import FederationPlan
-from fedsim.simulation import SimulationError, check_ray_address, simulate
-from fedsim.store import RunStore
+from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
+from fedsim.federation.server_app import FederationPlan
+from fedsim.federation.simulation import SimulationError, check_ray_address, simulate
+from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
+from fedsim.store.run_store import RunStore
+from fedsim.strategy.auditing import AUDIT_FILE
 from models import InputSpec, available_models, build_model
 
 cli = typer.Typer(

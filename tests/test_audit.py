@@ -103,5 +103,5 @@ def test_federation_with_auditor_reconstructs_fedsgd_updates(tmp_path: Path) -> 
         (str(a), str(b)) for a in (1, 2) for b in range(3)
     }
     assert all(float(r["psnr"]) >= 40 and r["label_correct"] == "True" for r in rows), rows
-    assert all(r["rank_score"] == "0" and r["threat"].startswith("fedsgd-b1") for r in rows)
+    assert all(float(r["rank_score"]) == 0 and r["threat"].startswith("fedsgd-b1") for r in rows)
     assert sorted(p.name for p in (run / "audit").iterdir()) == ["round-0001.png", "round-0002.png"]

@@ -103,7 +103,7 @@ def test_runs_dir_that_is_a_file(tmp_path: Path) -> None:
 
 def test_clients_key_in_a_config_file(tmp_path: Path) -> None:
     """The README's TOML uses `clients`, the flag's name, as well as `num-clients`."""
-    from fedsim.config import RunConfig
+    from fedsim.config.run_config import RunConfig
 
     config = tmp_path / "run.toml"
     config.write_text("clients = 4\nrounds = 2\n")

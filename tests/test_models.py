@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.client_task import client_data, evaluate, model_for, train_locally
-from fedsim.config import RunConfig
+from fedsim.config.run_config import RunConfig
+from fedsim.data.clients import client_data
+from fedsim.training.local import evaluate, model_for, train_locally
 from models import InputSpec, available_models, build_model
 
 

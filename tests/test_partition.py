@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.data import load_dataset
+from fedsim.data.partition import PartitionSpec, longtail_counts, partition
 from fedsim.errors import UserInputError
-from fedsim.partition import PartitionSpec, longtail_counts, partition
 
 DIGITS = load_dataset("digits").y_train
 

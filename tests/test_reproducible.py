@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedsim import messages as keys
-from fedsim import reproducible
-from fedsim.reproducible import ReproducibleStrategy
+from fedsim.federation import wire
+from fedsim.strategy import ordering
+from fedsim.strategy.ordering import ReproducibleStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def plain_messages(monkeypatch: pytest.MonkeyPatch) -> None:
     def message(content, dst_node_id, message_type):
         return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst_node_id, message_type=message_type))
 
-    monkeypatch.setattr(reproducible, "Message", message)
+    monkeypatch.setattr(ordering, "Message", message)
 
 
 class SamplingProbe:
@@ -48,7 +48,7 @@ class RosterGrid:
             self.queries += 1
             node = msg.metadata.dst_node_id
             content = SimpleNamespace(
-                config_records={keys.CLIENT: {keys.PARTITION_ID: self.partition_of[node]}}
+                config_records={wire.CLIENT: {wire.PARTITION_ID: self.partition_of[node]}}
             )
             replies.append(SimpleNamespace(has_error=lambda: False, content=content,
                                            metadata=SimpleNamespace(src_node_id=node)))  # fmt: skip

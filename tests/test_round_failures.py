@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedsim.server_app import FederationError, require_training
+from fedsim.federation.server_app import FederationError, require_training
 
 
 @dataclass
@@ -47,10 +47,10 @@ def test_partial_failures_warn_and_go_on(caplog: pytest.LogCaptureFixture) -> No
 FAILING_RUN = """
 import sys
 from pathlib import Path
-from fedsim.config import RunConfig
-from fedsim.server_app import FederationPlan
-from fedsim.simulation import SimulationError, simulate
-from fedsim.store import RunStore
+from fedsim.config.run_config import RunConfig
+from fedsim.federation.server_app import FederationPlan
+from fedsim.federation.simulation import SimulationError, simulate
+from fedsim.store.run_store import RunStore
 
 # Negative momentum is refused by validation; built directly, it makes every client's SGD raise.
 config = RunConfig(name="broken", num_clients=2, rounds=2, local_epochs=1, momentum=-0.5)

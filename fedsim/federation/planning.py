@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from attacks.registry import available_attacks
-from fedsim.client_task import dataset_for
-from fedsim.config import RunConfig
+from fedsim.config.run_config import RunConfig
+from fedsim.data.clients import dataset_for
+from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
-from fedsim.partition import partition
-from fedsim.strategies import check_strategy
+from fedsim.strategy.aggregators import check_strategy
 from models import InputSpec, available_models, build_model
 
 

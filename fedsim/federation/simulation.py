@@ -9,9 +9,9 @@ from typing import Any
 
 from flwr.simulation import run_simulation
 
-from fedsim.client_app import app as client_app
 from fedsim.errors import UserInputError
-from fedsim.server_app import FederationError, FederationPlan, build_server_app
+from fedsim.federation.client_app import app as client_app
+from fedsim.federation.server_app import FederationError, FederationPlan, build_server_app
 
 
 def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord
 
-from fedsim.config import RunConfig
+from fedsim.config.run_config import RunConfig
 
 ARRAYS = "arrays"
 METRICS = "metrics"

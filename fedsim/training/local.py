@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 
-from fedsim.config import RunConfig
-from fedsim.data import Dataset, load_dataset
-from fedsim.partition import partition
+from fedsim.config.run_config import RunConfig
+from fedsim.data import Dataset
+from fedsim.data.clients import ClientData, dataset_for
 from models import InputSpec, ZooModel, build_model
-
-# Share of each client's partition held out for federated evaluation.
-LOCAL_VALIDATION_SHARE = 0.1
-
-
-@dataclass(frozen=True)
-class ClientData:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-
 
 # At most this many of the samples a client trained on go back to the auditor as ground truth.
 MAX_TRUTH_SAMPLES = 64
@@ -43,38 +30,11 @@ class TrainResult:
     seen: torch.Tensor  # indices into the client's x_train, in order of first use (capped)
 
 
-def dataset_for(config: RunConfig) -> Dataset:
-    return load_dataset(config.dataset, config.image_size or None)
-
-
 def model_for(config: RunConfig, data: Dataset | None = None) -> ZooModel:
     """The run's model, freshly initialised from the run seed."""
     data = data or dataset_for(config)
     torch.manual_seed(config.seed)
     return build_model(config.model, InputSpec(data.sample_shape, data.num_classes))
-
-
-@lru_cache(maxsize=2)
-def _partitions(config: RunConfig) -> list[np.ndarray]:
-    return partition(dataset_for(config).y_train, config.partition_spec())
-
-
-def client_data(config: RunConfig, partition_id: int) -> ClientData:
-    """This client's partition, split into local train and validation parts."""
-    data = dataset_for(config)
-    indices = _partitions(config)[partition_id]
-    rng = np.random.default_rng([config.seed, partition_id])
-    shuffled = rng.permutation(indices)
-    n_val = max(1, int(len(shuffled) * LOCAL_VALIDATION_SHARE)) if len(shuffled) > 1 else 0
-    val, train = shuffled[:n_val], shuffled[n_val:]
-    if n_val == 0:
-        val = train
-    return ClientData(
-        torch.from_numpy(data.x_train[train]),
-        torch.from_numpy(data.y_train[train]),
-        torch.from_numpy(data.x_train[val]),
-        torch.from_numpy(data.y_train[val]),
-    )
 
 
 def train_locally(

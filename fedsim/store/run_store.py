@@ -24,9 +24,10 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from fedsim.config import RunConfig
+from fedsim.config.run_config import RunConfig
 from fedsim.errors import UserInputError
-from fedsim.files import atomic_write, drop_csv_rows_after, staged_folder
+from fedsim.store.csv_log import CsvLog
+from fedsim.store.files import atomic_write, staged_folder
 
 METRIC_COLUMNS = (
     "round",
@@ -87,10 +88,7 @@ class RunStore:
         return self.path / METRICS_FILE
 
     def append_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        with open(self.metrics_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, METRIC_COLUMNS)
-            for row in rows:
-                writer.writerow({k: _format(row.get(k)) for k in METRIC_COLUMNS})
+        CsvLog(self.metrics_path, METRIC_COLUMNS).append(rows)
 
     def read_rows(self) -> list[dict[str, str]]:
         with open(self.metrics_path, newline="") as handle:
@@ -98,7 +96,7 @@ class RunStore:
 
     def drop_rows_after(self, last_round: int) -> None:
         """Forget rows of rounds after `last_round` (an interrupted round)."""
-        drop_csv_rows_after(self.metrics_path, METRIC_COLUMNS, last_round)
+        CsvLog(self.metrics_path, METRIC_COLUMNS).drop_rows_after(last_round)
 
     def checkpoint_path(self, server_round: int, kind: str = "") -> Path:
         suffix = f".{kind}" if kind else ""
@@ -129,11 +127,3 @@ class RunStore:
         strategy_file = self.checkpoint_path(server_round, "strategy")
         strategy_state = load_numpy(strategy_file) if strategy_file.exists() else {}
         return state, strategy_state
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)

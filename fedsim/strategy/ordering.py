@@ -22,16 +22,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's Grid
 
-from fedsim import messages as keys
+from fedsim.federation import wire
 
 RepliesObserver = Callable[[int, list[Message]], None]
 
 
 def partition_of(reply: Message) -> int:
     """The partition id a client put in its side record (errors sort last)."""
-    if reply.has_error() or keys.CLIENT not in reply.content.config_records:
+    if reply.has_error() or wire.CLIENT not in reply.content.config_records:
         return 1 << 62
-    return int(reply.content.config_records[keys.CLIENT][keys.PARTITION_ID])
+    return int(reply.content.config_records[wire.CLIENT][wire.PARTITION_ID])
 
 
 class PartitionOrderedGrid:
@@ -74,7 +74,7 @@ class PartitionOrderedGrid:
 
     def _roster(self, node_ids: list[int]) -> dict[int, int]:
         queries = [
-            Message(RecordDict(), dst_node_id=node_id, message_type=keys.ROSTER_QUERY) for node_id in node_ids
+            Message(RecordDict(), dst_node_id=node_id, message_type=wire.ROSTER_QUERY) for node_id in node_ids
         ]
         replies = self._grid.send_and_receive(queries)
         order = {node_id: 1 << 62 for node_id in node_ids}

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
-from fedsim.config import STRATEGIES, RunConfig
+from fedsim.config.run_config import STRATEGIES, RunConfig
 from fedsim.errors import UserInputError
 
 

@@ -18,15 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from audits.auditor import AuditingStrategy, UpdateAuditor
-from fedsim import messages as keys
-from fedsim.client_task import dataset_for, evaluate, model_for
-from fedsim.config import RunConfig
-from fedsim.planning import validate_plan
-from fedsim.plots import plot_metrics
-from fedsim.reproducible import ReproducibleStrategy, partition_of
-from fedsim.store import PLOT_FILE, RunStore
-from fedsim.strategies import build_strategy, restore_strategy_state, strategy_state
+from fedsim.config.run_config import RunConfig
+from fedsim.data.clients import dataset_for
+from fedsim.federation import wire
+from fedsim.federation.planning import validate_plan
+from fedsim.store.plots import plot_metrics
+from fedsim.store.run_store import PLOT_FILE, RunStore
+from fedsim.strategy.aggregators import build_strategy, restore_strategy_state, strategy_state
+from fedsim.strategy.auditing import AuditingStrategy, UpdateAuditor
+from fedsim.strategy.ordering import ReproducibleStrategy, partition_of
+from fedsim.training.local import evaluate, model_for
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 log = logging.getLogger(__name__)
@@ -55,17 +56,17 @@ def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[
     for reply in replies:
         if reply.has_error():
             continue
-        metrics = reply.content.metric_records[keys.METRICS]
+        metrics = reply.content.metric_records[wire.METRICS]
         rows.append(
             {
                 "round": server_round,
                 "partition_id": partition_of(reply),
                 "stage": stage,
-                "train_loss": metrics.get(keys.TRAIN_LOSS),
-                "eval_loss": metrics.get(keys.EVAL_LOSS),
-                "eval_accuracy": metrics.get(keys.EVAL_ACCURACY),
-                "num_examples": int(metrics[keys.NUM_EXAMPLES]),
-                "seconds": metrics.get(keys.SECONDS),
+                "train_loss": metrics.get(wire.TRAIN_LOSS),
+                "eval_loss": metrics.get(wire.EVAL_LOSS),
+                "eval_accuracy": metrics.get(wire.EVAL_ACCURACY),
+                "num_examples": int(metrics[wire.NUM_EXAMPLES]),
+                "seconds": metrics.get(wire.SECONDS),
             }
         )
     return rows
@@ -178,7 +179,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
             store.save_checkpoint(absolute, weights, strategy_state(inner))
         if plan.on_round:
             plan.on_round(absolute, {"loss": loss, "accuracy": accuracy})
-        return MetricRecord({keys.EVAL_LOSS: loss, keys.EVAL_ACCURACY: accuracy})
+        return MetricRecord({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})
 
     run_config = ConfigRecord(config.to_dict())
     remaining = plan.last_round() - done

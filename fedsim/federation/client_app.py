@@ -13,16 +13,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim import messages as keys
-from fedsim.client_task import ClientData, client_data, evaluate, model_for, train_locally
-from fedsim.config import RunConfig
+from fedsim.config.run_config import RunConfig
+from fedsim.data.clients import ClientData, client_data
+from fedsim.federation import wire
+from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
 
 app = ClientApp()
 
 
 def _partition_id(context: Context) -> int:
-    return int(context.node_config.get(keys.PARTITION_ID, 0))
+    return int(context.node_config.get(wire.PARTITION_ID, 0))
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class _Job:
 
 def _job(msg: Message, context: Context) -> _Job:
     torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
-    record = msg.content[keys.CONFIG]
-    config = keys.run_config_from_record(record)
+    record = msg.content[wire.CONFIG]
+    config = wire.run_config_from_record(record)
     model = model_for(config)
-    model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
     partition_id = _partition_id(context)
     return _Job(config, record, model, partition_id, client_data(config, partition_id))
 
@@ -53,12 +54,12 @@ def _reply(
     arrays: ArrayRecord | None = None,
     truth: ConfigRecord | None = None,
 ) -> Message:
-    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
     if arrays is not None:
-        content[keys.ARRAYS] = arrays
-    content[keys.CLIENT] = ConfigRecord({keys.PARTITION_ID: job.partition_id})
+        content[wire.ARRAYS] = arrays
+    content[wire.CLIENT] = ConfigRecord({wire.PARTITION_ID: job.partition_id})
     if truth is not None:
-        content[keys.AUDIT_TRUTH] = truth
+        content[wire.AUDIT_TRUTH] = truth
     return Message(content, reply_to=msg)
 
 
@@ -69,20 +70,20 @@ def train(msg: Message, context: Context) -> Message:
         job.model,
         job.data,
         job.config,
-        server_round=int(job.record[keys.SERVER_ROUND]),
+        server_round=int(job.record[wire.SERVER_ROUND]),
         partition_id=job.partition_id,
-        proximal_mu=float(job.record.get(keys.PROXIMAL_MU, 0.0)),
+        proximal_mu=float(job.record.get(wire.PROXIMAL_MU, 0.0)),
     )
     metrics = {
-        keys.TRAIN_LOSS: result.train_loss,
-        keys.NUM_EXAMPLES: result.num_examples,
-        keys.LOCAL_STEPS: result.steps,
-        keys.SECONDS: result.seconds,
+        wire.TRAIN_LOSS: result.train_loss,
+        wire.NUM_EXAMPLES: result.num_examples,
+        wire.LOCAL_STEPS: result.steps,
+        wire.SECONDS: result.seconds,
     }
     truth = None
     if job.config.audit:
         seen = result.seen
-        truth = keys.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
+        truth = wire.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
     return _reply(msg, job, metrics, ArrayRecord(job.model.state_dict()), truth)
 
 
@@ -90,12 +91,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     loss, accuracy = evaluate(job.model, job.data.x_val, job.data.y_val)
-    metrics = {keys.EVAL_LOSS: loss, keys.EVAL_ACCURACY: accuracy, keys.NUM_EXAMPLES: len(job.data.y_val)}
+    metrics = {wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy, wire.NUM_EXAMPLES: len(job.data.y_val)}
     return _reply(msg, job, metrics)
 
 
 @app.query("roster")
 def roster(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds, so it can sample reproducibly."""
-    content = RecordDict({keys.CLIENT: ConfigRecord({keys.PARTITION_ID: _partition_id(context)})})
+    content = RecordDict({wire.CLIENT: ConfigRecord({wire.PARTITION_ID: _partition_id(context)})})
     return Message(content, reply_to=msg)

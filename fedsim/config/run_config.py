@@ -11,48 +11,58 @@ import dataclasses
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedsim.data.partition import PartitionSpec
 from fedsim.errors import UserInputError
-from fedsim.partition import PartitionSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedavg")
 # Names users reach for that the record spells differently (the CLI flag is --clients).
 KEY_ALIASES = {"clients": "num_clients"}
 
 
+def knob(default: Any, help: str, group: str) -> Any:
+    """Declare one config knob: its default, its help text and its group. The CLI flags, the
+    TOML/JSON keys and `--help` are all generated from these declarations."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run; two runs with equal configs produce equal metrics."""
 
-    name: str = "run"
-    dataset: str = "digits"
-    image_size: int = 0  # 0 keeps the dataset's own size; 32 suits CNN6
-    model: str = "mlp"
-    partitioner: str = "iid"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    imbalance_ratio: float = 10.0
-    num_clients: int = 10
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    rounds: int = 3
-    local_epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
-    num_malicious: int = 0
-    trim_beta: float = 0.2
-    seed: int = 0
-    max_local_steps: int = 0  # 0: no limit; FedSGD = batch-size 1 and one step
-    audit: bool = False
-    audit_attacks: str = "layerwise"  # comma-separated attack names
-    audit_clients: int = 2  # clients audited per round (0: every sampled client)
+    # data
+    name: str = knob("run", "Run name: the folder under --runs-dir.", "run")
+    dataset: str = knob("digits", "Embedded dataset (see `fedsim datasets`).", "data")
+    image_size: int = knob(0, "Resize images to N×N (e.g. 32 for CNN6); 0 keeps them.", "data")
+    partitioner: str = knob("iid", "How to split: iid, dirichlet, pathological, longtail.", "data")
+    alpha: float = knob(0.5, "Dirichlet concentration (smaller = more skewed).", "data")
+    classes_per_client: int = knob(2, "Classes per client (pathological).", "data")
+    imbalance_ratio: float = knob(10.0, "Head/tail class ratio (longtail).", "data")
+    num_clients: int = knob(10, "Number of clients (virtual SuperNodes).", "data")
+    # model and local training
+    model: str = knob("mlp", "Model of the zoo (see `fedsim models`).", "training")
+    rounds: int = knob(3, "Federated rounds.", "training")
+    local_epochs: int = knob(2, "Local epochs per round.", "training")
+    max_local_steps: int = knob(0, "Cap local SGD steps; 0 = no cap (1 + batch 1 = FedSGD).", "training")
+    batch_size: int = knob(32, "Local batch size.", "training")
+    learning_rate: float = knob(0.1, "Client SGD learning rate.", "training")
+    momentum: float = knob(0.9, "Client SGD momentum (0 for plain SGD).", "training")
+    seed: int = knob(0, "Seed for data split, init, sampling and training.", "training")
+    # server strategy
+    strategy: str = knob("fedavg", f"Aggregation: {', '.join(STRATEGIES)}.", "strategy")
+    fraction_train: float = knob(1.0, "Share of clients trained per round.", "strategy")
+    fraction_evaluate: float = knob(1.0, "Share of clients evaluating per round (0 = none).", "strategy")
+    proximal_mu: float = knob(0.01, "FedProx proximal weight μ (fedprox only).", "strategy")
+    server_learning_rate: float = knob(0.01, "FedAdam server learning rate η.", "strategy")
+    num_malicious: int = knob(0, "Krum: tolerated malicious clients.", "strategy")
+    trim_beta: float = knob(0.2, "FedTrimmedAvg: share trimmed at each end.", "strategy")
+    # audit
+    audit: bool = knob(False, "Attack client updates each round.", "audit")
+    audit_attacks: str = knob("layerwise", "Comma-separated attacks (see `fedsim attacks`).", "audit")
+    audit_clients: int = knob(2, "Clients audited per round (0 = every sampled client).", "audit")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:

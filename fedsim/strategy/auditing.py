@@ -18,9 +18,7 @@ no strategy reads; the auditor scores reconstructions against them.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,82 +27,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from attacks.base import AttackError, ObservedUpdate, Reconstruction
-from attacks.registry import build_attack
-from audits.leakage import score_reconstruction
-from audits.report import AuditLog, save_grid
+from attacks.base import AttackError, ObservedUpdate
+from audits.engine import AttackOutcome, UpdateAuditor, threat_model
+from audits.report import AUDIT_COLUMNS, save_grid
 from audits.security_metric import security_report
-from fedsim import messages as keys
+from fedsim.federation import wire
+from fedsim.store.csv_log import CsvLog
 from models import ZooModel
 
 AUDIT_FILE = "audit.csv"
 GRID_FOLDER = "audit"
-
-
-@dataclass
-class AttackOutcome:
-    """One attack on one update: the scores, or why it could not run."""
-
-    attack: str
-    reconstruction: Reconstruction | None
-    psnr: float | None
-    ssim: float | None
-    label_correct: bool | None
-    seconds: float
-    note: str = ""
-    matched: int = 0  # the true sample the (first) reconstructed image was paired with
-
-
-class UpdateAuditor:
-    """Runs named attacks on an observed update and scores them against the true samples."""
-
-    def __init__(self, attack_names: Sequence[str]) -> None:
-        self.attacks = [build_attack(name) for name in attack_names]
-
-    def audit(self, update: ObservedUpdate, truth_x: np.ndarray, truth_y: np.ndarray) -> list[AttackOutcome]:
-        threads = torch.get_num_threads()
-        # The attacks' small graphs gain nothing from a second thread and slow down up to 50x
-        # when another process (a Ray client) holds the other core.
-        torch.set_num_threads(1)
-        try:
-            return self._run_attacks(update, truth_x, truth_y)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run_attacks(
-        self, update: ObservedUpdate, truth_x: np.ndarray, truth_y: np.ndarray
-    ) -> list[AttackOutcome]:
-        binary = getattr(update.model, "head", "ce") == "logistic"
-        outcomes = []
-        for attack in self.attacks:
-            start = time.perf_counter()
-            try:
-                rec = attack.reconstruct(update)
-            except AttackError as err:
-                elapsed = time.perf_counter() - start
-                outcomes.append(AttackOutcome(attack.name, None, None, None, None, elapsed, note=str(err)))
-                continue
-            score = score_reconstruction(rec, truth_x, truth_y, binary)
-            outcomes.append(
-                AttackOutcome(
-                    attack.name,
-                    rec,
-                    score.psnr,
-                    score.ssim,
-                    score.label_correct,
-                    rec.seconds,
-                    matched=int(score.matched[0]),
-                )
-            )
-        return outcomes
-
-
-def threat_model(batch_size: int, local_steps: int) -> str:
-    if local_steps == 1:
-        return f"fedsgd-b{batch_size}" + (
-            " (dw/lr: one gradient)" if batch_size == 1 else " (dw/lr: batch-mean gradient)"
-        )
-    return f"fedavg-b{batch_size}-s{local_steps} (gradient estimated as dw/(lr*steps))"
 
 
 class AuditingStrategy(Strategy):
@@ -126,7 +58,7 @@ class AuditingStrategy(Strategy):
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_clients = max_clients
-        self.log = AuditLog(output_dir / AUDIT_FILE)
+        self.log = CsvLog(output_dir / AUDIT_FILE, AUDIT_COLUMNS)
         self.grid_dir = output_dir / GRID_FOLDER
         self.grid_dir.mkdir(exist_ok=True)
         self._global: dict[str, torch.Tensor] | None = None
@@ -141,7 +73,7 @@ class AuditingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        audited = [r for r in replies if not r.has_error() and keys.AUDIT_TRUTH in r.content.config_records]
+        audited = [r for r in replies if not r.has_error() and wire.AUDIT_TRUTH in r.content.config_records]
         if self.max_clients:
             audited = audited[: self.max_clients]
         if audited and self._global is not None:
@@ -155,12 +87,12 @@ class AuditingStrategy(Strategy):
         rank_score = _rank_score(model, input_shape)
         rows, originals, recs, captions, titles = [], [], {}, {}, []
         for reply in replies:
-            partition_id = int(reply.content.config_records[keys.CLIENT][keys.PARTITION_ID])
+            partition_id = int(reply.content.config_records[wire.CLIENT][wire.PARTITION_ID])
             titles.append(f"client {partition_id}")
-            truth_x, truth_y = keys.decode_truth(reply.content.config_records[keys.AUDIT_TRUTH])
-            steps = int(reply.content.metric_records[keys.METRICS].get(keys.LOCAL_STEPS, 1))
+            truth_x, truth_y = wire.decode_truth(reply.content.config_records[wire.AUDIT_TRUTH])
+            steps = int(reply.content.metric_records[wire.METRICS].get(wire.LOCAL_STEPS, 1))
             batch = min(self.batch_size, len(truth_y))
-            local = reply.content[keys.ARRAYS].to_torch_state_dict()
+            local = reply.content[wire.ARRAYS].to_torch_state_dict()
             names = [n for n, _ in model.named_parameters()]
             update = ObservedUpdate.from_weight_delta(
                 model, {n: self._global[n] for n in names}, {n: local[n] for n in names},

@@ -1,0 +1,39 @@
+"""Append-only CSV logs with a fixed header: metrics.csv and audit.csv."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsim.store.files import drop_csv_rows_after
+
+
+class CsvLog:
+    """Appends rows to a CSV with a fixed header (written once)."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.path = path
+        self.columns = tuple(columns)
+        if not path.exists():
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            for row in rows:
+                writer.writerow({k: _cell(row.get(k)) for k in self.columns})
+
+    def drop_rows_after(self, last_round: int) -> None:
+        """Forget rows of an interrupted round, as the run store does for metrics.csv."""
+        drop_csv_rows_after(self.path, self.columns, last_round)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly: equal runs give equal files
+    return str(value)
