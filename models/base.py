@@ -34,6 +34,11 @@ class ZooModel(nn.Module):
 
     name: str = "zoo-model"
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """How dataset labels become training targets (and what a recovered label is compared
+        with): the class id itself here; e.g. its parity for a single-logit head."""
+        return labels
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy by default; families with special objectives override this."""
         return F.cross_entropy(outputs, targets)

@@ -24,6 +24,10 @@ class SequentialClassifier(ZooModel):
     def forward(self, inputs: Tensor) -> Tensor:
         return self.layers(inputs)
 
+    def targets(self, labels: Tensor) -> Tensor:
+        # R-GAP's single-logit head is trained on (and leaks) the label's parity only.
+        return labels % 2 if self.head == "logistic" else labels
+
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         if self.head == "logistic":
             # R-GAP's single-logit head: binary logistic loss on label parity (y in {0, 1}).
