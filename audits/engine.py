@@ -271,7 +271,7 @@ def _with_images(
     shown = 0
     if scored:
         best = max(scored, key=lambda r: r.psnr)
-        shown = int(recs[best.attack][1].matched[0])
+        shown = recs[best.attack][1].best_match
     original = truth.inputs[shown]
     audit = UpdateAudit(rows, original)
     for name, (images, _) in recs.items():

@@ -17,6 +17,12 @@ class LeakageScore:
     ssim: float
     label_score: float | None
     matched: np.ndarray  # index of the true sample each reconstruction was paired with
+    pair_psnr: np.ndarray  # PSNR of each reconstruction against its paired sample
+
+    @property
+    def best_match(self) -> int:
+        """The true sample the attack came closest to (what an audit grid shows)."""
+        return int(self.matched[int(np.argmax(self.pair_psnr))])
 
 
 def score_reconstruction(
@@ -38,11 +44,13 @@ def score_reconstruction(
     distances = np.stack([mse(np.repeat(r[None], len(truth), 0), truth) for r in rec])
     matched = distances.argmin(axis=1)
     paired = truth[matched]
+    pair_psnr = reported_psnr(paired, rec)
     return LeakageScore(
-        psnr=float(np.mean(reported_psnr(paired, rec))),
+        psnr=float(np.mean(pair_psnr)),
         ssim=float(np.mean(ssim(paired, rec))),
         label_score=label_score(truth_targets, recovered_labels),
         matched=matched,
+        pair_psnr=pair_psnr,
     )
 
 

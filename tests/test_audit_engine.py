@@ -143,6 +143,10 @@ def test_each_reconstruction_is_shown_with_its_own_psnr(tmp_path: Path) -> None:
     assert audit.image_psnr["offset"] < 30 and np.array_equal(
         audit.images["offset"], np.clip(x + 0.1, 0, 1)[1]
     )
+    # The grid shows the sample the attack recovered best, not the one its first image resembles.
+    partial = Returns("partial", np.stack([np.clip(x[0] + 0.2, 0, 1), x[1]]), None)
+    audit_partial = UpdateAuditor([partial]).audit(_update(model, x, y), Truth(x, y), AuditContext("t"))
+    assert np.array_equal(audit_partial.original, x[1]) and audit_partial.image_psnr["partial"] == 150.0
     path = tmp_path / "grid.png"
     save_audit_grid([audit], path, title="round 1, threat: t", column_titles=["client 0"])
     assert path.stat().st_size > 5_000
