@@ -97,6 +97,13 @@ def _blank(ax: plt.Axes, text: str, size: tuple[int, int]) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=6, color="#333333", transform=ax.transAxes)
 
 
+def _image(ax: plt.Axes, image: np.ndarray, size: tuple[int, int]) -> None:
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        ax.imshow(_to_display(image), cmap="gray", vmin=0, vmax=1)
+    else:  # token or feature samples: no picture to draw
+        _blank(ax, f"not an image\n{tuple(image.shape)}", size)
+
+
 def save_audit_grid(
     updates: Sequence[UpdateAudit], path: Path, title: str, column_titles: Sequence[str]
 ) -> None:
@@ -104,7 +111,7 @@ def save_audit_grid(
     captioned with its own PSNR, or the short reason the attack declined or failed."""
     attacks = list(dict.fromkeys(r.attack for u in updates for r in u.rows))
     shown = [u.original for u in updates] + [i for u in updates for i in u.images.values()]
-    size = next((tuple(i.shape[-2:]) for i in shown if i is not None), (32, 32))
+    size = next((tuple(i.shape[-2:]) for i in shown if i is not None and i.ndim == 3), (32, 32))
     cols, rows = len(updates), 1 + len(attacks)
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 1.3, 1.75 * rows + 0.5), squeeze=False)
     for c, update in enumerate(updates):
@@ -114,13 +121,13 @@ def save_audit_grid(
         if update.original is None:
             _blank(top, update.original_note, size)
         else:
-            top.imshow(_to_display(update.original), cmap="gray", vmin=0, vmax=1)
+            _image(top, update.original, size)
         for r, attack in enumerate(attacks, start=1):
             ax, row = axes[r][c], by_attack.get(attack)
             if row is None:
                 _blank(ax, "not run", size)
             elif row.status == RECONSTRUCTED:
-                ax.imshow(_to_display(update.images[attack]), cmap="gray", vmin=0, vmax=1)
+                _image(ax, update.images[attack], size)
                 ax.set_xlabel(_caption(row, update.image_psnr.get(attack)), fontsize=7)
             else:
                 _blank(ax, short_reason(row.note), size)

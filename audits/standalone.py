@@ -40,6 +40,12 @@ class StandaloneAudit:
     def rows(self) -> list[AuditRow]:
         return [row for update in self.updates for row in update.rows]
 
+    @property
+    def reconstructions(self) -> dict[str, list[np.ndarray | None]]:
+        """Per attack, per sample: the reconstructed image (None where the attack declined or failed)."""
+        attacks = dict.fromkeys(row.attack for row in self.rows)
+        return {attack: [update.images.get(attack) for update in self.updates] for attack in attacks}
+
 
 def audit_model(
     model: ZooModel,

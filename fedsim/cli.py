@@ -133,7 +133,7 @@ def _print_audit_summary(source: Path | list[AuditRow], title: str) -> None:
     """One table for `fedsim run --audit` and `fedsim audit`: both summarise the same rows."""
     table = Table(title=title)
     table.add_column("attack", no_wrap=True)
-    for column in ("updates", "images", "mean PSNR", "max PSNR", "mean SSIM", "labels", "s / image"):
+    for column in ("updates", "images", "PSNR", "max PSNR", "SSIM", "labels", "s/image"):
         table.add_column(column)
     summary = summarise_audit(source)
     for s in summary:

@@ -68,8 +68,9 @@ def write_audit(folder: Path, audit: StandaloneAudit, settings: dict[str, Any]) 
         "rows": rows,
     }
     title = (
-        f"fedsim audit: {settings.get('model')} on {settings.get('data')}, "
-        f"weights {settings.get('weights') or 'initial (seeded)'}; threat: {THREAT}"
+        f"fedsim audit: {settings.get('model')} on {settings.get('dataset', settings.get('data'))}, "
+        f"weights {Path(settings['weights']).name if settings.get('weights') else 'initial (seeded)'}; "
+        f"threat: {THREAT}"
     )
     column_titles = [
         f"sample {u.rows[0].sample}\nlabel {u.rows[0].true_labels}" if u.rows else "" for u in audit.updates
