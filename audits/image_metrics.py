@@ -113,8 +113,13 @@ def label_accuracy(true_labels: ArrayLike, rec_labels: ArrayLike, ordered: bool 
         if len(truth) != len(guess):
             raise ValueError(f"{len(truth)} true labels but {len(guess)} recovered labels")
         return float(np.mean([t == g for t, g in zip(truth, guess, strict=True)]))
-    overlap = Counter(truth) & Counter(guess)
-    return sum(overlap.values()) / len(truth)
+    return label_overlap(truth, guess) / len(truth)
+
+
+def label_overlap(true_labels: ArrayLike | list[int], rec_labels: ArrayLike | list[int]) -> int:
+    """How many recovered labels match a distinct true label (multiset intersection size)."""
+    overlap = Counter(_labels(true_labels)) & Counter(_labels(rec_labels))
+    return sum(overlap.values())
 
 
 def match_batch(original: ArrayLike, reconstruction: ArrayLike) -> np.ndarray:

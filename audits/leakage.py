@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from attacks.base import Reconstruction
-from audits.image_metrics import mse, reported_psnr, ssim
+from audits.image_metrics import label_overlap, mse, reported_psnr, ssim
 
 
 @dataclass(frozen=True)
@@ -17,35 +15,52 @@ class LeakageScore:
 
     psnr: float
     ssim: float
-    label_correct: bool | None
+    label_score: float | None
     matched: np.ndarray  # index of the true sample each reconstruction was paired with
+    pair_psnr: np.ndarray  # PSNR of each reconstruction against its paired sample
+
+    @property
+    def best_match(self) -> int:
+        """The true sample the attack came closest to (what an audit grid shows)."""
+        return int(self.matched[int(np.argmax(self.pair_psnr))])
 
 
 def score_reconstruction(
-    reconstruction: Reconstruction, truth_inputs: np.ndarray, truth_labels: np.ndarray, binary_labels: bool
+    images: np.ndarray,
+    recovered_labels: np.ndarray | None,
+    truth_inputs: np.ndarray,
+    truth_targets: np.ndarray,
 ) -> LeakageScore:
     """Pair each reconstructed image with the true sample nearest in MSE (an attacker's output
     has no order, and for multi-sample updates may resemble any of them), then score the pairs.
 
-    `binary_labels`: a single-logit head only leaks the label's parity, so compare that.
+    `truth_targets` are the true labels as the model trains on them (`ZooModel.targets`: e.g.
+    only the parity for a single-logit head), which is what an attack can recover.
     """
-    rec = reconstruction.inputs.detach().float().clamp(0, 1).cpu().numpy()
+    rec = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
     truth = np.asarray(truth_inputs, dtype=np.float32)
     if rec.shape[1:] != truth.shape[1:]:
         raise ValueError(f"reconstruction shape {rec.shape[1:]} differs from the samples' {truth.shape[1:]}")
     distances = np.stack([mse(np.repeat(r[None], len(truth), 0), truth) for r in rec])
     matched = distances.argmin(axis=1)
     paired = truth[matched]
-    label_correct = None
-    if reconstruction.labels is not None:
-        wanted = np.asarray(truth_labels)[matched]
-        if binary_labels:
-            wanted = wanted % 2
-        got = torch.as_tensor(reconstruction.labels).reshape(-1).cpu().numpy()[: len(wanted)]
-        label_correct = bool(np.array_equal(got, wanted[: len(got)]))
+    pair_psnr = reported_psnr(paired, rec)
     return LeakageScore(
-        psnr=float(np.mean(reported_psnr(paired, rec))),
+        psnr=float(np.mean(pair_psnr)),
         ssim=float(np.mean(ssim(paired, rec))),
-        label_correct=label_correct,
+        label_score=label_score(truth_targets, recovered_labels),
         matched=matched,
+        pair_psnr=pair_psnr,
     )
+
+
+def label_score(true_targets: np.ndarray, recovered: np.ndarray | None) -> float | None:
+    """Share of recovered labels that match a distinct true label (a multiset overlap).
+
+    Label rules such as iDLG's recover which classes a batch holds, not which sample carries
+    which, so for batch > 1 an exact match of the whole list would read 0 although most labels
+    leaked. None when the attack recovers no labels.
+    """
+    if recovered is None or np.asarray(recovered).size == 0:
+        return None
+    return label_overlap(true_targets, recovered) / int(np.asarray(recovered).size)

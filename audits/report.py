@@ -1,8 +1,14 @@
-"""Audit outputs: `audit.csv` rows and original-vs-reconstruction grids."""
+"""What an audit reports: one summary per attack, and the original-vs-reconstruction grid.
+
+Both the federated `audit.csv` and `fedsim audit`'s are lists of `AuditRow`s, so one summary and
+one grid serve both.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import csv
+import textwrap
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +18,50 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-AUDIT_COLUMNS = (
-    "round",
-    "partition_id",
-    "attack",
-    "threat",
-    "psnr",
-    "ssim",
-    "label_correct",
-    "rank_score",
-    "seconds",
-    "note",
-)
+from audits.engine import DECLINED, FAILED, RECONSTRUCTED, AuditRow, UpdateAudit
+
+TRUTH_ROW = "true sample"
+
+
+def read_audit_rows(path: Path) -> list[AuditRow]:
+    with open(path, newline="") as handle:
+        return [AuditRow.from_csv(record) for record in csv.DictReader(handle)]
+
+
+def summarise_audit(source: Path | str | Iterable[AuditRow]) -> list[dict[str, Any]]:
+    """Per attack, in order of first appearance: how many updates it saw, reconstructed, declined
+    and failed on; PSNR mean/max, SSIM and label score over the scored ones; mean seconds per
+    reconstruction; and the first reason it could not run (or could not be scored)."""
+    rows = read_audit_rows(Path(source)) if isinstance(source, (str, Path)) else list(source)
+    summary = []
+    for attack in dict.fromkeys(r.attack for r in rows):
+        mine = [r for r in rows if r.attack == attack]
+        ran = [r for r in mine if r.status == RECONSTRUCTED]
+        psnrs = [r.psnr for r in ran if r.psnr is not None]
+        problems = [r.note for r in mine if r.status != RECONSTRUCTED and r.note]
+        notes = problems or [r.note for r in mine if r.note]
+        summary.append(
+            {
+                "attack": attack,
+                "updates": len(mine),
+                "reconstructed": len(ran),
+                "declined": sum(r.status == DECLINED for r in mine),
+                "failed": sum(r.status == FAILED for r in mine),
+                "scored": len(psnrs),
+                "mean_psnr": _mean(psnrs),
+                "max_psnr": max(psnrs) if psnrs else None,
+                "mean_ssim": _mean([r.ssim for r in ran if r.ssim is not None]),
+                "label_score": _mean([r.label_score for r in ran if r.label_score is not None]),
+                "mean_seconds": _mean([r.seconds for r in ran]),
+                "note": notes[0] if notes else "",
+            }
+        )
+    return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    """None (JSON null, an empty CSV cell) rather than NaN when nothing was measured."""
+    return float(np.mean(values)) if values else None
 
 
 def _to_display(image: np.ndarray) -> np.ndarray:
@@ -32,55 +70,74 @@ def _to_display(image: np.ndarray) -> np.ndarray:
     return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
-def save_grid(
-    originals: np.ndarray,
-    reconstructions: Mapping[str, np.ndarray],
-    path: Path,
-    captions: Mapping[str, Sequence[str]] | None = None,
-    column_titles: Sequence[str] | None = None,
+def short_reason(note: str, width: int = 22, max_lines: int = 5) -> str:
+    """The gist of a decline note for a grid cell: the problem before the '; fix' part, wrapped."""
+    gist = note.split("; ")[0].strip() or "no reason given"
+    return textwrap.fill(gist, width=width, max_lines=max_lines, placeholder=" …")
+
+
+def _caption(row: AuditRow, psnr: float | None) -> str:
+    """Under a reconstruction: its own PSNR against the true sample above it, and the labels."""
+    if psnr is None:  # no true sample to compare with; what leaked is still worth showing
+        labels = row.recovered_labels.split()
+        recovered = f"\nlabel{'s' if len(labels) > 1 else ''} {' '.join(labels[:4])}" if labels else ""
+        return f"not scored{recovered}{' …' if len(labels) > 4 else ''}"
+    quality = f"PSNR {psnr:.1f} dB"
+    if row.label_score is None:
+        return quality
+    recovered = len(row.recovered_labels.split())
+    if recovered == 1:
+        return f"{quality}\nlabel {'right' if row.label_score == 1 else 'wrong'}"
+    return f"{quality}\nlabels {round(row.label_score * recovered)}/{recovered} right"
+
+
+def _blank(ax: plt.Axes, text: str, size: tuple[int, int]) -> None:
+    """A grey cell the size of an image (so the grid stays aligned) with `text` in it."""
+    ax.imshow(np.full(size, 0.94), cmap="gray", vmin=0, vmax=1)
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=6, color="#333333", transform=ax.transAxes)
+
+
+def _image(ax: plt.Axes, image: np.ndarray, size: tuple[int, int]) -> None:
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        ax.imshow(_to_display(image), cmap="gray", vmin=0, vmax=1)
+    else:  # token or feature samples: no picture to draw
+        _blank(ax, f"not an image\n{tuple(image.shape)}", size)
+
+
+def save_audit_grid(
+    updates: Sequence[UpdateAudit], path: Path, title: str, column_titles: Sequence[str]
 ) -> None:
-    """Row 0: the true samples; one row per attack below, each image captioned (e.g. its PSNR)."""
-    rows = 1 + len(reconstructions)
-    cols = len(originals)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 1.4, 1.7 * rows), squeeze=False)
-    named_rows = [("true sample", originals), *reconstructions.items()]
-    for r, (name, images) in enumerate(named_rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(images) and images[c] is not None:
-                ax.imshow(_to_display(images[c]), cmap="gray", vmin=0, vmax=1)
-            if captions and name in captions and c < len(captions[name]):
-                ax.set_xlabel(captions[name][c], fontsize=7)
-            if r == 0 and column_titles:
-                ax.set_title(column_titles[c], fontsize=8)
+    """One column per update: its true sample on top, one row per attack below, each reconstruction
+    captioned with its own PSNR, or the short reason the attack declined or failed."""
+    attacks = list(dict.fromkeys(r.attack for u in updates for r in u.rows))
+    shown = [u.original for u in updates] + [i for u in updates for i in u.images.values()]
+    size = next((tuple(i.shape[-2:]) for i in shown if i is not None and i.ndim == 3), (32, 32))
+    cols, rows = len(updates), 1 + len(attacks)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 1.3, 1.75 * rows + 0.5), squeeze=False)
+    for c, update in enumerate(updates):
+        by_attack = {r.attack: r for r in update.rows}
+        top = axes[0][c]
+        top.set_title(column_titles[c], fontsize=8)
+        if update.original is None:
+            _blank(top, update.original_note, size)
+        else:
+            _image(top, update.original, size)
+        for r, attack in enumerate(attacks, start=1):
+            ax, row = axes[r][c], by_attack.get(attack)
+            if row is None:
+                _blank(ax, "not run", size)
+            elif row.status == RECONSTRUCTED:
+                _image(ax, update.images[attack], size)
+                ax.set_xlabel(_caption(row, update.image_psnr.get(attack)), fontsize=7)
+            else:
+                _blank(ax, short_reason(row.note), size)
+                ax.set_xlabel(row.status, fontsize=7)
+    for r, name in enumerate([TRUTH_ROW, *attacks]):
         axes[r][0].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def summarise_audit(path: Path) -> list[dict[str, Any]]:
-    """Per attack over a whole run: rows, runs that produced an image, PSNR mean/max, label accuracy,
-    and the first reason an attack could not run (e.g. it needs a batch-1 gradient)."""
-    import pandas as pd
-
-    frame = pd.read_csv(path)
-    summary = []
-    for attack, rows in frame.groupby("attack", sort=False):
-        ran = rows.dropna(subset=["psnr"])
-        labels = ran["label_correct"].dropna().astype(str) == "True"
-        notes = rows["note"].dropna()
-        summary.append(
-            {
-                "attack": attack,
-                "updates": len(rows),
-                "reconstructed": len(ran),
-                "mean_psnr": float(ran["psnr"].mean()) if len(ran) else None,
-                "max_psnr": float(ran["psnr"].max()) if len(ran) else None,
-                "label_accuracy": float(labels.mean()) if len(labels) else None,
-                "note": str(notes.iloc[0]) if len(notes) else "",
-            }
-        )
-    return summary

@@ -1,76 +1,73 @@
 """`fedsim audit`: the leakage of one model, without a federation.
 
 For N samples it computes the exact gradient a FedSGD client with batch 1 would send, runs the
-configured attacks on it, and scores them; it also reports the architecture's security metric.
-Everything lands in one folder: `report.json`, `audit.csv`, `reconstructions.png`.
+configured attacks on it through the same engine as the federated auditor, and scores them; it
+also reports the architecture's security metric.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from attacks.base import AttackError, observe_gradient
-from audits.engine import UpdateAuditor
-from audits.security_metric import SecurityReport, security_report
+from attacks.base import Attack, observe_gradient
+from audits.engine import (
+    AuditContext,
+    AuditRow,
+    SecurityMeasure,
+    Truth,
+    UpdateAudit,
+    UpdateAuditor,
+    measure_security,
+    threat_model,
+)
 from models import ZooModel
 
-STANDALONE_COLUMNS = ("sample", "label", "attack", "psnr", "ssim", "label_correct", "seconds", "note")
+THREAT = threat_model(1, 1, exact=True)
 
 
 @dataclass
 class StandaloneAudit:
-    security: SecurityReport | None
-    security_error: str | None
-    rows: list[dict[str, Any]]
+    """The security metric and one `UpdateAudit` per attacked sample."""
 
-    def summary(self) -> dict[str, dict[str, float | None]]:
-        """Per attack: mean PSNR / SSIM, label accuracy and seconds over the samples it ran on."""
-        out: dict[str, dict[str, float]] = {}
-        for attack in dict.fromkeys(r["attack"] for r in self.rows):
-            ran = [r for r in self.rows if r["attack"] == attack and r["psnr"] is not None]
-            labelled = [r["label_correct"] for r in ran if r["label_correct"] is not None]
-            out[attack] = {
-                "samples": len(ran),
-                "mean_psnr": _mean([r["psnr"] for r in ran]),
-                "mean_ssim": _mean([r["ssim"] for r in ran]),
-                "label_accuracy": _mean(labelled),
-                "mean_seconds": _mean([r["seconds"] for r in ran]),
-            }
-        return out
+    security: SecurityMeasure
+    updates: list[UpdateAudit]
 
+    @property
+    def rows(self) -> list[AuditRow]:
+        return [row for update in self.updates for row in update.rows]
 
-def _mean(values: list[float]) -> float | None:
-    """None (JSON null) rather than NaN when an attack never ran."""
-    return float(np.mean(values)) if values else None
+    @property
+    def reconstructions(self) -> dict[str, list[np.ndarray | None]]:
+        """Per attack, per sample: the reconstructed image (None where the attack declined or failed)."""
+        attacks = dict.fromkeys(row.attack for row in self.rows)
+        return {attack: [update.images.get(attack) for update in self.updates] for attack in attacks}
 
 
 def audit_model(
     model: ZooModel,
     inputs: np.ndarray,
     labels: np.ndarray,
-    attack_names: list[str],
+    attacks: Sequence[str | Attack],
     seed: int = 0,
-) -> tuple[StandaloneAudit, dict[str, list[np.ndarray | None]]]:
-    """Attack each sample's exact batch-1 gradient; also compute the security metric."""
-    try:
-        security, security_error = security_report(model, tuple(inputs.shape[1:]), seed=seed), None
-    except AttackError as err:
-        security, security_error = None, str(err)
-    auditor = UpdateAuditor(attack_names)
-    rows: list[dict[str, Any]] = []
-    images: dict[str, list[np.ndarray | None]] = {}
-    for index, (x, y) in enumerate(zip(inputs, labels, strict=True)):
-        update = observe_gradient(model, torch.from_numpy(x[None]), torch.tensor([int(y)]))
-        for outcome in auditor.audit(update, x[None], np.array([y])):
-            rows.append(
-                {"sample": index, "label": int(y), "attack": outcome.attack, "psnr": outcome.psnr,
-                 "ssim": outcome.ssim, "label_correct": outcome.label_correct, "seconds": outcome.seconds,
-                 "note": outcome.note}
-            )  # fmt: skip
-            rec = outcome.reconstruction
-            images.setdefault(outcome.attack, []).append(None if rec is None else rec.inputs[0].numpy())
-    return StandaloneAudit(security, security_error, rows), images
+    sample_ids: Sequence[int] | None = None,
+) -> StandaloneAudit:
+    """Attack each sample's exact batch-1 gradient; the security metric is computed once.
+
+    `sample_ids` name the samples in the rows (e.g. their test-split indices; default 0..N-1).
+    """
+    security = measure_security(model, tuple(inputs.shape[1:]), seed=seed)
+    auditor = UpdateAuditor(attacks)
+    ids = list(range(len(inputs))) if sample_ids is None else [int(i) for i in sample_ids]
+    updates = []
+    for sample, x, y in zip(ids, inputs, labels, strict=True):
+        label = torch.tensor([int(y)])
+        update = observe_gradient(
+            model, torch.from_numpy(np.ascontiguousarray(x[None])), model.targets(label)
+        )
+        context = AuditContext(THREAT, sample=sample, rank_score=security.score)
+        updates.append(auditor.audit(update, Truth(x[None], np.array([int(y)])), context))
+    return StandaloneAudit(security, updates)

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from attacks.registry import available_attacks
+from audits.engine import AuditRow
 from audits.report import summarise_audit
 from audits.standalone import audit_model
 from fedsim.config.run_config import RunConfig, field_name
@@ -125,15 +126,20 @@ def run(
         f"loss {float(final['eval_loss']):.4f} -> {store.path}"
     )
     if run_config.audit and (store.path / AUDIT_FILE).exists():
-        _print_audit_summary(store.path / AUDIT_FILE)
+        _print_audit_summary(store.path / AUDIT_FILE, f"audit: {store.path / AUDIT_FILE}")
 
 
-def _print_audit_summary(path: Path) -> None:
-    table = Table("attack", "updates", "images", "mean PSNR", "max PSNR", "labels", title=f"audit: {path}")
-    summary = summarise_audit(path)
+def _print_audit_summary(source: Path | list[AuditRow], title: str) -> None:
+    """One table for `fedsim run --audit` and `fedsim audit`: both summarise the same rows."""
+    table = Table(title=title)
+    table.add_column("attack", no_wrap=True)
+    for column in ("updates", "images", "PSNR", "max PSNR", "SSIM", "labels", "s/image"):
+        table.add_column(column)
+    summary = summarise_audit(source)
     for s in summary:
-        table.add_row(s["attack"], str(s["updates"]), str(s["reconstructed"]), _fmt(s["mean_psnr"], ".1f"),
-                      _fmt(s["max_psnr"], ".1f"), _fmt(s["label_accuracy"], ".2f"))  # fmt: skip
+        cells = [_fmt(s[k], f) for k, f in (("mean_psnr", ".1f"), ("max_psnr", ".1f"), ("mean_ssim", ".3f"),
+                                            ("label_score", ".2f"), ("mean_seconds", ".2f"))]  # fmt: skip
+        table.add_row(s["attack"], str(s["updates"]), str(s["reconstructed"]), *cells)
     out = Console()
     out.print(table)
     for s in summary:
@@ -219,7 +225,7 @@ def audit(
         len(dataset.y_test), size=min(samples, len(dataset.y_test)), replace=False
     )
     inputs, labels = dataset.x_test[chosen], dataset.y_test[chosen]
-    result, images = audit_model(net, inputs, labels, names, seed=seed)
+    result = audit_model(net, inputs, labels, names, seed=seed, sample_ids=chosen)
     settings = {
         "model": model,
         "data": data,
@@ -229,18 +235,13 @@ def audit(
         "weights": str(weights) if weights else None,
         "samples": [int(i) for i in chosen],
     }
-    write_audit(folder, result, inputs, images, settings)
+    write_audit(folder, result, settings)
     out_console = Console()
-    if result.security is not None:
-        out_console.print(result.security.to_table(), markup=False, highlight=False)
+    if result.security.report is not None:
+        out_console.print(result.security.report.to_table(), markup=False, highlight=False)
     else:
-        out_console.print(f"security metric: not applicable ({result.security_error})")
-    table = Table("attack", "samples", "mean PSNR (dB)", "mean SSIM", "label acc.", "s / sample")
-    for attack_name, s in result.summary().items():
-        cells = [_fmt(s[k], f) for k, f in (("mean_psnr", ".1f"), ("mean_ssim", ".3f"),
-                                            ("label_accuracy", ".2f"), ("mean_seconds", ".2f"))]  # fmt: skip
-        table.add_row(attack_name, str(s["samples"]), *cells)
-    out_console.print(table)
+        out_console.print(f"security metric: {result.security.note}", markup=False, highlight=False)
+    _print_audit_summary(result.rows, f"audit of {model} on {data}")
     out_console.print(f"wrote {folder}/report.json, audit.csv, reconstructions.png")
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from audits.engine import AUDIT_COLUMNS
 from fedsim.cli import cli
 from models import InputSpec, build_model
 from tests.conftest import run_fedsim
@@ -30,10 +31,18 @@ def test_audit_of_cnn6_recovers_photos_and_reports_full_rank(tmp_path: Path) -> 
     assert report["security"]["score"] == 0
     assert [layer["deficit"] for layer in report["security"]["layers"]] == [0] * 7
     layerwise = report["attacks"]["layerwise"]
-    assert layerwise["samples"] == 2 and layerwise["mean_psnr"] >= 40 and layerwise["label_accuracy"] == 1.0
+    assert (
+        layerwise["reconstructed"] == 2 and layerwise["mean_psnr"] >= 40 and layerwise["label_score"] == 1.0
+    )
     assert (tmp_path / "a" / "reconstructions.png").stat().st_size > 5_000
     with open(tmp_path / "a" / "audit.csv", newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == 2
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == AUDIT_COLUMNS  # the federated audit.csv's columns
+    assert [r["sample"] for r in rows] == [str(i) for i in report["settings"]["samples"]]
+    assert {(r["threat"], r["rank_score"], r["round"]) for r in rows} == {
+        ("fedsgd-b1 (exact gradient)", "0.0", "")
+    }
     assert "score (COPA" in output and "layerwise" in output
 
 
@@ -45,6 +54,7 @@ def test_audit_of_cnn6_d_reports_the_deficit_and_the_attack_fails(tmp_path: Path
     assert (second_conv["unknowns"], second_conv["rank"], second_conv["deficit"]) == (4332, 4052, 280)
     assert report["security"]["score"] > 0
     assert report["attacks"]["layerwise"]["mean_psnr"] < 15  # single crops reach up to ~18 dB
+    assert {row["rank_score"] for row in report["rows"]} == {float(report["security"]["score"])}
 
 
 def test_audit_loads_run_checkpoints_and_rejects_mismatched_weights(tmp_path: Path) -> None:
@@ -102,6 +112,7 @@ def test_federation_with_auditor_reconstructs_fedsgd_updates(tmp_path: Path) -> 
     assert {(r["round"], r["partition_id"]) for r in rows} == {
         (str(a), str(b)) for a in (1, 2) for b in range(3)
     }
-    assert all(float(r["psnr"]) >= 40 and r["label_correct"] == "True" for r in rows), rows
+    assert all(float(r["psnr"]) >= 40 and r["label_score"] == "1.0" for r in rows), rows
     assert all(float(r["rank_score"]) == 0 and r["threat"].startswith("fedsgd-b1") for r in rows)
+    assert {(r["status"], r["batch_size"], r["note"]) for r in rows} == {("reconstructed", "1", "")}
     assert sorted(p.name for p in (run / "audit").iterdir()) == ["round-0001.png", "round-0002.png"]

@@ -12,12 +12,16 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from audits.report import save_grid
-from audits.standalone import STANDALONE_COLUMNS, StandaloneAudit
+from audits.engine import AUDIT_COLUMNS
+from audits.report import save_audit_grid, summarise_audit
+from audits.standalone import THREAT, StandaloneAudit
 from fedsim.errors import UserInputError
 from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import staged_folder
 from models import ZooModel
+
+AUDIT_FILE = "audit.csv"  # the same name and columns as a federated run's audit log
+GRID_FILE = "reconstructions.png"
 
 
 def load_weights(model: ZooModel, path: Path) -> None:
@@ -51,32 +55,30 @@ def check_output_folder(folder: Path) -> None:
         ) from None
 
 
-def write_audit(
-    folder: Path,
-    audit: StandaloneAudit,
-    inputs: np.ndarray,
-    images: dict[str, list[np.ndarray | None]],
-    settings: dict[str, Any],
-) -> None:
+def write_audit(folder: Path, audit: StandaloneAudit, settings: dict[str, Any]) -> None:
     """report.json, audit.csv and reconstructions.png in `folder` (which must not exist yet),
-    staged so that a failure leaves nothing half-written."""
+    staged so that a failure leaves nothing half-written. `settings` (model, data, weights,
+    samples, ...) go into report.json and name the grid."""
+    rows = [row.to_dict() for row in audit.rows]
     report = {
         "settings": settings,
-        "security": audit.security.to_dict() if audit.security else None,
-        "security_error": audit.security_error,
-        "attacks": audit.summary(),
-        "samples": audit.rows,
+        "security": audit.security.report.to_dict() if audit.security.report else None,
+        "security_error": audit.security.note or None,
+        "attacks": {s["attack"]: s for s in summarise_audit(audit.rows)},
+        "rows": rows,
     }
-    captions = {
-        attack: [
-            "n/a" if r["psnr"] is None else f"{r['psnr']:.1f} dB" for r in audit.rows if r["attack"] == attack
-        ]
-        for attack in images
-    }
+    title = (
+        f"fedsim audit: {settings.get('model')} on {settings.get('dataset', settings.get('data'))}, "
+        f"weights {Path(settings['weights']).name if settings.get('weights') else 'initial (seeded)'}; "
+        f"threat: {THREAT}"
+    )
+    column_titles = [
+        f"sample {u.rows[0].sample}\nlabel {u.rows[0].true_labels}" if u.rows else "" for u in audit.updates
+    ]
     with staged_folder(folder) as staging:
-        CsvLog(staging / "audit.csv", STANDALONE_COLUMNS).append(audit.rows)
+        CsvLog(staging / AUDIT_FILE, AUDIT_COLUMNS).append(rows)
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        save_grid(inputs, images, staging / "reconstructions.png", captions=captions)
+        save_audit_grid(audit.updates, staging / GRID_FILE, title, column_titles)
 
 
 def _json_default(value: Any) -> Any:

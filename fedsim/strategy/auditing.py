@@ -1,8 +1,9 @@
 """The server-side auditor: a strategy wrapper that attacks every (sampled) client update.
 
-It wraps any `flwr.serverapp.strategy` strategy by composition, outside the DP wrappers, so it
-sees exactly what an honest-but-curious server sees: the global model it sent and each client's
-returned weights. From those it forms the observed update and runs the configured attacks:
+It sits in the chain where an honest-but-curious server stands (after reply validation, before
+any central DP) and sees exactly what that server sees: the global model it sent and each
+client's returned weights. It only decodes: the observed update, the threat model and the
+optional truth go to `audits.engine.UpdateAuditor`, which attacks and scores.
 
 - FedSGD, batch 1, one step: Δw / lr is the client's gradient (up to float32 rounding of the
   weights, so a larger learning rate leaks more precisely), and layer-wise inversion
@@ -12,35 +13,48 @@ returned weights. From those it forms the observed update and runs the configure
   for a single image that explains an average and generally fails, and optimisation attacks
   reconstruct at best a blend. Rows say which threat model applied.
 
-In simulation the client sends the samples it trained on in a side record (`audit-truth`) that
-no strategy reads; the auditor scores reconstructions against them.
+The batch size comes from what the server knows (the run config and the example count the
+client reports), never from the truth. A node that opted in (`audit-truth`) also sends the
+samples it trained on in a side record no strategy reads; without it, its update is attacked
+all the same and its rows say the leakage could not be measured.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from attacks.base import AttackError, ObservedUpdate
-from audits.engine import AttackOutcome, UpdateAuditor, threat_model
-from audits.report import AUDIT_COLUMNS, save_grid
-from audits.security_metric import security_report
+from attacks.base import ObservedUpdate
+from audits.engine import (
+    AUDIT_COLUMNS,
+    AuditContext,
+    Truth,
+    UpdateAudit,
+    UpdateAuditor,
+    measure_security,
+    threat_model,
+)
+from audits.report import save_audit_grid
+from fedsim.config.run_config import RunConfig
 from fedsim.federation import wire
 from fedsim.store.csv_log import CsvLog
+from fedsim.strategy.base import StrategyWrapper
+from fedsim.strategy.ordering import partition_of
+from fedsim.training.local import model_for
 from models import ZooModel
 
 AUDIT_FILE = "audit.csv"
 GRID_FOLDER = "audit"
 
 
-class AuditingStrategy(Strategy):
-    """Wraps a strategy; audits up to `max_clients` replies per round before aggregating."""
+class AuditingStrategy(StrategyWrapper):
+    """Audits up to `max_clients` replies per round (0 = all), then lets `inner` aggregate them."""
 
     def __init__(
         self,
@@ -52,7 +66,7 @@ class AuditingStrategy(Strategy):
         output_dir: Path,
         max_clients: int = 0,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.auditor = auditor
         self.make_model = make_model
         self.learning_rate = learning_rate
@@ -73,76 +87,89 @@ class AuditingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        audited = [r for r in replies if not r.has_error() and wire.AUDIT_TRUTH in r.content.config_records]
-        if self.max_clients:
-            audited = audited[: self.max_clients]
+        audited = [r for r in replies if not r.has_error()][: self.max_clients or None]
         if audited and self._global is not None:
             self._audit_round(server_round, audited)
         return self.inner.aggregate_train(server_round, replies)
 
+    def drop_rounds_after(self, last_round: int) -> None:
+        """On resume: forget the rows and grids of rounds after the last complete one."""
+        self.log.drop_rows_after(last_round)
+        for grid in self.grid_dir.glob("round-*.png"):
+            if (
+                grid.stem.removeprefix("round-").isdigit()
+                and int(grid.stem.removeprefix("round-")) > last_round
+            ):
+                grid.unlink()
+
     def _audit_round(self, server_round: int, replies: list[Message]) -> None:
         model = self.make_model()
         model.load_state_dict({k: v.float() for k, v in self._global.items()})
-        input_shape = tuple(int(d) for d in model.spec.shape)
-        rank_score = _rank_score(model, input_shape)
-        rows, originals, recs, captions, titles = [], [], {}, {}, []
-        for reply in replies:
-            partition_id = int(reply.content.config_records[wire.CLIENT][wire.PARTITION_ID])
-            titles.append(f"client {partition_id}")
-            truth_x, truth_y = wire.decode_truth(reply.content.config_records[wire.AUDIT_TRUTH])
-            steps = int(reply.content.metric_records[wire.METRICS].get(wire.LOCAL_STEPS, 1))
-            batch = min(self.batch_size, len(truth_y))
-            local = reply.content[wire.ARRAYS].to_torch_state_dict()
-            names = [n for n, _ in model.named_parameters()]
-            update = ObservedUpdate.from_weight_delta(
-                model, {n: self._global[n] for n in names}, {n: local[n] for n in names},
-                self.learning_rate, steps, input_shape, model.spec.num_classes, batch,
-            )  # fmt: skip
-            threat = threat_model(batch, steps)
-            outcomes = self.auditor.audit(update, truth_x, truth_y)
-            originals.append(truth_x[_best(outcomes).matched])
-            for outcome in outcomes:
-                rows.append(
-                    {"round": server_round, "partition_id": partition_id, "attack": outcome.attack,
-                     "threat": threat, "psnr": outcome.psnr, "ssim": outcome.ssim,
-                     "label_correct": outcome.label_correct, "rank_score": rank_score,
-                     "seconds": outcome.seconds, "note": outcome.note}
-                )  # fmt: skip
-                image = None if outcome.reconstruction is None else outcome.reconstruction.inputs[0].numpy()
-                recs.setdefault(outcome.attack, []).append(image)
-                caption = "n/a" if outcome.psnr is None else f"{outcome.psnr:.1f} dB"
-                captions.setdefault(outcome.attack, []).append(caption)
-        self.log.append(rows)
-        save_grid(
-            np.stack(originals),
-            recs,
+        rank_score = measure_security(model, tuple(model.spec.shape)).score  # once per round
+        audits = [self._audit_reply(server_round, reply, model, rank_score) for reply in replies]
+        self.log.append(row.to_dict() for audit in audits for row in audit.rows)
+        threats = list(dict.fromkeys(row.threat for audit in audits for row in audit.rows))
+        titles = [f"client {partition_of(reply)}" for reply in replies]
+        if len(threats) > 1:
+            titles = [f"{t}\n{a.rows[0].threat.split()[0]}" for t, a in zip(titles, audits, strict=True)]
+        save_audit_grid(
+            audits,
             self.grid_dir / f"round-{server_round:04d}.png",
-            captions=captions,
+            title=f"round {server_round}, threat: {' / '.join(threats)}",
             column_titles=titles,
         )
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+    def _audit_reply(
+        self, server_round: int, reply: Message, model: ZooModel, rank_score: float | None
+    ) -> UpdateAudit:
+        context = AuditContext(
+            threat_model(self.batch_size, 1),
+            round=server_round,
+            partition_id=partition_of(reply),
+            batch_size=self.batch_size,
+            rank_score=rank_score,
+        )
+        try:
+            metrics = reply.content.metric_records[wire.METRICS]
+            steps = int(metrics.get(wire.LOCAL_STEPS, 1))
+            # What the server knows: a client trains at most `batch_size` samples a step, and
+            # fewer when it holds fewer (it reports how many it trained on).
+            batch = max(1, min(self.batch_size, int(metrics[wire.NUM_EXAMPLES])))
+            context = replace(context, threat=threat_model(batch, steps), batch_size=batch, local_steps=steps)
+            truth = _truth(reply)
+            update = self._observe(reply, model, batch, steps)
+        except Exception as err:  # a reply the auditor cannot read must not stop the round
+            return self.auditor.unreadable(context, f"reply not readable: {type(err).__name__}: {err}")
+        return self.auditor.audit(update, truth, context)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-
-def _best(outcomes: list[AttackOutcome]) -> AttackOutcome:
-    """The outcome with the highest PSNR: the grid shows the true sample it was paired with
-    (a multi-sample update has many; this is the one the attacks got closest to)."""
-    return max(outcomes, key=lambda o: -1.0 if o.psnr is None else o.psnr)
+    def _observe(self, reply: Message, model: ZooModel, batch: int, steps: int) -> ObservedUpdate:
+        local = reply.content[wire.ARRAYS].to_torch_state_dict()
+        names = [n for n, _ in model.named_parameters()]
+        return ObservedUpdate.from_weight_delta(
+            model, {n: self._global[n] for n in names}, {n: local[n] for n in names},
+            self.learning_rate, steps, tuple(model.spec.shape), model.spec.num_classes, batch,
+        )  # fmt: skip
 
 
-def _rank_score(model: ZooModel, input_shape: tuple[int, ...]) -> float | None:
-    """The architecture's security score at the current weights; None where layer-wise
-    inversion does not apply (the metric is defined on the same per-layer systems)."""
-    try:
-        return float(security_report(model, input_shape).score)
-    except AttackError:
+def _truth(reply: Message) -> Truth | None:
+    """The samples the node trained on, if it opted in to sharing them."""
+    if wire.AUDIT_TRUTH not in reply.content.config_records:
         return None
+    return Truth(*wire.decode_truth(reply.content.config_records[wire.AUDIT_TRUTH]))
+
+
+def auditing_wrapper(config: RunConfig, output_dir: Path) -> Callable[[Strategy], AuditingStrategy]:
+    """The auditor as a factory for the strategy chain: wraps whatever strategy comes after it."""
+
+    def wrap(inner: Strategy) -> AuditingStrategy:
+        return AuditingStrategy(
+            inner,
+            UpdateAuditor(config.attack_names()),
+            make_model=lambda: model_for(config),
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            output_dir=output_dir,
+            max_clients=config.audit_clients,
+        )
+
+    return wrap

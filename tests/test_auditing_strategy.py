@@ -1,0 +1,194 @@
+"""The auditing strategy wrapper, fed Flower messages directly: it decodes, audits and always lets
+the inner strategy aggregate, whatever the replies hold."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from attacks.base import ObservedUpdate, Reconstruction, observe_gradient
+from audits.engine import AUDIT_COLUMNS, NO_TRUTH_NOTE, NON_FINITE_NOTE
+from fedsim.config.run_config import RunConfig
+from fedsim.data.photos import photo_crops
+from fedsim.federation import wire
+from fedsim.strategy.auditing import (
+    AUDIT_FILE,
+    GRID_FOLDER,
+    AuditingStrategy,
+    UpdateAuditor,
+    auditing_wrapper,
+)
+from fedsim.strategy.base import StrategyWrapper
+from models import InputSpec, ZooModel, build_model
+
+SHAPE = (3, 8, 8)
+LR = 0.1
+
+
+class Recorder(Strategy):
+    """The next strategy of the chain: records what reached aggregation."""
+
+    def __init__(self) -> None:
+        self.aggregated: list[list[Message]] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, None]:
+        self.aggregated.append(list(replies))
+        return None, None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> None:
+        return None
+
+    def summary(self) -> None:
+        return None
+
+
+class Raises:
+    name = "raises"
+
+    def reconstruct(self, update: ObservedUpdate) -> Reconstruction:
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+
+def _model() -> ZooModel:
+    torch.manual_seed(0)
+    return build_model("mlp", InputSpec(SHAPE, 10))
+
+
+def _reply(
+    partition_id: int,
+    sample: int,
+    truth: bool = True,
+    num_examples: int = 1,
+    poison: float | None = None,
+    truth_samples: int = 1,
+) -> Message:
+    """What a FedSGD batch-1 client sends back: w - lr * g for one photo crop."""
+    model = _model()
+    x, y = photo_crops(sample + truth_samples, size=SHAPE[1], seed=2)
+    x, y = x[sample:], y[sample:]
+    grads = observe_gradient(model, torch.from_numpy(x[:1]), torch.from_numpy(y[:1])).gradients
+    local = {name: param.detach() - LR * grads[name] for name, param in model.named_parameters()}
+    if poison is not None:
+        local["layers.1.weight"][0, 0] = poison
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(local),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: num_examples, wire.LOCAL_STEPS: 1}),
+            wire.CLIENT: ConfigRecord({wire.PARTITION_ID: partition_id}),
+        }
+    )
+    if truth:
+        content[wire.AUDIT_TRUTH] = wire.encode_truth(x, y)
+    metadata = Metadata(
+        run_id=1, message_id=f"reply-{partition_id}", src_node_id=partition_id + 1, dst_node_id=0,
+        reply_to_message_id="train", group_id="1", created_at=0.0, ttl=60.0, message_type="train",
+    )  # fmt: skip
+    return Message(content, metadata=metadata)
+
+
+def _auditor(tmp_path: Path, attacks: list[object], batch_size: int = 1) -> tuple[AuditingStrategy, Recorder]:
+    inner = Recorder()
+    strategy = AuditingStrategy(inner, UpdateAuditor(attacks), _model, LR, batch_size, tmp_path)
+    strategy.configure_train(1, ArrayRecord(_model().state_dict()), ConfigRecord(), grid=None)
+    return strategy, inner
+
+
+def _rows(tmp_path: Path) -> list[dict[str, str]]:
+    with open(tmp_path / AUDIT_FILE, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == AUDIT_COLUMNS
+        return list(reader)
+
+
+def test_a_node_without_the_truth_opt_in_is_attacked_and_its_leakage_marked_unmeasurable(
+    tmp_path: Path,
+) -> None:
+    strategy, inner = _auditor(tmp_path, ["analytic-fc"])
+    replies = [_reply(0, 0), _reply(1, 1, truth=False)]
+    strategy.aggregate_train(1, replies)
+    assert inner.aggregated == [replies]
+    shared, private = _rows(tmp_path)
+    assert float(shared["psnr"]) >= 60 and shared["label_score"] == "1.0" and shared["note"] == ""
+    assert (private["partition_id"], private["status"], private["note"]) == (
+        "1",
+        "reconstructed",
+        NO_TRUTH_NOTE,
+    )
+    assert private["psnr"] == private["ssim"] == private["label_score"] == private["true_labels"] == ""
+    assert private["rank_score"] == shared["rank_score"] == "0.0"  # the metric, once per round
+    assert (tmp_path / GRID_FOLDER / "round-0001.png").stat().st_size > 5_000
+
+
+def test_a_nan_update_and_an_attack_that_raises_never_stop_the_round(tmp_path: Path) -> None:
+    strategy, inner = _auditor(tmp_path, [Raises(), "layerwise"])
+    replies = [_reply(0, 0, poison=float("nan")), _reply(1, 1)]
+    strategy.aggregate_train(1, replies)
+    assert inner.aggregated == [replies]
+    rows = _rows(tmp_path)
+    assert [(r["partition_id"], r["attack"], r["status"]) for r in rows] == [
+        ("0", "raises", "declined"),
+        ("0", "layerwise", "declined"),
+        ("1", "raises", "failed"),
+        ("1", "layerwise", "reconstructed"),
+    ]
+    assert rows[0]["note"] == rows[1]["note"] == NON_FINITE_NOTE
+    assert rows[2]["note"] == "LinAlgError: SVD did not converge" and float(rows[3]["psnr"]) >= 40
+
+
+def test_an_unreadable_reply_gets_rows_saying_so(tmp_path: Path) -> None:
+    strategy, inner = _auditor(tmp_path, ["analytic-fc"])
+    broken = _reply(0, 0)
+    broken.content[wire.ARRAYS] = ArrayRecord({"layers.1.weight": torch.zeros(2, 2)})
+    strategy.aggregate_train(1, [broken])
+    (row,) = _rows(tmp_path)
+    assert row["status"] == "declined" and row["note"].startswith("reply not readable: KeyError")
+    assert len(inner.aggregated) == 1
+
+
+@pytest.mark.parametrize(("reported", "expected"), [(2, 2), (20, 8)])
+def test_the_batch_size_comes_from_the_config_and_the_reported_examples(
+    tmp_path: Path, reported: int, expected: int
+) -> None:
+    """Never from the truth record, which here holds 5 samples."""
+    strategy, _ = _auditor(tmp_path, ["layerwise"], batch_size=8)
+    strategy.aggregate_train(1, [_reply(0, 0, num_examples=reported, truth_samples=5)])
+    (row,) = _rows(tmp_path)
+    assert (row["batch_size"], row["threat"].split()[0]) == (str(expected), f"fedsgd-b{expected}")
+    assert row["status"] == "declined" and "needs a batch-1 gradient" in row["note"]
+
+
+def test_resume_forgets_the_rows_and_grids_of_unfinished_rounds(tmp_path: Path) -> None:
+    strategy, _ = _auditor(tmp_path, ["analytic-fc"])
+    for server_round in (1, 2):
+        strategy.aggregate_train(server_round, [_reply(0, 0)])
+    strategy.drop_rounds_after(1)
+    assert [r["round"] for r in _rows(tmp_path)] == ["1"]
+    assert [p.name for p in (tmp_path / GRID_FOLDER).iterdir()] == ["round-0001.png"]
+
+
+def test_the_chain_factory_wraps_any_strategy(tmp_path: Path) -> None:
+    config = RunConfig(
+        dataset="digits", model="mlp", audit=True, audit_attacks="analytic-fc", audit_clients=1
+    )
+    inner = Recorder()
+    wrapped = auditing_wrapper(config, tmp_path)(inner)
+    assert isinstance(wrapped, StrategyWrapper) and wrapped.inner is inner
+    assert (wrapped.batch_size, wrapped.max_clients) == (config.batch_size, 1)
