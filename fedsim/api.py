@@ -92,8 +92,8 @@ class RunResult:
     @property
     def server(self) -> pd.DataFrame:
         """The global model's held-out scores, one row per round (round 0 = initial model)."""
-        rows = self.metrics[self.metrics["stage"] == "server"]
-        return rows.drop(columns=["stage", "partition_id"]).reset_index(drop=True)
+        rows = self.metrics[self.metrics["stage"] == "server"].drop(columns=["stage", "partition_id"])
+        return rows.dropna(axis="columns", how="all").reset_index(drop=True)  # e.g. train_loss
 
     @property
     def last_round(self) -> int:
