@@ -35,6 +35,7 @@ console = Console(stderr=True)
 
 Opt = typer.Option
 LAUNCH = "Launch"  # the --help panel of `fedsim run`'s options that are not config knobs
+RUNS = Path("runs")
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
@@ -73,9 +74,7 @@ def run(
     config: Annotated[
         Path | None, Opt(help="TOML file of config keys (flags override it).", rich_help_panel=LAUNCH)
     ] = None,
-    runs_dir: Annotated[Path, Opt(help="Folder that holds run directories.", rich_help_panel=LAUNCH)] = Path(
-        "runs"
-    ),
+    runs_dir: Annotated[Path, Opt(help="Folder that holds run directories.", rich_help_panel=LAUNCH)] = RUNS,
     resume: Annotated[
         Path | None, Opt(help="Continue runs/<name> from its last complete round.", rich_help_panel=LAUNCH)
     ] = None,
@@ -151,8 +150,9 @@ def _print_audit_summary(path: Path) -> None:
 
 
 class _RoundProgress:
-    """A rich progress bar over rounds, advanced by `fedsim.run`'s per-round callback; plain
-    lines when stderr is not a terminal."""
+    """A rich progress bar over rounds, advanced by `fedsim.run`'s per-round callback and shown
+    from the first round on (an error before it prints only its line); plain lines when stderr
+    is not a terminal."""
 
     def __init__(self, name: str, total: int, done: int) -> None:
         self.plain = not sys.stderr.isatty()
@@ -166,15 +166,19 @@ class _RoundProgress:
             disable=self.plain,
         )
         self.task = self.progress.add_task(name, total=total, completed=done, status="")
+        self.started = False
 
     def __enter__(self) -> _RoundProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.started:
+            self.progress.stop()
 
     def __call__(self, server_round: int, metrics: dict[str, float]) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
         status = _scores(metrics)
         self.progress.update(self.task, completed=server_round, status=status)
         if self.plain:
@@ -200,7 +204,7 @@ def audit(
 ) -> None:
     """Audit one model's leakage: per-layer rank table, security score, attacks on N samples."""
     dataset = data or dataset
-    folder = out or Path("runs") / f"audit-{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = out or RUNS / f"audit-{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = api.audit(
             model=model, dataset=dataset, samples=samples, attacks=attacks, weights=weights, seed=seed,
