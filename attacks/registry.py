@@ -1,4 +1,5 @@
-"""Attacks by name, with settings sized for auditing every update of a federation.
+"""Attacks by name, each with a one-line description and what it works on, and settings sized
+for auditing every update of a federation.
 
 Reference iteration counts (DLG 300 L-BFGS steps, Inverting Gradients 24,000 Adam steps) are
 the classes' defaults; an auditor that runs per client per round uses fewer, and says so in
@@ -8,19 +9,54 @@ each Reconstruction's diagnostics.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from attacks.analytic import AnalyticFCInversion
 from attacks.base import Attack
 from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation import DLG, IDLG, InvertingGradients
 
-ATTACKS: dict[str, Callable[[], Attack]] = {
-    "layerwise": LayerwiseInversion,
-    "layerwise-hybrid": lambda: LayerwiseInversion(hybrid=True),
-    "analytic-fc": AnalyticFCInversion,
-    "dlg": lambda: DLG(iterations=100),
-    "idlg": lambda: IDLG(iterations=100),
-    "inverting-gradients": lambda: InvertingGradients(iterations=1000),
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """One registered attack: how to build it and what `fedsim attacks` says about it."""
+
+    build: Callable[[], Attack]
+    description: str
+    works_on: str
+
+
+ATTACKS: dict[str, AttackEntry] = {
+    "layerwise": AttackEntry(
+        LayerwiseInversion,
+        "R-GAP/COPA layer-wise inversion: solves each layer's linear system from the output down.",
+        "batch-1 gradients of Linear/Conv2d nets with invertible activations and a biased head",
+    ),
+    "layerwise-hybrid": AttackEntry(
+        lambda: LayerwiseInversion(hybrid=True),
+        "Layer-wise inversion plus COPA's gradient-matching refinement of rank-deficient layers.",
+        "what layerwise works on; helps where a layer's system is rank-deficient (cnn6-d)",
+    ),
+    "analytic-fc": AttackEntry(
+        AnalyticFCInversion,
+        "Closed form: the input of a leading Linear layer is its weight gradient over its bias gradient.",
+        "models that start with Flatten + Linear with bias (mlp); exact for batch 1",
+    ),
+    "dlg": AttackEntry(
+        lambda: DLG(iterations=100),
+        "Deep Leakage from Gradients: L-BFGS fits dummy inputs and a soft label (100 steps).",
+        "any twice-differentiable model and batch size; best on smooth (sigmoid, tanh) nets",
+    ),
+    "idlg": AttackEntry(
+        lambda: IDLG(iterations=100),
+        "iDLG: DLG with the label read off the head's gradient (100 steps).",
+        "what dlg works on, with a softmax head of one row per class",
+    ),
+    "inverting-gradients": AttackEntry(
+        lambda: InvertingGradients(iterations=1000),
+        "Inverting Gradients: cosine gradient distance + TV prior, signed Adam (1,000 steps).",
+        "any twice-differentiable model and batch size; images in [0, 1]",
+    ),
 }
 
 
@@ -30,7 +66,7 @@ def available_attacks() -> list[str]:
 
 def build_attack(name: str) -> Attack:
     """The named attack; KeyError lists the choices."""
-    try:
-        return ATTACKS[name]()
-    except KeyError:
-        raise KeyError(f"unknown attack {name!r}; choose one of: {', '.join(available_attacks())}") from None
+    entry = ATTACKS.get(name)
+    if entry is None:
+        raise KeyError(f"unknown attack {name!r}; choose one of: {', '.join(available_attacks())}")
+    return entry.build()

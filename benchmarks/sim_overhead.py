@@ -1,10 +1,11 @@
 """Simulation overhead: fedsim (Flower + Ray) against the same training as a plain loop.
 
-Part 1 runs one workload twice in this run, side by side: once as `fedsim run` (its own process,
-so Ray starts from cold, as for a user) and once as a plain PyTorch loop in one process doing
-the same client training, FedAvg and server evaluation. It reports wall times, their ratio,
-the ideal (loop time ÷ cores), the simulation's start-up (wall time before round 1 starts,
-from the run's own per-round times) and peak RSS of each process tree.
+Part 1 runs one workload twice in this run, side by side: once with `fedsim.run` (the
+simulation in its own process, so Ray starts from cold, as for a user) and once as a plain
+PyTorch loop in one process doing the same client training, FedAvg and server evaluation. It
+reports wall times, their ratio, the ideal (loop time ÷ cores), the simulation's start-up (wall
+time before round 1 starts, from the run's own per-round times) and peak RSS of each process
+tree.
 
 Part 2 measures scale: 1,000 and 10,000 virtual clients with 10–100 sampled per round.
 
@@ -16,11 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,17 +32,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fedsim  # noqa: E402
 from fedsim.config.run_config import RunConfig  # noqa: E402
 from fedsim.data.clients import client_data, dataset_for  # noqa: E402
 from fedsim.training.local import evaluate, model_for, train_locally  # noqa: E402
 
 
 class PeakRss:
-    """Samples the summed RSS of a process and all its descendants (Ray's workers included)."""
+    """Samples the summed RSS of a process's descendants (the simulation process and Ray's
+    workers), optionally with the process itself."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
+    def __init__(self, pid: int, interval: float = 0.2, include_root: bool = True) -> None:
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.include_root = include_root
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -51,7 +53,7 @@ class PeakRss:
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
-                procs = [self.root, *self.root.children(recursive=True)]
+                procs = [*([self.root] if self.include_root else []), *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             total = 0
@@ -70,36 +72,21 @@ class PeakRss:
         self._thread.join()
 
 
-def config_flags(config: RunConfig) -> list[str]:
-    flags = []
-    for key, value in config.to_dict().items():
-        flag = "--clients" if key == "num-clients" else f"--{key}"
-        if isinstance(value, bool):
-            flags.append(flag if value else f"--no-{key}")
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
 def run_fedsim(config: RunConfig, runs_dir: Path) -> dict[str, float]:
-    """`fedsim run` in its own process; wall time, start-up, rounds and peak RSS."""
-    command = [sys.executable, "-m", "fedsim", "run", *config_flags(config), "--runs-dir", str(runs_dir)]
+    """`fedsim.run` (the simulation in its own process, so Ray starts from cold, as for a user);
+    wall time, start-up, rounds and the peak RSS of the simulation's process tree."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with PeakRss(proc.pid) as rss:
-        _, err = proc.communicate()
+    with PeakRss(os.getpid(), include_root=False) as rss:
+        result = fedsim.run(config, runs_dir=runs_dir)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"fedsim run failed: {err[-2000:]}")
-    with open(runs_dir / config.name / "metrics.csv", newline="") as handle:
-        server = [r for r in csv.DictReader(handle) if r["stage"] == "server"]
-    round_seconds = [float(r["seconds"]) for r in server[1:]]
+    server = result.server
+    round_seconds = [float(s) for s in server["seconds"].iloc[1:]]
     return {
         "wall_s": wall,
         "rounds_s": sum(round_seconds[1:]),  # rounds after the first: steady state
         "first_round_s": round_seconds[0],  # includes starting the Ray actors
         "startup_s": wall - sum(round_seconds),
-        "final_accuracy": float(server[-1]["eval_accuracy"]),
+        "final_accuracy": float(server["eval_accuracy"].iloc[-1]),
         "peak_rss_mb": rss.peak / 2**20,
     }
 

@@ -1,37 +1,34 @@
-"""`fedsim`: run federations (and, from later issues, audits) from the shell.
+"""`fedsim`: run federations and audit models from the shell, a thin layer over `fedsim.api`.
 
 User mistakes print one line, `error: <problem>; <fix>`, and exit with code 2 before anything is
-written; tracebacks are kept for bugs.
+written; a run that stops early prints one line and exits 1; tracebacks are kept for bugs.
+`fedsim run`'s config flags are generated from the knobs declared on `RunConfig`.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-import numpy as np
-import torch
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attacks.registry import available_attacks
+from attacks.registry import ATTACKS, available_attacks
 from audits.engine import AuditRow
 from audits.report import summarise_audit
-from audits.standalone import audit_model
-from fedsim.config.run_config import RunConfig, field_name
-from fedsim.data import available_datasets, load_dataset
-from fedsim.errors import UserInputError
-from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
-from fedsim.federation.server_app import FederationPlan
-from fedsim.federation.simulation import SimulationError, check_ray_address, simulate
-from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
+from fedsim import api
+from fedsim.config.run_config import Knob, RunConfig
+from fedsim.data import available_datasets
+from fedsim.errors import RunFailedError, UserInputError
 from fedsim.store.run_store import RunStore
-from fedsim.strategy.auditing import AUDIT_FILE
-from models import InputSpec, available_models, build_model
+from models import available_models
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated-learning simulator with privacy auditing."
@@ -39,94 +36,104 @@ cli = typer.Typer(
 console = Console(stderr=True)
 
 Opt = typer.Option
+LAUNCH = "Launch"  # the --help panel of `fedsim run`'s options that are not config knobs
+RUNS = Path("runs")
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def with_config_flags(command: Command) -> Command:
+    """Give `command` (which takes the knobs as `**knobs`) one option per RunConfig knob, with
+    the declared default, help and group (`--help` shows one panel per group)."""
+    own = inspect.signature(command, eval_str=True)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [_knob_parameter(spec) for spec in RunConfig.knobs()]
+    command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    return command
+
+
+def _knob_parameter(spec: Knob) -> inspect.Parameter:
+    names = [f"--{spec.key}/--no-{spec.key}"] if spec.type is bool else [f"--{spec.key}"]
+    option = Opt(*names, help=spec.description, rich_help_panel=f"Config: {spec.group}")
+    annotation = Annotated[spec.type, option]  # type: ignore[name-defined]
+    return inspect.Parameter(
+        spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default, annotation=annotation
+    )
+
+
+def given_flags(ctx: typer.Context, knobs: dict[str, Any]) -> dict[str, Any]:
+    """The knobs typed on the command line: they override a --config file, defaults do not."""
+    return {
+        name: value
+        for name, value in knobs.items()
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
 
 
 @cli.command()
+@with_config_flags
 def run(
-    name: Annotated[str | None, Opt(help="Run name: the folder under --runs-dir.")] = None,
-    config: Annotated[Path | None, Opt(help="TOML file of config keys (flags override it).")] = None,
-    dataset: Annotated[str | None, Opt(help=f"One of: {', '.join(available_datasets())}.")] = None,
-    image_size: Annotated[
-        int | None, Opt(help="Resize images to N×N (e.g. 32 for CNN6); 0 keeps them.")
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, Opt(help="TOML file of config keys (flags override it).", rich_help_panel=LAUNCH)
     ] = None,
-    model: Annotated[str | None, Opt(help=f"One of: {', '.join(available_models())}.")] = None,
-    strategy: Annotated[
-        str | None, Opt(help="fedavg, fedprox, fedadam, krum, fedmedian, fedtrimmedavg.")
+    runs_dir: Annotated[Path, Opt(help="Folder that holds run directories.", rich_help_panel=LAUNCH)] = RUNS,
+    resume: Annotated[
+        Path | None, Opt(help="Continue runs/<name> from its last complete round.", rich_help_panel=LAUNCH)
     ] = None,
-    partitioner: Annotated[str | None, Opt(help="iid, dirichlet, pathological, longtail.")] = None,
-    alpha: Annotated[float | None, Opt(help="Dirichlet concentration (smaller = more skewed).")] = None,
-    classes_per_client: Annotated[int | None, Opt(help="Classes per client (pathological).")] = None,
-    imbalance_ratio: Annotated[float | None, Opt(help="Head/tail class ratio (longtail).")] = None,
-    clients: Annotated[int | None, Opt(help="Number of clients (virtual SuperNodes).")] = None,
-    fraction_train: Annotated[float | None, Opt(help="Share of clients trained per round.")] = None,
-    fraction_evaluate: Annotated[
-        float | None, Opt(help="Share of clients evaluating per round (0 = none).")
+    stop_after: Annotated[
+        int | None, Opt(help="Stop after this round (resume later).", rich_help_panel=LAUNCH)
     ] = None,
-    rounds: Annotated[int | None, Opt(help="Federated rounds.")] = None,
-    local_epochs: Annotated[int | None, Opt(help="Local epochs per round.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Local batch size.")] = None,
-    learning_rate: Annotated[float | None, Opt(help="Client SGD learning rate.")] = None,
-    momentum: Annotated[float | None, Opt(help="Client SGD momentum (0 for plain SGD).")] = None,
-    proximal_mu: Annotated[float | None, Opt(help="FedProx proximal weight μ.")] = None,
-    server_learning_rate: Annotated[float | None, Opt(help="FedAdam server learning rate η.")] = None,
-    num_malicious: Annotated[int | None, Opt(help="Krum: tolerated malicious clients.")] = None,
-    trim_beta: Annotated[float | None, Opt(help="FedTrimmedAvg: share trimmed at each end.")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for data split, init, sampling and training.")] = None,
-    max_local_steps: Annotated[int | None, Opt(help="Cap local SGD steps (1 + batch 1 = FedSGD).")] = None,
-    audit: Annotated[bool | None, Opt("--audit/--no-audit", help="Attack client updates each round.")] = None,
-    audit_attacks: Annotated[str | None, Opt(help="Comma-separated attacks (see `fedsim attacks`).")] = None,
-    audit_clients: Annotated[int | None, Opt(help="Clients audited per round (0 = all sampled).")] = None,
-    runs_dir: Annotated[Path, Opt(help="Folder that holds run directories.")] = Path("runs"),
-    resume: Annotated[Path | None, Opt(help="Continue runs/<name> from its last complete round.")] = None,
-    stop_after: Annotated[int | None, Opt(help="Stop after this round (resume later).")] = None,
-    cpus: Annotated[int | None, Opt(help="CPU cores for the simulation (default: all).")] = None,
-    ray_address: Annotated[str | None, Opt(help="Join a running Ray cluster, e.g. 'auto'.")] = None,
-    verbose: Annotated[bool, Opt(help="Show Flower's and Ray's logs.")] = False,
+    cpus: Annotated[
+        int | None, Opt(help="CPU cores for the simulation (default: all).", rich_help_panel=LAUNCH)
+    ] = None,
+    ray_address: Annotated[
+        str | None, Opt(help="Join a running Ray cluster, e.g. 'auto'.", rich_help_panel=LAUNCH)
+    ] = None,
+    verbose: Annotated[bool, Opt(help="Show Flower's and Ray's logs.", rich_help_panel=LAUNCH)] = False,
+    **knobs: Any,
 ) -> None:
     """Run a federated simulation and write runs/<name>/ (metrics, checkpoints, plot)."""
-    overrides = {field_name(k): v for k, v in locals().items() if k in _CONFIG_FLAGS and v is not None}
+    overrides = given_flags(ctx, knobs)
     try:
-        if stop_after is not None and stop_after < 1:
-            raise UserInputError(f"--stop-after must be at least 1 (got {stop_after}); pass a round number")
-        if cpus is not None and cpus < 1:
-            raise UserInputError(f"--cpus must be at least 1 (got {cpus}); leave it out to use every core")
-        if ray_address:
-            check_ray_address(ray_address)
         if resume is not None:
             if overrides or config is not None:
                 raise UserInputError(
                     "--resume continues a run with its saved config; drop the other run flags"
                 )
-            store = RunStore.open(resume)
-            run_config = store.config
-            validate_plan(run_config)
+            store = RunStore.open(resume)  # for the progress bar; api.run validates the folder
+            run_config, done = None, store.last_complete_round() or 0
+            shown = store.config
         else:
-            base = RunConfig.from_file(config) if config else RunConfig()
-            run_config = base.replace(**overrides)
-            validate_plan(run_config)
-            store = RunStore.create(runs_dir, run_config)
+            base = RunConfig.from_file(config) if config is not None else RunConfig()
+            run_config, done = base.replace(**overrides), 0
+            shown = run_config
+        total = min(shown.rounds, stop_after or shown.rounds)
+        with _RoundProgress(shown.name, total, done) as progress:
+            result = api.run(
+                run_config, runs_dir=runs_dir, resume=resume, stop_after=stop_after, cpus=cpus,
+                ray_address=ray_address, on_round=progress, verbose=verbose,
+            )  # fmt: skip
     except UserInputError as err:
         _fail(err)
-    plan = FederationPlan(run_config, store, stop_after=stop_after)
-    done = store.last_complete_round() or 0
-    if done >= plan.last_round():
-        console.print(f"{store.path}: already at round {done} of {run_config.rounds}; nothing to do")
+    except RunFailedError as err:
+        if err.details:
+            console.print(err.details, markup=False, highlight=False)
+        console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(RunFailedError.exit_code) from None
+    if resume is not None and result.rounds_run == 0:
+        console.print(
+            f"{result.path}: already at round {result.last_round} of {result.config.rounds}; nothing to do"
+        )
         return
-    with _round_progress(plan, done) as progress:
-        plan.on_round = progress
-        try:
-            simulate(plan, cpus=cpus, ray_address=ray_address, verbose=verbose)
-        except SimulationError as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
-    rows = store.read_rows()
-    final = [r for r in rows if r["stage"] == "server"][-1]
-    console.print(
-        f"round {final['round']}: server test accuracy {float(final['eval_accuracy']):.4f}, "
-        f"loss {float(final['eval_loss']):.4f} -> {store.path}"
-    )
-    if run_config.audit and (store.path / AUDIT_FILE).exists():
-        _print_audit_summary(store.path / AUDIT_FILE, f"audit: {store.path / AUDIT_FILE}")
+    console.print(f"round {result.last_round}: server test {_scores(result.final)} -> {result.path}")
+    if result.audit_path is not None:
+        _print_audit_summary(result.audit_path, f"audit: {result.audit_path}")
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    """The model's evaluation metrics (`eval_*` columns), accuracy first: "accuracy 0.93, loss 0.21"."""
+    named = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
+    return ", ".join(f"{k} {v:.4f}" for k, v in sorted(named.items(), key=lambda kv: kv[0] == "loss"))
 
 
 def _print_audit_summary(source: Path | list[AuditRow], title: str) -> None:
@@ -147,19 +154,13 @@ def _print_audit_summary(source: Path | list[AuditRow], title: str) -> None:
             out.print(f"{s['attack']}: {s['note']}", markup=False, highlight=False)
 
 
-_CONFIG_FLAGS = {
-    "name", "dataset", "image_size", "model", "strategy", "partitioner", "alpha", "classes_per_client",
-    "imbalance_ratio", "clients", "fraction_train", "fraction_evaluate", "rounds", "local_epochs",
-    "batch_size", "learning_rate", "momentum", "proximal_mu", "server_learning_rate", "num_malicious",
-    "trim_beta",
-    "seed", "max_local_steps", "audit", "audit_attacks", "audit_clients",
-}  # fmt: skip
+class _RoundProgress:
+    """A rich progress bar over rounds, advanced by `fedsim.run`'s per-round callback and shown
+    from the first round on (an error before it prints only its line); plain lines when stderr
+    is not a terminal."""
 
-
-class _round_progress:  # noqa: N801 - used as a context manager, reads like a function
-    """A rich progress bar over rounds, advanced by the ServerApp's per-round callback."""
-
-    def __init__(self, plan: FederationPlan, done: int) -> None:
+    def __init__(self, name: str, total: int, done: int) -> None:
+        self.plain = not sys.stderr.isatty()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -167,93 +168,76 @@ class _round_progress:  # noqa: N801 - used as a context manager, reads like a f
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=console,
-            disable=not sys.stderr.isatty(),
+            disable=self.plain,
         )
-        self.task = self.progress.add_task(
-            plan.config.name, total=plan.last_round(), completed=done, status=""
-        )
-        self.plain = not sys.stderr.isatty()
+        self.task = self.progress.add_task(name, total=total, completed=done, status="")
+        self.started = False
 
-    def __enter__(self) -> _round_progress:
-        self.progress.start()
+    def __enter__(self) -> _RoundProgress:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.progress.stop()
 
     def __call__(self, server_round: int, metrics: dict[str, float]) -> None:
-        status = f"acc {metrics['accuracy']:.3f} loss {metrics['loss']:.3f}"
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        status = _scores(metrics)
         self.progress.update(self.task, completed=server_round, status=status)
         if self.plain:
-            console.print(f"round {server_round}: {status}")
+            console.print(f"round {server_round}: {status}", markup=False, highlight=False)
 
 
 @cli.command()
 def audit(
     model: Annotated[str, Opt(help=f"One of: {', '.join(available_models())}.")] = "cnn6",
-    data: Annotated[str, Opt(help=f"Samples to attack, from: {', '.join(available_datasets())}.")] = "photos",
+    dataset: Annotated[
+        str, Opt(help=f"Samples to attack, from: {', '.join(available_datasets())}.")
+    ] = "photos",
+    data: Annotated[str | None, Opt("--data", hidden=True, help="Old name of --dataset.")] = None,
     image_size: Annotated[int, Opt(help="Resize images to N×N; 0 keeps them.")] = 0,
     head: Annotated[str, Opt(help="'ce' (softmax with bias) or 'logistic' (R-GAP's one logit).")] = "ce",
     weights: Annotated[Path | None, Opt(help="Model weights (.safetensors, e.g. a run checkpoint).")] = None,
     samples: Annotated[int, Opt(help="Samples to attack (one batch-1 gradient each).")] = 4,
-    attacks: Annotated[
-        str, Opt(help=f"Comma-separated, from: {', '.join(available_attacks())}.")
-    ] = "layerwise",
+    attacks: Annotated[str, Opt(help="Comma-separated (see `fedsim attacks`).")] = "layerwise",
     seed: Annotated[int, Opt(help="Seed for the initial weights and the sample choice.")] = 0,
-    out: Annotated[Path | None, Opt(help="Output folder (default runs/audit-<model>-<data>-<time>).")] = None,
+    out: Annotated[
+        Path | None, Opt(help="Output folder (default runs/audit-<model>-<dataset>-<time>).")
+    ] = None,
 ) -> None:
     """Audit one model's leakage: per-layer rank table, security score, attacks on N samples."""
+    dataset = data or dataset
+    folder = out or RUNS / f"audit-{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        names = [a.strip() for a in attacks.split(",") if a.strip()]
-        check_attack_names(names)
-        if samples < 1:
-            raise UserInputError(f"--samples must be at least 1 (got {samples}); pass e.g. --samples 4")
-        check_model_name(model)
-        dataset = load_dataset(data, image_size or None)
-        torch.manual_seed(seed)
-        try:
-            net = build_model(model, InputSpec(dataset.sample_shape, dataset.num_classes), head=head)
-        except ValueError as err:
-            raise UserInputError(str(err)) from None
-        if weights is not None:
-            load_weights(net, weights)
-        folder = out or Path("runs") / f"audit-{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-        check_output_folder(folder)
+        result = api.audit(
+            model=model, dataset=dataset, samples=samples, attacks=attacks, weights=weights, seed=seed,
+            out=folder, image_size=image_size, head=head,
+        )  # fmt: skip
     except UserInputError as err:
         _fail(err)
-    chosen = np.random.default_rng(seed).choice(
-        len(dataset.y_test), size=min(samples, len(dataset.y_test)), replace=False
-    )
-    inputs, labels = dataset.x_test[chosen], dataset.y_test[chosen]
-    result = audit_model(net, inputs, labels, names, seed=seed, sample_ids=chosen)
-    settings = {
-        "model": model,
-        "data": data,
-        "image_size": image_size,
-        "head": head,
-        "seed": seed,
-        "weights": str(weights) if weights else None,
-        "samples": [int(i) for i in chosen],
-    }
-    write_audit(folder, result, settings)
     out_console = Console()
-    if result.security.report is not None:
-        out_console.print(result.security.report.to_table(), markup=False, highlight=False)
+    if result.security_report is not None:
+        out_console.print(result.security_report.to_table(), markup=False, highlight=False)
     else:
-        out_console.print(f"security metric: {result.security.note}", markup=False, highlight=False)
-    _print_audit_summary(result.rows, f"audit of {model} on {data}")
-    out_console.print(f"wrote {folder}/report.json, audit.csv, reconstructions.png")
+        out_console.print(f"security metric: {result.security_error}", markup=False, highlight=False)
+    _print_audit_summary(result.audit_rows, f"audit of {model} on {dataset}")
+    out_console.print(f"wrote {folder}/: {', '.join(p.name for p in result.files)}")
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return "-" if value is None or value != value else format(value, spec)
 
 
 @cli.command("attacks")
 def list_attacks() -> None:
-    """List the attacks an audit can run."""
+    """List the attacks an audit can run: what each does and what it works on."""
+    width = max(len(name) for name in ATTACKS) + 2
     for name in available_attacks():
-        typer.echo(name)
+        entry = ATTACKS[name]
+        typer.echo(f"{name:<{width}}{entry.description}")
+        typer.echo(f"{'':<{width}}works on: {entry.works_on}")
 
 
 @cli.command("datasets")

@@ -26,9 +26,9 @@ CASES = [
         ["--strategy", "krum", "--clients", "3", "--num-malicious", "1"],
         "Krum with 1 malicious clients needs more",
     ),
-    (["--fraction-train", "1.5"], "fraction-train must be in (0, 1] (got 1.5); pass a share"),
-    (["--momentum", "-0.5"], "momentum must be >= 0 (got -0.5); pass 0 or more"),
-    (["--num-malicious", "-1"], "num-malicious must be >= 0 (got -1)"),
+    (["--fraction-train", "1.5"], "fraction-train must be in (0, 1] (got 1.5); pass --fraction-train in"),
+    (["--momentum", "-0.5"], "momentum must be at least 0 (got -0.5); pass --momentum 0 or more"),
+    (["--num-malicious", "-1"], "num-malicious must be at least 0 (got -1)"),
     (["--strategy", "fedadam", "--server-learning-rate", "0"], "server-learning-rate must be > 0 (got 0.0)"),
     (["--image-size", "100000"], "image size 100000 is out of range; pass 4 to 256 pixels"),
     (
@@ -38,6 +38,24 @@ CASES = [
     (["--cpus", "0"], "--cpus must be at least 1 (got 0); leave it out to use every core"),
     (["--stop-after", "0"], "--stop-after must be at least 1"),
     (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+    # values that are not finite, whatever the knob
+    (["--learning-rate", "inf"], "learning-rate must be a finite number (got inf)"),
+    (["--momentum", "inf"], "momentum must be a finite number (got inf)"),
+    (["--alpha", "inf"], "alpha must be a finite number (got inf)"),
+    (["--proximal-mu", "-inf"], "proximal-mu must be a finite number (got -inf)"),
+    (["--learning-rate", "nan"], "learning-rate must be a finite number (got nan)"),
+    (["--trim-beta", "nan"], "trim-beta must be a finite number (got nan)"),
+    (["--fraction-evaluate", "nan"], "fraction-evaluate must be a finite number (got nan)"),
+    # seeds numpy's SeedSequence and torch.manual_seed both accept
+    (["--seed", "-1"], "seed must be in [0, 4294967295] (got -1)"),
+    (["--seed", "4294967296"], "seed must be in [0, 4294967295] (got 4294967296)"),
+    (["--seed", "1" + "0" * 30], "seed 1000000000000000000000000000000 does not fit a 64-bit integer"),
+    # control characters in names and strings (argv cannot hold NUL; files can, see below)
+    (["--name", "a\x1bb"], "name 'a\\x1bb' contains the control character '\\x1b'"),
+    (["--name", "a\nb"], "name 'a\\nb' contains the control character '\\n'"),
+    (["--audit-attacks", "layerwise\tdlg"], "audit-attacks 'layerwise\\tdlg' contains the control character"),
+    (["--name", ""], "name is empty; pass a non-empty value"),
+    (["--name", "../up"], "run name '../up' is not a plain folder name"),
 ]
 
 
@@ -99,6 +117,38 @@ def test_runs_dir_that_is_a_file(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"error: cannot create a run directory in {blocker}")
     assert "pass a writable --runs-dir" in result.output and blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "message"),
+    [
+        (".toml", "learning-rate = inf\n", "learning-rate must be a finite number (got inf)"),
+        (".toml", "momentum = nan\n", "momentum must be a finite number (got nan)"),
+        (".toml", "alpha = -inf\n", "alpha must be a finite number (got -inf)"),
+        (".toml", "seed = -1\n", "seed must be in [0, 4294967295] (got -1)"),
+        (".toml", 'name = "a\\u0000b"\n', "name 'a\\x00b' contains the control character '\\x00'"),
+        (".toml", 'dataset = "digits\\u0000"\n', "dataset 'digits\\x00' contains the control character"),
+        (".json", '{"alpha": Infinity}', "alpha must be a finite number (got inf)"),
+        (".json", '{"learning-rate": NaN}', "learning-rate must be a finite number (got nan)"),
+        (".json", '{"name": "run\\u0000x"}', "name 'run\\x00x' contains the control character '\\x00'"),
+    ],
+)
+def test_bad_values_in_a_config_file(suffix: str, text: str, message: str, tmp_path: Path) -> None:
+    config = tmp_path / f"run{suffix}"
+    config.write_text(text)
+    result = CliRunner().invoke(cli, ["run", "--config", str(config), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_with_run_flags_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path), "--rounds", "5"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: --resume continues a run with its saved config; drop the other run flags"
+    )
 
 
 def test_clients_key_in_a_config_file(tmp_path: Path) -> None:

@@ -1,5 +1,10 @@
 """The run configuration: one flat record of every knob, validated before anything is written.
 
+Each knob is declared once, as a field with `knob(default, help, group, ...)`: its type, default,
+help text, group, public key and allowed range. The TOML/JSON keys, the Flower run-config keys,
+`fedsim run`'s flags (with `--help` grouped and showing defaults) and the validation are all
+generated from those declarations, so adding a field adds its flag, its key and its checks.
+
 Keys are kebab-case, as in Flower's `[tool.flwr.app.config]`, so the same record drives
 `fedsim run` (flags or a TOML file) and `flwr run .` (`context.run_config`). Missing keys take
 defaults, because `run_simulation` hands the ServerApp an empty run config.
@@ -8,9 +13,13 @@ defaults, because `run_simulation` hands the ServerApp an empty run config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import tomllib
-from collections.abc import Mapping
+import typing
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,62 +28,185 @@ from fedsim.data.partition import PartitionSpec
 from fedsim.errors import UserInputError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedavg")
-# Names users reach for that the record spells differently (the CLI flag is --clients).
-KEY_ALIASES = {"clients": "num_clients"}
+# numpy's SeedSequence and torch.manual_seed both take any 32-bit unsigned seed.
+MAX_SEED = 2**32 - 1
+# Flower's ConfigRecord (and config.json readers in other languages) hold signed 64-bit ints.
+INT_LIMIT = 2**63
 
 
-def knob(default: Any, help: str, group: str) -> Any:
-    """Declare one config knob: its default, its help text and its group. The CLI flags, the
-    TOML/JSON keys and `--help` are all generated from these declarations."""
-    return field(default=default, metadata={"help": help, "group": group})
+def knob(
+    default: Any,
+    help: str,
+    group: str,
+    *,
+    key: str | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    """Declare one config knob. `key` is its public name when it differs from the field's
+    (the field's own kebab-case name stays accepted); `at_least`/`above`/`at_most` bound a
+    number; `choices` lists the allowed strings."""
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "choices": choices}
+    return field(default=default, metadata={"help": help, "group": group, "key": key, **bounds})
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One knob as the CLI, the config files and the validation see it."""
+
+    name: str  # the RunConfig field
+    key: str  # the public kebab-case key and flag (`--<key>`)
+    type: type
+    default: Any
+    help: str
+    group: str
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    choices: Sequence[str] | None = None
+
+    @property
+    def description(self) -> str:
+        """The help text, with the allowed values where the knob declares them."""
+        return f"{self.help} One of: {', '.join(self.choices)}." if self.choices else self.help
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every spelling a config file may use: the public key and the field's own name."""
+        return tuple(dict.fromkeys((self.key, self.name.replace("_", "-"), self.name)))
+
+    def coerce(self, value: Any, source: str) -> Any:
+        """A value read from a file, as the declared type: ints widen to floats, integral floats
+        narrow to ints; anything else of the wrong type is a user error."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if self.type is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            name = self.type.__name__
+            raise UserInputError(
+                f"{self.key} in {source} must be {name}, got {value!r}; write it as a {name}"
+            )
+        return value
+
+    def check(self, value: Any) -> None:
+        """Raise UserInputError unless `value` is a valid setting: the declared type, finite,
+        within the declared range and choices, and free of control characters."""
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            raise UserInputError(
+                f"{self.key} must be {self.type.__name__}, got {value!r}; pass a {self.type.__name__}"
+            )
+        if isinstance(value, str):
+            check_text(self.key, value)
+            if self.choices is not None and value not in self.choices:
+                raise UserInputError(
+                    f"unknown {self.key} {value!r}; choose one of: {', '.join(self.choices)}"
+                )
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(
+                f"{self.key} must be a finite number (got {value}); pass e.g. {self.default}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+            raise UserInputError(f"{self.key} {value} does not fit a 64-bit integer; pass a smaller number")
+        self._check_range(value)
+
+    def _check_range(self, value: float) -> None:
+        low_ok = (self.at_least is None or value >= self.at_least) and (
+            self.above is None or value > self.above
+        )
+        if low_ok and (self.at_most is None or value <= self.at_most):
+            return
+        if self.at_most is not None:
+            low = f"[{_num(self.at_least)}" if self.at_least is not None else f"({_num(self.above)}"
+            raise UserInputError(
+                f"{self.key} must be in {low}, {_num(self.at_most)}] (got {value}); "
+                f"pass --{self.key} in that range"
+            )
+        if self.at_least is not None:
+            raise UserInputError(
+                f"{self.key} must be at least {_num(self.at_least)} (got {value}); "
+                f"pass --{self.key} {_num(self.at_least)} or more"
+            )
+        raise UserInputError(
+            f"{self.key} must be > {_num(self.above)} (got {value}); "
+            f"pass --{self.key} above {_num(self.above)}"
+        )
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run; two runs with equal configs produce equal metrics."""
 
-    # data
+    # run
     name: str = knob("run", "Run name: the folder under --runs-dir.", "run")
+    # data
     dataset: str = knob("digits", "Embedded dataset (see `fedsim datasets`).", "data")
-    image_size: int = knob(0, "Resize images to N×N (e.g. 32 for CNN6); 0 keeps them.", "data")
+    image_size: int = knob(0, "Resize images to N×N (e.g. 32 for CNN6); 0 keeps them.", "data", at_least=0)
     partitioner: str = knob("iid", "How to split: iid, dirichlet, pathological, longtail.", "data")
     alpha: float = knob(0.5, "Dirichlet concentration (smaller = more skewed).", "data")
     classes_per_client: int = knob(2, "Classes per client (pathological).", "data")
     imbalance_ratio: float = knob(10.0, "Head/tail class ratio (longtail).", "data")
-    num_clients: int = knob(10, "Number of clients (virtual SuperNodes).", "data")
+    num_clients: int = knob(10, "Number of clients (virtual SuperNodes).", "data", key="clients", at_least=1)
     # model and local training
     model: str = knob("mlp", "Model of the zoo (see `fedsim models`).", "training")
-    rounds: int = knob(3, "Federated rounds.", "training")
-    local_epochs: int = knob(2, "Local epochs per round.", "training")
-    max_local_steps: int = knob(0, "Cap local SGD steps; 0 = no cap (1 + batch 1 = FedSGD).", "training")
-    batch_size: int = knob(32, "Local batch size.", "training")
-    learning_rate: float = knob(0.1, "Client SGD learning rate.", "training")
-    momentum: float = knob(0.9, "Client SGD momentum (0 for plain SGD).", "training")
-    seed: int = knob(0, "Seed for data split, init, sampling and training.", "training")
+    rounds: int = knob(3, "Federated rounds.", "training", at_least=1)
+    local_epochs: int = knob(2, "Local epochs per round.", "training", at_least=1)
+    max_local_steps: int = knob(
+        0, "Cap local SGD steps; 0 = no cap (1 + batch 1 = FedSGD).", "training", at_least=0
+    )
+    batch_size: int = knob(32, "Local batch size.", "training", at_least=1)
+    learning_rate: float = knob(0.1, "Client SGD learning rate.", "training", above=0)
+    momentum: float = knob(0.9, "Client SGD momentum (0 for plain SGD).", "training", at_least=0)
+    seed: int = knob(
+        0, "Seed for data split, init, sampling and training.", "training", at_least=0, at_most=MAX_SEED
+    )
     # server strategy
-    strategy: str = knob("fedavg", f"Aggregation: {', '.join(STRATEGIES)}.", "strategy")
-    fraction_train: float = knob(1.0, "Share of clients trained per round.", "strategy")
-    fraction_evaluate: float = knob(1.0, "Share of clients evaluating per round (0 = none).", "strategy")
+    strategy: str = knob("fedavg", "Server aggregation strategy.", "strategy", choices=STRATEGIES)
+    fraction_train: float = knob(1.0, "Share of clients trained per round.", "strategy", above=0, at_most=1)
+    fraction_evaluate: float = knob(
+        1.0, "Share of clients evaluating per round (0 = none).", "strategy", at_least=0, at_most=1
+    )
     proximal_mu: float = knob(0.01, "FedProx proximal weight μ (fedprox only).", "strategy")
-    server_learning_rate: float = knob(0.01, "FedAdam server learning rate η.", "strategy")
-    num_malicious: int = knob(0, "Krum: tolerated malicious clients.", "strategy")
+    server_learning_rate: float = knob(0.01, "FedAdam server learning rate η.", "strategy", above=0)
+    num_malicious: int = knob(0, "Krum: tolerated malicious clients.", "strategy", at_least=0)
     trim_beta: float = knob(0.2, "FedTrimmedAvg: share trimmed at each end.", "strategy")
     # audit
     audit: bool = knob(False, "Attack client updates each round.", "audit")
     audit_attacks: str = knob("layerwise", "Comma-separated attacks (see `fedsim attacks`).", "audit")
-    audit_clients: int = knob(2, "Clients audited per round (0 = every sampled client).", "audit")
+    audit_clients: int = knob(2, "Clients audited per round (0 = every sampled client).", "audit", at_least=0)
+
+    def __post_init__(self) -> None:
+        # RunConfig(learning_rate=1) means 1.0: keep float knobs floats so equal configs
+        # serialise (config.json, Flower records) identically.
+        for spec in self.knobs():
+            value = getattr(self, spec.name)
+            if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, spec.name, float(value))
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        """Every knob in declaration order (the order of `--help` and of config.json)."""
+        return _knobs(cls)
+
+    @classmethod
+    def knob(cls, key: str) -> Knob:
+        """The knob a config key, flag name or field name names (KeyError if none)."""
+        return _knob_by_key(cls)[key]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
         """Build from kebab- or snake-case keys; unknown keys and wrong types are user errors."""
-        known = {f.name: f for f in fields(cls)}
+        by_key = _knob_by_key(cls)
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
-            key = field_name(raw_key)
-            if key not in known:
-                names = ", ".join(_flag(k) for k in known)
+            spec = by_key.get(raw_key) if isinstance(raw_key, str) else None
+            if spec is None:
+                names = ", ".join(k.key for k in cls.knobs())
                 raise UserInputError(f"unknown key {raw_key!r} in {source}; known keys: {names}")
-            kwargs[key] = _coerce(raw_key, value, type(getattr(cls(), key)), source)
+            kwargs[spec.name] = spec.coerce(value, source)
         return cls(**kwargs)
 
     @classmethod
@@ -95,7 +227,8 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Kebab-case keys, ready for JSON or a Flower ConfigRecord."""
+        """Kebab-case field names (config.json and the Flower ConfigRecord keep `num-clients`,
+        which every reader accepts next to the public `clients`)."""
         return {_flag(k): v for k, v in dataclasses.asdict(self).items()}
 
     def partition_spec(self) -> PartitionSpec:
@@ -109,34 +242,11 @@ class RunConfig:
         )
 
     def validate(self) -> None:
-        """Checks that need no data; the partition spec is checked against the data in
-        `fedsim.planning.validate_plan`."""
-        if self.rounds < 1:
-            raise UserInputError(f"rounds must be at least 1 (got {self.rounds}); pass --rounds 1 or more")
-        if self.num_clients < 1:
-            raise UserInputError(
-                f"clients must be at least 1 (got {self.num_clients}); pass --clients 1 or more"
-            )
-        if self.strategy not in STRATEGIES:
-            raise UserInputError(
-                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
-            )
-        for key in ("fraction_train", "fraction_evaluate"):
-            value = getattr(self, key)
-            if not 0 <= value <= 1 or (key == "fraction_train" and value == 0):
-                low = "(0" if key == "fraction_train" else "[0"
-                raise UserInputError(
-                    f"{_flag(key)} must be in {low}, 1] (got {value}); pass a share such as 0.5"
-                )
-        for key in ("max_local_steps", "audit_clients", "num_malicious", "momentum"):
-            if getattr(self, key) < 0:
-                raise UserInputError(f"{_flag(key)} must be >= 0 (got {getattr(self, key)}); pass 0 or more")
-        for key in ("local_epochs", "batch_size", "learning_rate", "server_learning_rate"):
-            if not getattr(self, key) > 0:
-                raise UserInputError(
-                    f"{_flag(key)} must be > 0 (got {getattr(self, key)}); pass a positive value"
-                )
-        if not self.name or "/" in self.name or self.name.startswith("."):
+        """Checks that need no data (each knob against its declaration, then the run name); the
+        partition spec is checked against the data in `fedsim.federation.planning.validate_plan`."""
+        for spec in self.knobs():
+            spec.check(getattr(self, spec.name))
+        if self.name.startswith(".") or "/" in self.name or "\\" in self.name:
             raise UserInputError(
                 f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
             )
@@ -149,22 +259,45 @@ class RunConfig:
         return max(int(self.num_clients * self.fraction_train), 1)
 
 
-def _coerce(key: str, value: Any, wanted: type, source: str) -> Any:
-    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if wanted is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+def check_text(what: str, value: str) -> None:
+    """Names and strings become folder names, CSV cells and Flower records: refuse empty ones
+    and control characters (NUL truncates paths in C code, newlines split CSV rows)."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
         raise UserInputError(
-            f"{key} in {source} must be {wanted.__name__}, got {value!r}; write it as a {wanted.__name__}"
+            f"{what} {value!r} contains the control character {bad!r}; use printable characters only"
         )
-    return value
+    if not value.strip():
+        raise UserInputError(f"{what} is empty; pass a non-empty value")
 
 
-def field_name(key: str) -> str:
-    """The RunConfig field a config key or CLI option names (kebab- or snake-case, or an alias)."""
-    snake = key.replace("-", "_")
-    return KEY_ALIASES.get(snake, snake)
+@functools.cache
+def _knobs(cls: type[RunConfig]) -> tuple[Knob, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        Knob(
+            name=f.name,
+            key=f.metadata["key"] or _flag(f.name),
+            type=hints[f.name],
+            default=f.default,
+            help=f.metadata["help"],
+            group=f.metadata["group"],
+            at_least=f.metadata["at_least"],
+            above=f.metadata["above"],
+            at_most=f.metadata["at_most"],
+            choices=f.metadata["choices"],
+        )
+        for f in fields(cls)
+    )
+
+
+@functools.cache
+def _knob_by_key(cls: type[RunConfig]) -> dict[str, Knob]:
+    return {key: spec for spec in _knobs(cls) for key in spec.keys}
+
+
+def _num(value: float | None) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 def _flag(name: str) -> str:

@@ -1,0 +1,88 @@
+"""One federation in its own process: `python -m fedsim._worker RUN_DIR --report FILE ...`.
+
+`fedsim.run` launches this because Flower's `run_simulation` is not safe to call twice in one
+process (its ServerApp thread can outlive the call). The run directory already holds a
+validated config; the caller follows its metrics.csv for progress. This process tells how it
+ended in a small JSON report (`kind`: input, run or crash, and a one-line `message`) and exits
+0 (done), 1 (the run failed) or 2 (bad input found only now, e.g. a damaged run folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from fedsim.errors import UserInputError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    _die_with_parent(args.parent)
+    from fedsim.federation.server_app import FederationPlan
+    from fedsim.federation.simulation import SimulationError, simulate
+    from fedsim.store.run_store import RunStore
+
+    try:
+        store = RunStore.open(args.run_dir)
+        plan = FederationPlan(store.config, store, stop_after=args.stop_after)
+        simulate(plan, cpus=args.cpus, ray_address=args.ray_address, verbose=args.verbose)
+    except UserInputError as err:
+        _report(args.report, "input", str(err))
+        return UserInputError.exit_code
+    except SimulationError as err:
+        _report(args.report, "run", str(err))
+        return 1
+    except Exception as err:  # a bug: keep the traceback for the caller
+        details = traceback.format_exc()
+        print(details, file=sys.stderr)
+        _report(args.report, "crash", f"{type(err).__name__}: {err}".splitlines()[0], details)
+        return 1
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fedsim._worker", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--parent", type=int, required=True, help="exit when this process is gone")
+    parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--cpus", type=int)
+    parser.add_argument("--ray-address")
+    parser.add_argument("--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _report(path: Path, kind: str, message: str, details: str = "") -> None:
+    path.write_text(json.dumps({"kind": kind, "message": message, "details": details}))
+
+
+def _die_with_parent(parent: int) -> None:
+    """A caller killed mid-round (SIGKILL, a closed notebook) must not leave this federation
+    writing the run folder behind its back: die with it, as a single process would."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
