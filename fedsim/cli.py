@@ -28,6 +28,7 @@ from fedsim.federation.planning import check_attack_names, check_model_name, val
 from fedsim.federation.server_app import FederationPlan
 from fedsim.federation.simulation import SimulationError, check_ray_address, simulate
 from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
+from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import RunStore
 from fedsim.strategy.auditing import AUDIT_FILE
 from models import InputSpec, available_models, build_model
@@ -96,9 +97,8 @@ def run(
                 raise UserInputError(
                     "--resume continues a run with its saved config; drop the other run flags"
                 )
-            store = RunStore.open(resume)
+            store = open_for_resume(resume)  # config, checkpoints and logs checked, nothing written
             run_config = store.config
-            validate_plan(run_config)
         else:
             base = RunConfig.from_file(config) if config else RunConfig()
             run_config = base.replace(**overrides)
