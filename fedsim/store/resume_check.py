@@ -22,8 +22,9 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ def check_checkpoints(folder: Path, config: RunConfig) -> int:
     return newest
 
 
-def _read_safetensors(file: Path, load, fix: str) -> dict:
+def _read_safetensors(file: Path, load: Callable[[Path], dict[str, Any]], fix: str) -> dict[str, Any]:
     """safetensors only: plain tensors and a JSON header, so a pickled file is refused, never run."""
     try:
         return load(file)
