@@ -41,6 +41,7 @@ from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
 from fedsim.federation.simulation import check_ray_address
 from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
+from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RunStore
 from fedsim.strategy.auditing import AUDIT_FILE
 from models import InputSpec, build_model
@@ -256,9 +257,7 @@ def _prepare_store(config: ConfigLike | None, runs_dir: PathLike, resume: PathLi
     if resume is not None:
         if config is not None:
             raise UserInputError("resume continues a run with its saved config; pass no config with it")
-        store = RunStore.open(_path(resume, "--resume"))
-        validate_plan(store.config)
-        return store
+        return open_for_resume(_path(resume, "--resume"))
     run_config = _as_config(config)
     validate_plan(run_config)
     return RunStore.create(_path(runs_dir, "--runs-dir"), run_config)

@@ -27,7 +27,7 @@ from fedsim import api
 from fedsim.config.run_config import Knob, RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import RunFailedError, UserInputError
-from fedsim.store.run_store import RunStore
+from fedsim.store.resume_check import open_for_resume
 from models import available_models
 
 cli = typer.Typer(
@@ -100,7 +100,7 @@ def run(
                 raise UserInputError(
                     "--resume continues a run with its saved config; drop the other run flags"
                 )
-            store = RunStore.open(resume)  # for the progress bar; api.run validates the folder
+            store = open_for_resume(resume)  # damaged folders refused before the progress bar shows
             run_config, done = None, store.last_complete_round() or 0
             shown = store.config
         else:

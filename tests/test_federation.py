@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from tests.conftest import final_server_accuracy, read_metrics, run_fedsim
+from tests.conftest import FEDSIM, final_server_accuracy, read_metrics, run_fedsim
 
 pytestmark = pytest.mark.slow
 
@@ -94,18 +99,78 @@ def test_cnn6_federation_on_32px_fashion_mnist(tmp_path: Path) -> None:
     assert final_server_accuracy(tmp_path / "runs" / "cnn6") > 0.15  # chance is 0.10
 
 
-def test_resume_after_a_kill_in_round_one(tmp_path: Path) -> None:
-    """Killed mid round 1: only round 0 is checkpointed and round-1 rows are half written.
-    Resuming must drop those rows, keep round 0's single server row and finish like a straight run."""
-    _run(["--name", "straight", "--clients", "3", "--rounds", "2", "--local-epochs", "1"], tmp_path)
+# Round 2 lasts about as long as round 1's local training (a second or two here): long enough to
+# be killed inside it, short enough for three federations in about a minute.
+KILLABLE = ["--clients", "2", "--rounds", "2", "--local-epochs", "4", "--batch-size", "4",
+            "--learning-rate", "0.05"]  # fmt: skip
+
+
+def test_resume_after_sigkill_mid_round(tmp_path: Path) -> None:
+    """`fedsim run` and its Ray cluster SIGKILLed while round 2 trains; `--resume` redoes round 2
+    and ends exactly where an uninterrupted run ends."""
     runs = tmp_path / "runs"
-    shutil.copytree(runs / "straight", runs / "killed")
-    for later in ("round-0001.safetensors", "round-0002.safetensors"):
-        (runs / "killed" / "checkpoints" / later).unlink()
-    _run(["--resume", str(runs / "killed")], tmp_path)
-    rows = read_metrics(runs / "killed")
+    _run(["--name", "straight", *KILLABLE], tmp_path)
+    killed = runs / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(
+            [*FEDSIM, "run", "--name", "killed", *KILLABLE],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill reaches every Ray process
+        )
+    try:
+        group = _kill_during_round_two(process, killed)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    _, alive = psutil.wait_procs(group, timeout=30)
+    assert not alive, f"processes survived the kill: {alive}"
+    assert not [p for p in psutil.process_iter() if _group_of(p) == process.pid], "group still alive"
+    # (a hidden temp file would be a checkpoint write the kill cut short: resume removes it)
+    assert sorted(p.name for p in (killed / "checkpoints").glob("round-*")) == [
+        "round-0000.safetensors",
+        "round-0001.safetensors",
+    ], "the kill did not land inside round 2"
+
+    _run(["--resume", str(killed)], tmp_path)
+    rows = read_metrics(killed)
+    keys = [(r["round"], r["partition_id"], r["stage"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate rows after the resume"
     assert [r["round"] for r in rows if r["stage"] == "server"] == ["0", "1", "2"]
     assert _without_timing(rows) == _without_timing(read_metrics(runs / "straight"))
     straight = load_file(runs / "straight" / "checkpoints" / "round-0002.safetensors")
-    resumed = load_file(runs / "killed" / "checkpoints" / "round-0002.safetensors")
-    assert all((straight[k] == resumed[k]).all() for k in straight), "resumed weights differ"
+    resumed = load_file(killed / "checkpoints" / "round-0002.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resumed weights differ"
+
+
+def _kill_during_round_two(process: subprocess.Popen[bytes], run: Path) -> list[psutil.Process]:
+    """SIGKILL the process group once round 2 is under way; the processes the group held.
+
+    Round 1's checkpoint is the last thing round 1 writes (Flower goes straight on to round 2's
+    training), so round 2 has started once it exists; waiting a third of round 1's training time
+    puts the kill inside round 2's training."""
+    checkpoint = run / "checkpoints" / "round-0001.safetensors"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert process.poll() is None, f"fedsim exited early ({process.returncode})"
+        assert time.monotonic() < deadline, "round 1 never finished"
+        time.sleep(0.02)
+    train_seconds = [float(r["seconds"]) for r in read_metrics(run) if r["stage"] == "train"]
+    time.sleep(max(train_seconds) / 3)
+    group = [p for p in psutil.process_iter(["name"]) if _group_of(p) == process.pid]
+    assert {"raylet", "gcs_server"} & {p.info["name"] for p in group}, "no Ray cluster in the group"
+    assert not (run / "checkpoints" / "round-0002.safetensors").exists(), "round 2 ended before the kill"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return group
+
+
+def _group_of(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None

@@ -120,7 +120,7 @@ def _starting_point(
     if done is None:
         store.save_checkpoint(0, initial, {})
         return StartingPoint(0, initial, resumed=False)
-    store.drop_rows_after(done)
+    store.roll_back_to(done)
     if isinstance(audited, AuditingStrategy):
         audited.log.drop_rows_after(done)
     # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting them

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 PLOT_FILE = "metrics.png"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_NAME = re.compile(r"round-(?P<round>[0-9]{4,})(?:\.(?P<kind>strategy))?\.safetensors")
+# The hidden temp file of an `atomic_write` that a kill cut short (never renamed into place).
+PARTIAL_CHECKPOINT_NAME = re.compile(r"\.round-[0-9]{4,}(?:\.strategy)?\.safetensors\.[A-Za-z0-9_]+")
 
 
 class RunStore:
@@ -75,6 +79,8 @@ class RunStore:
 
     @classmethod
     def open(cls, path: Path) -> RunStore:
+        """A store over an existing run folder, unchecked: `fedsim.store.resume_check.open_for_resume`
+        checks it before a resume."""
         if not (path / CONFIG_FILE).is_file():
             raise UserInputError(f"{path} is not a fedsim run directory (no {CONFIG_FILE}); pass runs/<name>")
         return cls(path)
@@ -115,11 +121,19 @@ class RunStore:
         atomic_write(self.checkpoint_path(server_round), lambda tmp: save_file(tensors, tmp))
 
     def last_complete_round(self) -> int | None:
-        rounds = [
-            int(p.name[len("round-") : len("round-") + 4])
-            for p in (self.path / CHECKPOINTS).glob("round-????.safetensors")
-        ]
-        return max(rounds, default=None)
+        """The newest round with a model checkpoint (its commit marker), or None for a new run."""
+        folder = self.path / CHECKPOINTS
+        names = (CHECKPOINT_NAME.fullmatch(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
+        return max((int(m["round"]) for m in names if m and m["kind"] is None), default=None)
+
+    def roll_back_to(self, last_round: int) -> None:
+        """Forget what an interrupted round left behind: its metrics rows, a strategy file written
+        before its model file, and temp files of writes a kill cut short."""
+        self.drop_rows_after(last_round)
+        for path in (self.path / CHECKPOINTS).iterdir():
+            match = CHECKPOINT_NAME.fullmatch(path.name)
+            if PARTIAL_CHECKPOINT_NAME.fullmatch(path.name) or (match and int(match["round"]) > last_round):
+                path.unlink()
 
     def load_checkpoint(self, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         """Model weights and strategy state; safetensors holds plain tensors, never pickled code."""
