@@ -18,7 +18,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from audits.report import AUDIT_COLUMNS
+from audits.engine import AUDIT_COLUMNS
 from fedsim.cli import cli
 from fedsim.config.run_config import RunConfig
 from fedsim.store.resume_check import open_for_resume
@@ -163,14 +163,14 @@ def test_only_a_strategy_file_left(run_dir: Path) -> None:
 def test_empty_config_does_not_resume_with_defaults(run_dir: Path) -> None:
     (run_dir / "config.json").write_text("{}\n")
     line = _resume(run_dir)
-    assert "config.json lacks name, dataset," in line and "num-clients" in line
+    assert "config.json lacks name, dataset," in line and "clients" in line
 
 
 def test_config_missing_one_key(run_dir: Path) -> None:
     values = json.loads((run_dir / "config.json").read_text())
     del values["num-clients"]
     (run_dir / "config.json").write_text(json.dumps(values))
-    assert "config.json lacks num-clients (resume never fills in defaults)" in _resume(run_dir)
+    assert "config.json lacks clients (resume never fills in defaults)" in _resume(run_dir)
 
 
 @pytest.mark.parametrize(

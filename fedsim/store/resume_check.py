@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
-from audits.report import AUDIT_COLUMNS
-from fedsim.config.run_config import RunConfig, field_name
+from audits.engine import AUDIT_COLUMNS
+from fedsim.config.run_config import RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import UserInputError
 from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
@@ -83,9 +83,9 @@ def check_config(path: Path) -> RunConfig:
         raise UserInputError(f"{file} is not valid JSON ({_first_line(err)}); {restore}") from None
     if not isinstance(values, dict):
         raise UserInputError(f"{file} is not a JSON object of config keys; {restore}")
-    known = RunConfig().to_dict()
-    present = {field_name(str(key)) for key in values}
-    missing = [key for key in known if field_name(key) not in present]
+    field_of = {key: spec.name for spec in RunConfig.knobs() for key in spec.keys}
+    present = {field_of.get(str(key)) for key in values}
+    missing = [spec.key for spec in RunConfig.knobs() if spec.name not in present]
     if missing:
         raise UserInputError(f"{file} lacks {', '.join(missing)} (resume never fills in defaults); {restore}")
     try:
