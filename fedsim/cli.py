@@ -30,7 +30,8 @@ from fedsim.federation.simulation import SimulationError, check_ray_address, sim
 from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
 from fedsim.store.run_store import RunStore
 from fedsim.strategy.auditing import AUDIT_FILE
-from models import InputSpec, available_models, build_model
+from fedsim.training.local import metric_names
+from models import available_models, build_model
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated-learning simulator with privacy auditing."
@@ -103,7 +104,7 @@ def run(
             base = RunConfig.from_file(config) if config else RunConfig()
             run_config = base.replace(**overrides)
             validate_plan(run_config)
-            store = RunStore.create(runs_dir, run_config)
+            store = RunStore.create(runs_dir, run_config, metric_names(run_config))
     except UserInputError as err:
         _fail(err)
     plan = FederationPlan(run_config, store, stop_after=stop_after)
@@ -206,7 +207,7 @@ def audit(
         dataset = load_dataset(data, image_size or None)
         torch.manual_seed(seed)
         try:
-            net = build_model(model, InputSpec(dataset.sample_shape, dataset.num_classes), head=head)
+            net = build_model(model, dataset.spec, head=head)
         except ValueError as err:
             raise UserInputError(str(err)) from None
         if weights is not None:

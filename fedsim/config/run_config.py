@@ -51,6 +51,9 @@ class RunConfig:
     learning_rate: float = knob(0.1, "Client SGD learning rate.", "training")
     momentum: float = knob(0.9, "Client SGD momentum (0 for plain SGD).", "training")
     seed: int = knob(0, "Seed for data split, init, sampling and training.", "training")
+    client_transforms: str = knob(
+        "", "Comma-separated client-side transformations of the training triple (none yet).", "training"
+    )
     # server strategy
     strategy: str = knob("fedavg", f"Aggregation: {', '.join(STRATEGIES)}.", "strategy")
     fraction_train: float = knob(1.0, "Share of clients trained per round.", "strategy")
@@ -140,6 +143,9 @@ class RunConfig:
             raise UserInputError(
                 f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
             )
+
+    def transformation_names(self) -> list[str]:
+        return [name.strip() for name in self.client_transforms.split(",") if name.strip()]
 
     def attack_names(self) -> list[str]:
         return [name.strip() for name in self.audit_attacks.split(",") if name.strip()]
