@@ -720,7 +720,7 @@ def plan_network(model: ZooModel, input_shape: tuple[int, ...]) -> NetworkPlan:
                 out_shape=out_shape,
                 post=post,
                 weight_name=f"{prefix}.weight",
-                bias_name=f"{prefix}.bias" if getattr(module, "bias", None) is not None else None,
+                bias_name=f"{prefix}.bias" if module.bias is not None else None,
             )
         )
     return NetworkPlan(tuple(input_shape), pre, tuple(layers))

@@ -13,6 +13,7 @@ from fedsim.data.idx import FASHION_MNIST_DIR, mnist_dir
 from fedsim.data.tabular import min_max_scaled
 from fedsim.errors import UserInputError
 from models import InputSpec
+from tests.conftest import final_server_accuracy, read_metrics, run_fedsim
 
 
 def _require(present: bool, install: str) -> None:
@@ -47,6 +48,19 @@ def test_breast_cancer_is_a_feature_dataset_scaled_by_its_train_split() -> None:
     # Stratified: both splits keep the 212 : 357 malignant : benign ratio.
     for y in (data.y_train, data.y_test):
         assert abs(y.mean() - 357 / 569) < 0.01
+
+
+@pytest.mark.slow
+def test_an_mlp_federates_on_feature_vectors(tmp_path) -> None:
+    args = ["--dataset", "breast-cancer", "--model", "mlp", "--clients", "5", "--rounds", "3"]
+    result = run_fedsim(
+        ["run", "--name", "bc", *args, "--batch-size", "8", "--learning-rate", "0.05"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "bc"
+    server = [r for r in read_metrics(run) if r["stage"] == "server"]
+    assert float(server[-1]["eval_loss"]) < float(server[0]["eval_loss"])
+    assert final_server_accuracy(run) >= 0.9  # a linear model reaches about 0.95 on this split
 
 
 def test_min_max_scaling_uses_train_statistics_and_clips_the_test_split() -> None:
