@@ -156,7 +156,7 @@ class ZooModel(nn.Module):
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Each of `metric_names` as a mean over this batch, so an evaluator can average batches
         weighted by their size."""
-        return {"accuracy": float((self.predict(outputs) == targets).float().mean())}
+        return {"accuracy": float((self.predict(outputs) == targets).double().mean())}
 
     # --- local training ------------------------------------------------------------------------
     def trainable_parameters(self) -> Iterable[nn.Parameter]:

@@ -23,7 +23,7 @@ from fedsim.federation.planning import validate_plan
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import RunStore, metric_columns
 from fedsim.training import transforms
-from fedsim.training.local import evaluate, metric_names, model_for, train_locally
+from fedsim.training.local import client_loader, evaluate, metric_names, model_for, train_locally
 from models import MODELS, InputSpec, TrainingSettings, ZooModel
 
 
@@ -155,6 +155,18 @@ def test_fedsgd_is_one_step_on_one_sample() -> None:
     grads = dict(zip(start, torch.autograd.grad(loss, list(reference.parameters())), strict=True))
     for name, weight in result.weights.items():
         assert torch.allclose(start[name] - weight, 0.1 * grads[name], atol=1e-7), name
+
+
+def test_batches_are_one_seeded_permutation_per_epoch() -> None:
+    data = client_data(RunConfig(num_clients=4), 0)
+    loader = client_loader(data, batch_size=32, seed=11)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(2):  # each epoch draws exactly one randperm from the seed's generator
+        expected = torch.randperm(len(data.y_train), generator=generator)
+        batches = list(loader)
+        assert torch.equal(torch.cat([indices for _, _, indices in batches]), expected)
+        for inputs, labels, indices in batches:  # each batch carries the rows its indices name
+            assert torch.equal(inputs, data.x_train[indices]) and torch.equal(labels, data.y_train[indices])
 
 
 def test_local_training_depends_only_on_seed_round_and_partition() -> None:

@@ -15,11 +15,12 @@ depends only on those and the global weights: runs repeat exactly and resume exa
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from fedsim.config.run_config import RunConfig
 from fedsim.data import Dataset
@@ -82,13 +83,30 @@ def round_seed(config: RunConfig, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0])
 
 
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation per epoch, one `randperm` draw each (torch's RandomSampler draws an
+    extra one at the end of every epoch), so batches are a function of the seed alone."""
+
+    def __init__(self, count: int, generator: torch.Generator) -> None:
+        self.count = count
+        self.generator = generator
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.count, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def client_loader(data: ClientData, batch_size: int, seed: int) -> DataLoader:
     """Shuffled batches of (inputs, labels, sample indices) of the client's train split; the
     indices say which samples were seen, for the auditor's ground truth."""
     samples = TensorDataset(data.x_train, data.y_train, torch.arange(len(data.y_train)))
-    return DataLoader(
-        samples, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
-    )
+    order = EpochShuffle(len(samples), torch.Generator().manual_seed(seed))
+    # The loader draws a worker seed from its own generator each epoch; a separate one keeps
+    # that draw out of the shuffle and out of the global RNG that dropout layers use.
+    loader_rng = torch.Generator().manual_seed(seed)
+    return DataLoader(samples, batch_size=batch_size, sampler=order, generator=loader_rng)
 
 
 class ProximalTerm:
