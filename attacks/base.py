@@ -27,6 +27,8 @@ class ObservedUpdate:
 
     `gradients` maps each parameter name of `model` to dL/dθ at the model's current weights.
     For multi-step FedAvg updates it is the estimate Δw / (-lr · steps) (see `from_weight_delta`).
+    Labels, known or recovered, are training targets (`model.targets(labels)`): what the loss
+    and hence the gradient depend on.
     """
 
     model: ZooModel
@@ -88,17 +90,18 @@ def _rounding_std(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (ulp / 12**0.5).float()
 
 
-def observe_gradient(model: ZooModel, inputs: torch.Tensor, targets: torch.Tensor) -> ObservedUpdate:
-    """The exact gradient a client would send for this batch (FedSGD), as the server sees it."""
+def observe_gradient(model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor) -> ObservedUpdate:
+    """The exact gradient a client would send for this batch of dataset labels (FedSGD), as the
+    server sees it; the labels become targets as in the client's training loop."""
     model.zero_grad(set_to_none=True)
-    loss = model.loss(model(inputs), targets)
+    loss = model.loss(model(inputs), model.targets(labels))
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
     grads = torch.autograd.grad(loss, params)
     return ObservedUpdate(
         model=model,
         gradients={n: g.detach().clone() for n, g in zip(names, grads, strict=True)},
         input_shape=tuple(inputs.shape[1:]),
-        num_classes=int(getattr(getattr(model, "spec", None), "num_classes", 0)),
+        num_classes=model.spec.num_classes,
         batch_size=int(inputs.shape[0]),
     )
 
@@ -121,9 +124,9 @@ class Attack(Protocol):
     def reconstruct(self, update: ObservedUpdate) -> Reconstruction: ...
 
 
-def parameter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def parameter_layers(model: ZooModel) -> list[tuple[str, nn.Module]]:
     """(prefix, module) for every leaf module of `model.layers`, in forward order."""
-    layers = getattr(model, "layers", None)
+    layers = model.layers
     if not isinstance(layers, nn.Sequential):
         raise AttackError(
             f"{type(model).__name__} has no flat `layers` nn.Sequential; layer-wise attacks need one"

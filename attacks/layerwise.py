@@ -66,6 +66,7 @@ from attacks.layerwise_systems import (
     solve_normal,
     weight_of,
 )
+from models.base import ZooModel
 
 
 @dataclass
@@ -167,21 +168,26 @@ class LayerwiseInversion:
             "rank_rtol": self.rank_rtol,
             "rank_deficient_layers": [d["layer"] for d in chosen.layers if d.get("deficit", 0) > 0],
         }
-        if getattr(model, "head", "ce") == "logistic":
+        if model.head == "logistic":
             diagnostics["label_kind"] = "binary target t = label % 2 of the logistic head"
         x = torch.from_numpy(inputs.reshape(1, *update.input_shape)).float()
         return Reconstruction(x, torch.tensor([chosen.label]), seconds, diagnostics)
 
     # ----------------------------------------------------------------------------------------
     def _head_branches(
-        self, model: nn.Module, plan: NetworkPlan, grads: dict[str, np.ndarray], known: int | None
+        self, model: ZooModel, plan: NetworkPlan, grads: dict[str, np.ndarray], known: int | None
     ) -> list[_Hypothesis]:
         start = time.perf_counter()
         head = plan.head
         weight = weight_of(head)
         grad_w = grads[head.weight_name]
         grad_b = grads[head.bias_name] if head.bias_name else None
-        if getattr(model, "head", "ce") == "logistic":
+        if model.head not in ("ce", "logistic"):
+            raise AttackError(
+                f"layer-wise inversion solves cross-entropy or logistic heads; {model.name} declares "
+                f"head {model.head!r}; use an optimisation attack"
+            )
+        if model.head == "logistic":
             if head.geometry.out_channels != 1:
                 raise AttackError("a logistic head must have exactly one output logit")
             hyps = logistic_head(grad_w, grad_b, weight, known, _positive_head_input(plan))

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import AttackError, parameter_layers
+from models.base import ZooModel
 
 # Relative tolerance on singular values of the weighted interior system A = [alpha K; W]:
 # sigma_i counts towards the rank when sigma_i > RANK_RTOL * sigma_max (i.e. lambda_i > 1e-10 *
@@ -685,7 +686,7 @@ def _unsupported(index: int, module: nn.Module) -> AttackError:
     )
 
 
-def plan_network(model: nn.Module, input_shape: tuple[int, ...]) -> NetworkPlan:
+def plan_network(model: ZooModel, input_shape: tuple[int, ...]) -> NetworkPlan:
     """Validate `model.layers` and record each module's input shape (one dummy forward pass)."""
     modules = parameter_layers(model)
     shapes: list[tuple[int, ...]] = []
@@ -719,7 +720,7 @@ def plan_network(model: nn.Module, input_shape: tuple[int, ...]) -> NetworkPlan:
                 out_shape=out_shape,
                 post=post,
                 weight_name=f"{prefix}.weight",
-                bias_name=f"{prefix}.bias" if getattr(module, "bias", None) is not None else None,
+                bias_name=f"{prefix}.bias" if module.bias is not None else None,
             )
         )
     return NetworkPlan(tuple(input_shape), pre, tuple(layers))

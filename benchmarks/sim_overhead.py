@@ -112,7 +112,7 @@ def plain_loop(config: RunConfig) -> dict[str, float]:
         global_model.load_state_dict(
             {k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
         )
-        _, accuracy = evaluate(global_model, x_test, y_test)
+        accuracy = evaluate(global_model, x_test, y_test).metrics["accuracy"]
         round_times.append(time.perf_counter() - round_start)
     return {
         "wall_s": time.perf_counter() - start,

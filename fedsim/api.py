@@ -44,7 +44,8 @@ from fedsim.store.audit_folder import check_output_folder, load_weights, write_a
 from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RunStore
 from fedsim.strategy.auditing import AUDIT_FILE
-from models import InputSpec, build_model
+from fedsim.training.local import metric_names
+from models import build_model
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 ConfigLike = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -200,7 +201,7 @@ def audit(
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         try:
-            net = build_model(model, InputSpec(data.sample_shape, data.num_classes), head=head)
+            net = build_model(model, data.spec, head=head)
         except ValueError as err:
             raise UserInputError(str(err)) from None
     weights_path = None if weights is None else _path(weights, "weights")
@@ -260,7 +261,7 @@ def _prepare_store(config: ConfigLike | None, runs_dir: PathLike, resume: PathLi
         return open_for_resume(_path(resume, "--resume"))
     run_config = _as_config(config)
     validate_plan(run_config)
-    return RunStore.create(_path(runs_dir, "--runs-dir"), run_config)
+    return RunStore.create(_path(runs_dir, "--runs-dir"), run_config, metric_names(run_config))
 
 
 def _as_config(config: ConfigLike | None) -> RunConfig:

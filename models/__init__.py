@@ -1,11 +1,15 @@
-"""The model zoo: one registry, one interface (`ZooModel`), one module per family."""
+"""The model zoo: one registry, one contract (`ZooModel`), one module per family.
+
+Adding a family: write its module (a `ZooModel` subclass and a builder `f(spec, **options)`)
+and add one line to `MODELS` below.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from models.base import InputSpec, ZooModel
+from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputError, ZooModel
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
 
 ModelBuilder = Callable[..., ZooModel]
@@ -23,12 +27,24 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, spec: InputSpec, **options: Any) -> ZooModel:
-    """Build a registered model for data of shape `spec`; raise KeyError naming the choices."""
+    """Build a registered model for data described by `spec` (the dataset's own spec); raise
+    KeyError naming the choices, UnsupportedInputError for a modality the family does not take."""
     try:
         builder = MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}") from None
-    return builder(spec, **options)
+    model = builder(spec, **options)
+    model.name = name
+    return model
 
 
-__all__ = ["MODELS", "InputSpec", "ZooModel", "available_models", "build_model"]
+__all__ = [
+    "MODELS",
+    "InputSpec",
+    "Modality",
+    "TrainingSettings",
+    "UnsupportedInputError",
+    "ZooModel",
+    "available_models",
+    "build_model",
+]

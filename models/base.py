@@ -1,65 +1,181 @@
-"""The one interface every model of the zoo implements.
+"""The one contract every model of the zoo implements.
 
-A federation, an auditor and an attack all need the same three things from a model: build it
-from a config, compute its training loss (which some families replace with special losses), and
-run one optimisation step. Keeping them on the model lets a client train any family unchanged.
+A federation, an auditor and an attack all ask the same things of a model, whatever its family:
+what input it takes (`spec`), how dataset labels become training targets (`targets`), its
+training loss (`loss`), its named evaluation metrics (`metrics`, `metric_names`), its
+predictions (`predict`) and its optimiser with parameter groups (`configure_optimizer`, as
+nanoGPT's `configure_optimizers`). A family overrides what it changes; the client loop, the
+evaluator and the run store only ever call these. Two optional hooks let a family act after
+local training (`after_local_training`, e.g. ProtoPNet's prototype push) and send payloads
+beside its weights (`extra_records`, e.g. statistics a server aggregates instead of weights).
+
+Models never import fedsim: the training settings they need arrive as `TrainingSettings`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+Modality = Literal["image", "tokens", "features"]
+MODALITIES: tuple[Modality, ...] = ("image", "tokens", "features")
+# An extra record: named scalars or arrays, plain enough to travel in any message format.
+ExtraRecord = Mapping[str, float | int | np.ndarray]
+
+
+class UnsupportedInputError(ValueError):
+    """A model family cannot take this kind of input (e.g. a convnet given feature vectors)."""
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the data looks like: channel-first sample shape and number of classes."""
+    """What one sample looks like, as a model must know it before seeing data.
+
+    - `image`: float32 (C, H, W), values in `value_range` (default [0, 1]);
+    - `features`: float32 (F,), values in `value_range` (None when unbounded, e.g. standardised);
+    - `tokens`: int64 (T,) token ids in [0, `vocab_size`), `value_range` None.
+    `num_classes` is the number of label values (labels are 0 .. num_classes − 1).
+    """
 
     shape: tuple[int, ...]
     num_classes: int
+    modality: Modality = "image"
+    value_range: tuple[float, float] | None = (0.0, 1.0)
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}; use one of {', '.join(MODALITIES)}")
+        rank = {"image": 3, "tokens": 1, "features": 1}[self.modality]
+        if len(self.shape) != rank or any(int(d) < 1 for d in self.shape):
+            raise ValueError(f"{self.modality} samples need a {rank}-d positive shape, got {self.shape}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.modality == "tokens":
+            if self.vocab_size is None or self.vocab_size < 1:
+                raise ValueError("token inputs need vocab_size >= 1")
+            if self.value_range is not None:
+                raise ValueError("token ids have no value range; pass value_range=None")
+        elif self.vocab_size is not None:
+            raise ValueError(f"vocab_size applies to token inputs only, not {self.modality}")
+
+    @classmethod
+    def image(cls, shape: tuple[int, int, int], num_classes: int) -> InputSpec:
+        return cls(tuple(shape), num_classes, "image", (0.0, 1.0))
+
+    @classmethod
+    def features(
+        cls, count: int, num_classes: int, value_range: tuple[float, float] | None = (0.0, 1.0)
+    ) -> InputSpec:
+        return cls((count,), num_classes, "features", value_range)
+
+    @classmethod
+    def tokens(cls, length: int, vocab_size: int, num_classes: int) -> InputSpec:
+        return cls((length,), num_classes, "tokens", None, vocab_size)
 
     @property
     def num_features(self) -> int:
+        """Values per sample (C·H·W for images, F for features, T for tokens)."""
         size = 1
         for dim in self.shape:
             size *= dim
         return size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int64 if self.modality == "tokens" else torch.float32
+
+    def require(self, *modalities: Modality, model: str) -> None:
+        """Raise UnsupportedInputError unless this input is of one of `modalities` (for builders)."""
+        if self.modality not in modalities:
+            raise UnsupportedInputError(
+                f"model {model!r} takes {' or '.join(modalities)} inputs, not {self.modality}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The run's local-training knobs a model may use to build its optimiser.
+
+    `rounds` is the federation's length, so a family can schedule on the global round clock
+    (e.g. freeze a group for the first rounds, decay its learning rate towards the last).
+    """
+
+    learning_rate: float
+    momentum: float = 0.0
+    rounds: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    max_local_steps: int = 0  # 0 = no cap
+
 
 class ZooModel(nn.Module):
-    """Base class: a classifier whose loss and training step can be overridden per family."""
+    """Base class: an image/feature/token classifier whose every seam can be overridden.
+
+    `spec` is the input it was built for. `layers`, when not None, is the whole network as one
+    flat `nn.Sequential` (so parameters are named `layers.<i>.*`); only layer-wise attacks and
+    the security metric need it, and they refuse a model without it. `head` names the loss at the
+    output for attacks that solve it analytically: "ce" (softmax cross-entropy over class logits,
+    the default `loss`), "logistic" (one logit, BCE on a binary target) or "other" (a family
+    with its own loss; analytic attacks decline it).
+    """
 
     name: str = "zoo-model"
+    head: str = "ce"
+    metric_names: tuple[str, ...] = ("accuracy",)
 
+    def __init__(self, spec: InputSpec, layers: nn.Sequential | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layers: nn.Sequential | None = layers
+
+    # --- targets, loss and metrics ---------------------------------------------------------
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """How dataset labels become training targets (and what a recovered label is compared
-        with): the class id itself here; e.g. its parity for a single-logit head."""
+        """How dataset labels become training targets, the one place this happens (what
+        `loss` and `metrics` take, and what a recovered label is compared with): the class id
+        itself here; e.g. its parity for a single-logit head."""
         return labels
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy by default; families with special objectives override this."""
+        """Mean training loss over the batch, on targets already converted by `targets`."""
         return F.cross_entropy(outputs, targets)
 
-    def training_step(
-        self,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-        regulariser: torch.Tensor | None = None,
-    ) -> float:
-        """One optimiser step; `regulariser` lets the caller add e.g. FedProx's proximal term."""
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self(inputs), targets)
-        total = loss if regulariser is None else loss + regulariser
-        total.backward()
-        optimizer.step()
-        return float(loss.detach())
-
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Class predictions from outputs (a single-logit head thresholds at zero)."""
+        """Predicted targets from outputs (a single-logit head thresholds at zero)."""
         if outputs.shape[-1] == 1:
             return (outputs.squeeze(-1) > 0).long()
         return outputs.argmax(dim=-1)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Each of `metric_names` as a mean over this batch, so an evaluator can average batches
+        weighted by their size."""
+        return {"accuracy": float((self.predict(outputs) == targets).double().mean())}
+
+    # --- local training ------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def configure_optimizer(self, settings: TrainingSettings, server_round: int) -> torch.optim.Optimizer:
+        """The client's optimiser for this round, built fresh each round. Default: SGD with the
+        run's learning rate and momentum over every trainable parameter. Override to return
+        parameter groups (per-group learning rates, groups frozen for some rounds, schedules on
+        `server_round` out of `settings.rounds`)."""
+        return torch.optim.SGD(
+            self.trainable_parameters(), lr=settings.learning_rate, momentum=settings.momentum
+        )
+
+    def after_local_training(self, data_loader: DataLoader, server_round: int) -> None:
+        """Round hook, run after the local loop and before the weights are reported, with the
+        client's training data (batches of inputs, labels, sample indices). Default: nothing."""
+
+    def extra_records(self) -> dict[str, ExtraRecord]:
+        """Named payloads (plain scalars or arrays) the client sends beside its weights after
+        training. Default: none."""
+        return {}

@@ -11,14 +11,24 @@ from torch.nn import functional as F
 
 from models.base import InputSpec, ZooModel
 
+HEADS = ("ce", "logistic")
+
 
 class SequentialClassifier(ZooModel):
-    """A classifier that is exactly `self.layers` applied to the input."""
+    """A classifier that is exactly `self.layers` applied to the input.
+
+    `head` "ce" ends in Linear(n, classes) with bias and trains with softmax cross-entropy;
+    "logistic" is R-GAP's single bias-free logit, trained with BCE on the label's parity.
+    """
+
+    layers: nn.Sequential
 
     def __init__(self, layers: nn.Sequential, spec: InputSpec, head: str = "ce") -> None:
-        super().__init__()
-        self.layers = layers
-        self.spec = spec
+        if head not in HEADS:
+            raise ValueError(
+                f"unknown head {head!r}; use 'ce' (softmax, with bias) or 'logistic' (one logit)"
+            )
+        super().__init__(spec, layers)
         self.head = head
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -30,13 +40,13 @@ class SequentialClassifier(ZooModel):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         if self.head == "logistic":
-            # R-GAP's single-logit head: binary logistic loss on label parity (y in {0, 1}).
-            return F.binary_cross_entropy_with_logits(outputs.squeeze(-1), (targets % 2).float())
+            # Binary logistic loss on the parity target t in {0, 1} (see `targets`).
+            return F.binary_cross_entropy_with_logits(outputs.squeeze(-1), targets.float())
         return F.cross_entropy(outputs, targets)
 
 
 def _head(in_features: int, spec: InputSpec, head: str) -> nn.Linear:
-    if head not in ("ce", "logistic"):
+    if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; use 'ce' (softmax, with bias) or 'logistic' (one logit)")
     if head == "logistic":
         return nn.Linear(in_features, 1, bias=False)
@@ -44,7 +54,9 @@ def _head(in_features: int, spec: InputSpec, head: str) -> nn.Linear:
 
 
 def mlp(spec: InputSpec, hidden: int = 128, depth: int = 2, head: str = "ce") -> SequentialClassifier:
-    """Fully connected net with LeakyReLU (invertible, so layer-wise inversion applies)."""
+    """Fully connected net with LeakyReLU (invertible, so layer-wise inversion applies); takes
+    images (flattened) or feature vectors."""
+    spec.require("image", "features", model="mlp")
     layers: list[nn.Module] = [nn.Flatten()]
     width = spec.num_features
     for _ in range(depth):
@@ -63,6 +75,7 @@ def lenet(spec: InputSpec, activation: str = "sigmoid", head: str = "ce") -> Seq
 
     Sigmoid keeps the network twice differentiable, which optimisation attacks (DLG) rely on.
     """
+    spec.require("image", model="lenet")
     act: type[nn.Module] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "leakyrelu": nn.LeakyReLU}[activation]
     channels, height, width = spec.shape
     layers: list[nn.Module] = []
@@ -89,8 +102,9 @@ CNN6D_CONVS: tuple[tuple[int, int, int, int], ...] = ((12, 4, 2, 2), (20, 3, 2, 
 
 
 def _bias_free_convnet(
-    spec: InputSpec, convs: tuple[tuple[int, int, int, int], ...], head: str
+    spec: InputSpec, convs: tuple[tuple[int, int, int, int], ...], head: str, name: str
 ) -> SequentialClassifier:
+    spec.require("image", model=name)
     channels, height, width = spec.shape
     layers: list[nn.Module] = []
     for out_channels, kernel, stride, padding in convs:
@@ -107,9 +121,9 @@ def _bias_free_convnet(
 
 def cnn6(spec: InputSpec, head: str = "ce") -> SequentialClassifier:
     """R-GAP's CNN6: six bias-free convs with LeakyReLU(0.2), then a linear head."""
-    return _bias_free_convnet(spec, CNN6_CONVS, head)
+    return _bias_free_convnet(spec, CNN6_CONVS, head, "cnn6")
 
 
 def cnn6_d(spec: InputSpec, head: str = "ce") -> SequentialClassifier:
     """CNN6-d: CNN6 with the second conv 12→20 and the third 20→36."""
-    return _bias_free_convnet(spec, CNN6D_CONVS, head)
+    return _bias_free_convnet(spec, CNN6D_CONVS, head, "cnn6-d")

@@ -14,8 +14,14 @@ CASES = [
     (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn6, cnn6-d, lenet, mlp"),
     (
         ["--dataset", "cifar10"],
-        "unknown dataset 'cifar10'; choose one of: digits, fashion-mnist, mnist, photos",
+        "unknown dataset 'cifar10'; choose one of: breast-cancer, digits, fashion-mnist, mnist, photos",
     ),
+    (
+        ["--dataset", "breast-cancer", "--model", "cnn6"],
+        "model 'cnn6' takes image inputs, not features ('breast-cancer' holds features); "
+        "pick a model that does: mlp",
+    ),
+    (["--dataset", "breast-cancer", "--image-size", "32"], "holds features; pass --image-size 0"),
     (["--strategy", "fedsgdx"], "unknown strategy 'fedsgdx'; choose one of: fedavg, fedprox"),
     (["--rounds", "0"], "rounds must be at least 1 (got 0)"),
     (["--rounds", "-3"], "rounds must be at least 1 (got -3)"),

@@ -32,6 +32,14 @@ def seeded(name: str, seed: int = 0, **options: object) -> SequentialClassifier:
     return model
 
 
+def sgd_step(model: SequentialClassifier, inputs: np.ndarray, labels: np.ndarray, lr: float = 0.1) -> None:
+    """One plain SGD step on a batch, as a client's training loop takes it."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer.zero_grad()
+    model.loss(model(torch.from_numpy(inputs)), model.targets(torch.from_numpy(labels))).backward()
+    optimizer.step()
+
+
 @pytest.fixture(scope="module")
 def crops() -> tuple[np.ndarray, np.ndarray]:
     return photo_crops(6, seed=1)
@@ -66,9 +74,7 @@ def test_cnn6_after_one_sgd_step(crops: tuple[np.ndarray, np.ndarray]) -> None:
     model = seeded("cnn6", seed=3)
     before = [p.detach().clone() for p in model.parameters()]
     batch, targets = photo_crops(8, seed=7)
-    model.training_step(
-        torch.from_numpy(batch), torch.from_numpy(targets), torch.optim.SGD(model.parameters(), lr=0.1)
-    )
+    sgd_step(model, batch, targets)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     result = attack(model, images[2], int(labels[2]))
     assert psnr(result.inputs, images[2:3]) >= 40.0
@@ -237,9 +243,7 @@ def test_cnn6_weight_delta_at_lr_0_1(moved: int) -> None:
     model = seeded("cnn6", seed=moved % 2)
     for step in range(moved):  # the weights of a later round: a few SGD steps on other crops
         batch, targets = photo_crops(4, seed=100 + step)
-        model.training_step(
-            torch.from_numpy(batch), torch.from_numpy(targets), torch.optim.SGD(model.parameters(), lr=0.1)
-        )
+        sgd_step(model, batch, targets)
     images, labels = photo_crops(8, seed=1)
     for i in (1, 3) if moved == 0 else (2, 3):
         result = LayerwiseInversion().reconstruct(weight_delta_update(model, images[i], int(labels[i]), 0.1))

@@ -1,4 +1,4 @@
-"""The zoo's classifiers: one interface, R-GAP's exact CNN6 / CNN6-d, and they train."""
+"""The zoo's classifiers: one contract, R-GAP's exact CNN6 / CNN6-d, and they train."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from torch import nn
 
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import client_data
+from fedsim.errors import UserInputError
+from fedsim.federation.planning import check_model_fits, validate_plan
 from fedsim.training.local import evaluate, model_for, train_locally
-from models import InputSpec, available_models, build_model
+from models import MODELS, InputSpec, TrainingSettings, UnsupportedInputError, available_models, build_model
+from models.classifiers import SequentialClassifier
 
 
 def _convs(model: nn.Module) -> list[tuple[int, int, int, int, int, bool]]:
@@ -54,6 +57,83 @@ def test_every_model_maps_inputs_to_class_scores(name: str) -> None:
         assert model(torch.rand(4, *shape)).shape == (4, 10)
 
 
+def test_mlp_takes_feature_vectors_and_convnets_refuse_them() -> None:
+    spec = InputSpec.features(30, 2)
+    assert build_model("mlp", spec)(torch.rand(4, 30)).shape == (4, 2)
+    for name in ("lenet", "cnn6", "cnn6-d"):
+        with pytest.raises(UnsupportedInputError, match=f"model '{name}' takes image inputs, not features"):
+            build_model(name, spec)
+    with pytest.raises(UnsupportedInputError, match="takes image or features inputs, not tokens"):
+        build_model("mlp", InputSpec.tokens(8, 50, 2))
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (((3, 32), 10), "image samples need a 3-d"),
+        (((8,), 2, "tokens", None), "need vocab_size"),
+        (((8,), 2, "tokens", (0.0, 1.0), 50), "no value range"),
+        (((8,), 2, "features", (0.0, 1.0), 50), "vocab_size applies to token inputs only"),
+        (((8,), 0, "features"), "num_classes must be at least 1"),
+        (((8,), 2, "audio"), "unknown modality"),
+    ],
+)
+def test_input_spec_refuses_what_no_sample_can_be(args: tuple, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        InputSpec(*args)
+
+
+def test_planning_checks_the_model_against_the_datasets_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    validate_plan(RunConfig(dataset="breast-cancer", model="mlp", num_clients=5))
+    with pytest.raises(UserInputError, match="pick a model that does: mlp"):
+        validate_plan(RunConfig(dataset="breast-cancer", model="lenet", num_clients=5))
+
+    def fixed_size(spec: InputSpec) -> SequentialClassifier:  # ignores the spec's shape
+        return SequentialClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, spec.num_classes)), spec)
+
+    monkeypatch.setitem(MODELS, "fixed-64", fixed_size)
+    check_model_fits("fixed-64", "digits", InputSpec.image((1, 8, 8), 10), torch.rand(1, 1, 8, 8))
+    with pytest.raises(
+        UserInputError, match=r"does not fit 'photos' image inputs of shape .*--image-size 32"
+    ):
+        check_model_fits("fixed-64", "photos", InputSpec.image((3, 32, 32), 10), torch.rand(1, 3, 32, 32))
+
+
+def test_logistic_head_converts_labels_to_parity_in_one_place() -> None:
+    model = build_model("mlp", InputSpec((1, 8, 8), 10), head="logistic")
+    labels = torch.tensor([3, 4, 7, 8])
+    targets = model.targets(labels)
+    assert targets.tolist() == [1, 0, 1, 0]
+    outputs = model(torch.rand(4, 1, 8, 8))
+    expected = nn.functional.binary_cross_entropy_with_logits(outputs.squeeze(-1), targets.float())
+    assert torch.equal(model.loss(outputs, targets), expected)
+    # Evaluation compares predictions with the same targets: a logit > 0 predicts an odd label.
+    forced = torch.tensor([[5.0], [-5.0], [-5.0], [-5.0]])
+    assert model.metrics(forced, targets) == {"accuracy": 0.75}
+
+
+def test_evaluation_weights_each_batch_by_its_size() -> None:
+    model = build_model("mlp", InputSpec((1, 8, 8), 10))
+    inputs, labels = torch.rand(103, 1, 8, 8), torch.randint(0, 10, (103,))
+    whole = evaluate(model, inputs, labels)
+    pieces = evaluate(model, inputs, labels, batch_size=10)  # ten batches of 10 and one of 3
+    assert whole.num_examples == pieces.num_examples == 103
+    assert abs(whole.loss - pieces.loss) < 1e-6
+    correct = int((model(inputs).argmax(-1) == labels).sum())
+    for result in (whole, pieces):
+        assert abs(result.metrics["accuracy"] - correct / 103) < 1e-6
+
+
+def test_default_optimizer_is_sgd_over_trainable_parameters() -> None:
+    model = build_model("mlp", InputSpec((1, 8, 8), 10))
+    model.layers[1].weight.requires_grad_(False)
+    optimizer = model.configure_optimizer(TrainingSettings(learning_rate=0.05, momentum=0.8), server_round=1)
+    assert isinstance(optimizer, torch.optim.SGD)
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["momentum"]) == (0.05, 0.8)
+    assert len(group["params"]) == len(list(model.parameters())) - 1
+
+
 def test_unknown_model_lists_the_choices() -> None:
     with pytest.raises(KeyError, match="choose one of: cnn6"):
         build_model("resnet", InputSpec((3, 32, 32), 10))
@@ -63,9 +143,9 @@ def test_cnn6_trains_without_nan_on_32px_digits() -> None:
     config = RunConfig(model="cnn6", image_size=32, num_clients=6, learning_rate=0.05, local_epochs=2)
     model = model_for(config)
     data = client_data(config, 0)
-    before, _ = evaluate(model, data.x_train, data.y_train)
+    before = evaluate(model, data.x_train, data.y_train).loss
     result = train_locally(model, data, config, server_round=1, partition_id=0)
-    after, _ = evaluate(model, data.x_train, data.y_train)
+    after = evaluate(model, data.x_train, data.y_train).loss
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert after < before - 0.005, f"training loss did not fall: {before:.4f} -> {after:.4f}"
     assert result.steps == 2 * -(-len(data.y_train) // config.batch_size)

@@ -51,10 +51,11 @@ from fedsim.config.run_config import RunConfig
 from fedsim.federation.server_app import FederationPlan
 from fedsim.federation.simulation import SimulationError, simulate
 from fedsim.store.run_store import RunStore
+from fedsim.training.local import metric_names
 
 # Negative momentum is refused by validation; built directly, it makes every client's SGD raise.
 config = RunConfig(name="broken", num_clients=2, rounds=2, local_epochs=1, momentum=-0.5)
-plan = FederationPlan(config, RunStore.create(Path(sys.argv[1]), config))
+plan = FederationPlan(config, RunStore.create(Path(sys.argv[1]), config, metric_names(config)))
 try:
     simulate(plan, cpus=2)
 except SimulationError as err:

@@ -163,6 +163,9 @@ class RunConfig:
     seed: int = knob(
         0, "Seed for data split, init, sampling and training.", "training", at_least=0, at_most=MAX_SEED
     )
+    client_transforms: str = knob(
+        "", "Comma-separated client-side transformations of the training triple (none yet).", "training"
+    )
     # server strategy
     strategy: str = knob("fedavg", "Server aggregation strategy.", "strategy", choices=STRATEGIES)
     fraction_train: float = knob(1.0, "Share of clients trained per round.", "strategy", above=0, at_most=1)
@@ -250,6 +253,9 @@ class RunConfig:
             raise UserInputError(
                 f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
             )
+
+    def transformation_names(self) -> list[str]:
+        return [name.strip() for name in self.client_transforms.split(",") if name.strip()]
 
     def attack_names(self) -> list[str]:
         return [name.strip() for name in self.audit_attacks.split(",") if name.strip()]

@@ -1,5 +1,7 @@
-"""Data: the embedded datasets (no downloads) and their train/test splits."""
+"""Data: the embedded datasets (no downloads), their train/test splits and input specs."""
 
-from fedsim.data.registry import Dataset, available_datasets, load_dataset
+from fedsim.data.dataset import Dataset
+from fedsim.data.registry import available_datasets, load_dataset
+from fedsim.data.text import Vocabulary, WordTokenizer
 
-__all__ = ["Dataset", "available_datasets", "load_dataset"]
+__all__ = ["Dataset", "Vocabulary", "WordTokenizer", "available_datasets", "load_dataset"]

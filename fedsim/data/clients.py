@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from fedsim.config.run_config import RunConfig
+from fedsim.data.dataset import Dataset
 from fedsim.data.partition import partition
-from fedsim.data.registry import Dataset, load_dataset
+from fedsim.data.registry import load_dataset
 
 # Share of each client's partition held out for federated evaluation.
 LOCAL_VALIDATION_SHARE = 0.1

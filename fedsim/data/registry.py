@@ -1,13 +1,13 @@
 """The dataset registry: every dataset ships inside a package, nothing is downloaded.
 
-`load_dataset(name)` returns a train/test split as channel-first float32 arrays in [0, 1]. A
-missing optional dataset raises `UserInputError` with the exact install command.
+`load_dataset(name)` returns a `Dataset`: a train/test split with its `InputSpec` (images as
+channel-first float32 in [0, 1], feature vectors, or token ids with their tokenizer). A missing
+optional dataset raises `UserInputError` with the exact install command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,30 +17,15 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 
+from fedsim.data.dataset import SPLIT_SEED, Dataset
 from fedsim.data.idx import FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, MNIST_INSTALL, load_idx_split, mnist_dir
 from fedsim.data.photos import photo_crops
+from fedsim.data.tabular import breast_cancer
 from fedsim.errors import UserInputError
+from models import InputSpec
 
-# The test split is fixed (not the run seed) so every run is scored on the same held-out data.
-SPLIT_SEED = 0
 PHOTO_TRAIN_COUNT = 2000
 PHOTO_TEST_COUNT = 500
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A train/test split: x (N, C, H, W) float32 in [0, 1], y (N,) int64 class ids."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
 
 
 def _digits() -> Dataset:
@@ -50,7 +35,7 @@ def _digits() -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.2, stratify=labels, random_state=SPLIT_SEED
     )
-    return Dataset("digits", x_train, y_train, x_test, y_test, 10)
+    return Dataset("digits", x_train, y_train, x_test, y_test, InputSpec.image((1, 8, 8), 10))
 
 
 def _idx_dataset(name: str, folder: Path | None, install: str) -> Dataset:
@@ -58,7 +43,7 @@ def _idx_dataset(name: str, folder: Path | None, install: str) -> Dataset:
         raise UserInputError(f"dataset {name!r} is not installed; install it with: {install}")
     x_train, y_train = load_idx_split(folder, "train")
     x_test, y_test = load_idx_split(folder, "t10k")
-    return Dataset(name, x_train, y_train, x_test, y_test, 10)
+    return Dataset(name, x_train, y_train, x_test, y_test, InputSpec.image((1, 28, 28), 10))
 
 
 def _fashion_mnist() -> Dataset:
@@ -72,10 +57,11 @@ def _mnist() -> Dataset:
 def _photos() -> Dataset:
     x_train, y_train = photo_crops(PHOTO_TRAIN_COUNT, seed=SPLIT_SEED)
     x_test, y_test = photo_crops(PHOTO_TEST_COUNT, seed=SPLIT_SEED + 1)
-    return Dataset("photos", x_train, y_train, x_test, y_test, 10)
+    return Dataset("photos", x_train, y_train, x_test, y_test, InputSpec.image((3, 32, 32), 10))
 
 
 DATASETS: dict[str, Callable[[], Dataset]] = {
+    "breast-cancer": breast_cancer,
     "digits": _digits,
     "fashion-mnist": _fashion_mnist,
     "mnist": _mnist,
@@ -113,11 +99,17 @@ def load_dataset(name: str, image_size: int | None = None) -> Dataset:
     data = DATASETS[name]()
     if image_size is None:
         return data
+    if data.spec.modality != "image":
+        raise UserInputError(
+            f"--image-size resizes images, but dataset {name!r} holds {data.spec.modality}; "
+            "pass --image-size 0"
+        )
+    channels = data.spec.shape[0]
     return Dataset(
         data.name,
         resize_images(data.x_train, image_size),
         data.y_train,
         resize_images(data.x_test, image_size),
         data.y_test,
-        data.num_classes,
+        InputSpec.image((channels, image_size, image_size), data.num_classes),
     )

@@ -53,6 +53,7 @@ def _reply(
     metrics: dict[str, float | int],
     arrays: ArrayRecord | None = None,
     truth: ConfigRecord | None = None,
+    extras: dict[str, ConfigRecord] | None = None,
 ) -> Message:
     content = RecordDict({wire.METRICS: MetricRecord(metrics)})
     if arrays is not None:
@@ -60,6 +61,8 @@ def _reply(
     content[wire.CLIENT] = ConfigRecord({wire.PARTITION_ID: job.partition_id})
     if truth is not None:
         content[wire.AUDIT_TRUTH] = truth
+    for name, record in (extras or {}).items():
+        content[wire.EXTRA_PREFIX + name] = record
     return Message(content, reply_to=msg)
 
 
@@ -84,14 +87,15 @@ def train(msg: Message, context: Context) -> Message:
     if job.config.audit:
         seen = result.seen
         truth = wire.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
-    return _reply(msg, job, metrics, ArrayRecord(job.model.state_dict()), truth)
+    extras = {name: wire.encode_extra(payload) for name, payload in result.extra_records.items()}
+    return _reply(msg, job, metrics, ArrayRecord(result.weights), truth, extras)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
-    loss, accuracy = evaluate(job.model, job.data.x_val, job.data.y_val)
-    metrics = {wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy, wire.NUM_EXAMPLES: len(job.data.y_val)}
+    result = evaluate(job.model, job.data.x_val, job.data.y_val)
+    metrics = {**wire.eval_metrics(result.loss, result.metrics), wire.NUM_EXAMPLES: result.num_examples}
     return _reply(msg, job, metrics)
 
 

@@ -10,7 +10,8 @@ from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
 from fedsim.strategy.aggregators import check_strategy
-from models import InputSpec, available_models, build_model
+from fedsim.training.transforms import check_transformation_names
+from models import InputSpec, UnsupportedInputError, available_models, build_model
 
 
 def validate_plan(config: RunConfig) -> None:
@@ -19,19 +20,45 @@ def validate_plan(config: RunConfig) -> None:
     check_model_name(config.model)
     if config.audit:
         check_attack_names(config.attack_names())
+    check_transformation_names(config.transformation_names())
     data = dataset_for(config)
     partition(data.y_train, config.partition_spec())
     check_strategy(config)
-    spec = InputSpec(data.sample_shape, data.num_classes)
+    check_model_fits(config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]))
+
+
+def check_model_fits(model_name: str, dataset: str, spec: InputSpec, sample: torch.Tensor) -> None:
+    """Build the model for the dataset's spec and run one sample through it: a family that does
+    not take this modality, or layers that do not fit this shape, fail here and not on a client."""
     try:
-        model = build_model(config.model, spec)
-        with torch.no_grad():
-            model(torch.from_numpy(data.x_train[:1]))
-    except (RuntimeError, ValueError) as err:
+        model = build_model(model_name, spec)
+    except UnsupportedInputError as err:
+        fitting = ", ".join(_models_taking(spec)) or "none of the zoo"
         raise UserInputError(
-            f"model {config.model!r} does not fit {config.dataset!r} inputs of shape {spec.shape} "
-            f"({str(err).splitlines()[0]}); try --image-size 32"
+            f"{err} ({dataset!r} holds {spec.modality}); pick a model that does: {fitting}"
         ) from None
+    try:
+        with torch.no_grad():
+            model(sample)
+    except (RuntimeError, ValueError) as err:
+        hint = "try --image-size 32" if spec.modality == "image" else "pick another model"
+        raise UserInputError(
+            f"model {model_name!r} does not fit {dataset!r} {spec.modality} inputs of shape {spec.shape} "
+            f"({str(err).splitlines()[0]}); {hint}"
+        ) from None
+
+
+def _models_taking(spec: InputSpec) -> list[str]:
+    fitting = []
+    for name in available_models():
+        try:
+            build_model(name, spec)
+        except UnsupportedInputError:
+            continue
+        except (RuntimeError, ValueError):
+            pass  # takes the modality, maybe not this shape
+        fitting.append(name)
+    return fitting
 
 
 def check_model_name(name: str) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -27,7 +28,7 @@ from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.aggregators import build_strategy, restore_strategy_state, strategy_state
 from fedsim.strategy.auditing import AuditingStrategy, UpdateAuditor
 from fedsim.strategy.ordering import ReproducibleStrategy, partition_of
-from fedsim.training.local import evaluate, model_for
+from fedsim.training.local import evaluate, metric_names, model_for
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 log = logging.getLogger(__name__)
@@ -63,13 +64,18 @@ def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[
                 "partition_id": partition_of(reply),
                 "stage": stage,
                 "train_loss": metrics.get(wire.TRAIN_LOSS),
-                "eval_loss": metrics.get(wire.EVAL_LOSS),
-                "eval_accuracy": metrics.get(wire.EVAL_ACCURACY),
+                **_eval_columns(metrics),
                 "num_examples": int(metrics[wire.NUM_EXAMPLES]),
                 "seconds": metrics.get(wire.SECONDS),
             }
         )
     return rows
+
+
+def _eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """eval-<name> reply keys as the run store's eval_<name> columns (loss and model metrics)."""
+    prefix = wire.EVAL_PREFIX
+    return {f"eval_{key[len(prefix) :]}": value for key, value in metrics.items() if key.startswith(prefix)}
 
 
 def require_training(server_round: int, replies: list[Message]) -> None:
@@ -160,17 +166,17 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
             return None  # already scored before the interruption
         weights = arrays.to_torch_state_dict()
         model.load_state_dict(weights)
-        loss, accuracy = evaluate(model, x_test, y_test)
+        result = evaluate(model, x_test, y_test)
         seconds = time.perf_counter() - round_started[0]  # the round's wall time, server row only
         round_started[0] = time.perf_counter()
+        scores = wire.eval_metrics(result.loss, result.metrics)
         store.append_rows(
             [
                 {
                     "round": absolute,
                     "stage": "server",
-                    "eval_loss": loss,
-                    "eval_accuracy": accuracy,
-                    "num_examples": len(y_test),
+                    **_eval_columns(scores),
+                    "num_examples": result.num_examples,
                     "seconds": seconds,
                 }
             ]
@@ -178,8 +184,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         if absolute > 0:
             store.save_checkpoint(absolute, weights, strategy_state(inner))
         if plan.on_round:
-            plan.on_round(absolute, {"loss": loss, "accuracy": accuracy})
-        return MetricRecord({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})
+            plan.on_round(absolute, {"loss": result.loss, **result.metrics})
+        return MetricRecord(scores)
 
     run_config = ConfigRecord(config.to_dict())
     remaining = plan.last_round() - done
@@ -221,4 +227,4 @@ def flwr_main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(values, source="run config")
     config = config.replace(name=f"{config.name}-{context.run_id}")
     validate_plan(config)
-    run_federation(grid, FederationPlan(config, RunStore.create(runs_dir, config)))
+    run_federation(grid, FederationPlan(config, RunStore.create(runs_dir, config, metric_names(config))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +21,9 @@ PARTITION_ID = "partition-id"
 ROSTER_QUERY = "query.roster"
 
 TRAIN_LOSS = "train-loss"
+# Evaluation metrics travel as eval-<name> for each of the model's `metric_names` (and loss).
+EVAL_PREFIX = "eval-"
 EVAL_LOSS = "eval-loss"
-EVAL_ACCURACY = "eval-accuracy"
 NUM_EXAMPLES = "num-examples"
 SECONDS = "seconds"
 LOCAL_STEPS = "local-steps"
@@ -30,6 +32,9 @@ SERVER_ROUND = "server-round"
 # Strategies never read ConfigRecords of replies, so aggregation cannot use it.
 AUDIT_TRUTH = "audit-truth"
 PROXIMAL_MU = "proximal-mu"
+# A model family's extra payloads travel beside the weights as ConfigRecords `extra.<name>`:
+# FedAvg-style strategies require exactly one ArrayRecord per reply and ignore ConfigRecords.
+EXTRA_PREFIX = "extra."
 
 _RUN_KEYS = frozenset(RunConfig().to_dict())
 
@@ -57,3 +62,28 @@ def decode_truth(record: ConfigRecord) -> tuple[np.ndarray, np.ndarray]:
     shape = tuple(int(d) for d in record["shape"])
     inputs = np.frombuffer(record["inputs"], dtype=np.float32).reshape(shape)
     return inputs, np.frombuffer(record["labels"], dtype=np.int64)
+
+
+def eval_metrics(loss: float, metrics: Mapping[str, float]) -> dict[str, float]:
+    """Evaluation loss and each named metric under its reply key."""
+    return {EVAL_LOSS: loss, **{f"{EVAL_PREFIX}{name}": value for name, value in metrics.items()}}
+
+
+def encode_extra(payload: Mapping[str, float | int | np.ndarray]) -> ConfigRecord:
+    """Scalars as they are, arrays as .npy bytes (dtype and shape inside, no pickle)."""
+    record: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            buffer = io.BytesIO()
+            np.save(buffer, value, allow_pickle=False)
+            record[key] = buffer.getvalue()
+        else:
+            record[key] = value
+    return ConfigRecord(record)
+
+
+def decode_extra(record: ConfigRecord) -> dict[str, float | int | np.ndarray]:
+    return {
+        key: np.load(io.BytesIO(value), allow_pickle=False) if isinstance(value, bytes) else value
+        for key, value in record.items()
+    }

@@ -1,4 +1,4 @@
-"""The per-run plot: server-side test accuracy and losses per round."""
+"""The per-run plot: every evaluation metric the model reports, and the losses, per round."""
 
 from __future__ import annotations
 
@@ -11,25 +11,39 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+# Metrics that are shares (accuracy and the like) get a fixed [0, 1] axis, so runs compare by eye.
+UNIT_INTERVAL_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1", "precision", "recall"})
+
+
+def metric_columns_of(frame: pd.DataFrame) -> list[str]:
+    """The model's evaluation metrics in a metrics.csv: every eval_ column but the loss."""
+    return [c for c in frame.columns if c.startswith("eval_") and c != "eval_loss"]
+
 
 def plot_metrics(metrics_csv: Path, output: Path) -> None:
-    """Two panels: accuracy (server test set, mean client validation) and losses per round."""
+    """One panel per evaluation metric (server test set, mean client validation), then losses."""
     frame = pd.read_csv(metrics_csv)
     server = frame[frame["stage"] == "server"].sort_values("round")
     clients_eval = frame[frame["stage"] == "evaluate"].groupby("round")
     clients_train = frame[frame["stage"] == "train"].groupby("round")
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    acc_ax.plot(server["round"], server["eval_accuracy"], marker="o", label="server test")
-    if len(clients_eval):
-        mean_eval = clients_eval["eval_accuracy"].mean()
-        acc_ax.plot(mean_eval.index, mean_eval.values, marker="s", label="clients' validation (mean)")
-    acc_ax.set(xlabel="round", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    metrics = metric_columns_of(frame)
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 4), squeeze=False)
+    for ax, column in zip(axes[0], metrics, strict=False):
+        name = column.removeprefix("eval_")
+        ax.plot(server["round"], server[column], marker="o", label="server test")
+        if len(clients_eval):
+            mean_eval = clients_eval[column].mean()
+            ax.plot(mean_eval.index, mean_eval.values, marker="s", label="clients' validation (mean)")
+        ax.set(xlabel="round", ylabel=name, title=name.replace("_", " ").capitalize())
+        if name in UNIT_INTERVAL_METRICS:
+            ax.set_ylim(0, 1)
+    loss_ax = axes[0][-1]
     loss_ax.plot(server["round"], server["eval_loss"], marker="o", label="server test")
     if len(clients_train):
         mean_train = clients_train["train_loss"].mean()
         loss_ax.plot(mean_train.index, mean_train.values, marker="^", label="clients' training (mean)")
     loss_ax.set(xlabel="round", ylabel="loss", title="Loss")
-    for ax in (acc_ax, loss_ax):
+    for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()

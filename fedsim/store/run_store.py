@@ -1,7 +1,8 @@
 """The run store: everything a run leaves in `runs/<name>/`.
 
 - `config.json`: the resolved config;
-- `metrics.csv`: one row per (round, client, stage), plus a `server` row per round;
+- `metrics.csv`: one row per (round, client, stage), plus a `server` row per round; its
+  columns are `metric_columns(model.metric_names)`, written when the run is created;
 - `checkpoints/round-NNNN.safetensors`: the global model after each complete round (round 0 is
   the initial model) and, for stateful strategies, `round-NNNN.strategy.safetensors`;
 - `metrics.png`: accuracy and loss per round.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,13 @@ from fedsim.errors import UserInputError
 from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import atomic_write, staged_folder
 
-METRIC_COLUMNS = (
-    "round",
-    "partition_id",
-    "stage",
-    "train_loss",
-    "eval_loss",
-    "eval_accuracy",
-    "num_examples",
-    "seconds",
-)
+
+def metric_columns(metric_names: Sequence[str]) -> tuple[str, ...]:
+    """metrics.csv's header for a model with these evaluation metrics (classifiers: accuracy)."""
+    evals = tuple(f"eval_{name}" for name in metric_names)
+    return ("round", "partition_id", "stage", "train_loss", "eval_loss", *evals, "num_examples", "seconds")
+
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 PLOT_FILE = "metrics.png"
@@ -56,8 +54,9 @@ class RunStore:
         self.path = path
 
     @classmethod
-    def create(cls, root: Path, config: RunConfig) -> RunStore:
-        """Make `root/<name>` complete with config and header, or fail without leaving anything."""
+    def create(cls, root: Path, config: RunConfig, metric_names: Sequence[str]) -> RunStore:
+        """Make `root/<name>` complete with config and header (one eval_ column per name of the
+        model's `metric_names`), or fail without leaving anything."""
         final = root / config.name
         if final.exists():
             raise UserInputError(
@@ -69,7 +68,7 @@ class RunStore:
             with staged_folder(final) as staging:
                 (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
                 with open(staging / METRICS_FILE, "w", newline="") as handle:
-                    csv.writer(handle).writerow(METRIC_COLUMNS)
+                    csv.writer(handle).writerow(metric_columns(metric_names))
                 (staging / CHECKPOINTS).mkdir()
         except OSError as err:
             raise UserInputError(
@@ -93,8 +92,22 @@ class RunStore:
     def metrics_path(self) -> Path:
         return self.path / METRICS_FILE
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """metrics.csv's header as the run wrote it at creation."""
+        try:
+            with open(self.metrics_path, newline="") as handle:
+                header = next(csv.reader(handle), None)
+        except OSError:
+            header = None
+        if not header:
+            raise UserInputError(
+                f"{self.metrics_path} is missing or has no header; the run directory is damaged"
+            )
+        return tuple(header)
+
     def append_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        CsvLog(self.metrics_path, METRIC_COLUMNS).append(rows)
+        CsvLog(self.metrics_path, self.columns).append(rows)
 
     def read_rows(self) -> list[dict[str, str]]:
         with open(self.metrics_path, newline="") as handle:
@@ -102,7 +115,7 @@ class RunStore:
 
     def drop_rows_after(self, last_round: int) -> None:
         """Forget rows of rounds after `last_round` (an interrupted round)."""
-        CsvLog(self.metrics_path, METRIC_COLUMNS).drop_rows_after(last_round)
+        CsvLog(self.metrics_path, self.columns).drop_rows_after(last_round)
 
     def checkpoint_path(self, server_round: int, kind: str = "") -> Path:
         suffix = f".{kind}" if kind else ""

@@ -1,4 +1,12 @@
-"""What a client does with its data: load its partition, train locally, evaluate.
+"""What a client does with its data: train the global model locally, evaluate it.
+
+Local training is one seam, the same for every model family and every client-side defence:
+
+    model -> model.configure_optimizer(settings, round) -> DataLoader over the client's train split
+          -> client transformations wrap (module, optimizer, data_loader)   (fedsim.training.transforms)
+          -> loop: loss = model.loss(module(x), model.targets(y)) [+ FedProx term], step
+          -> unwrap -> model.after_local_training(data_loader, round)
+          -> TrainResult (weights, metrics, extra records, samples seen)
 
 Every random choice is seeded from (run seed, round, partition id), so a client's update
 depends only on those and the global weights: runs repeat exactly and resume exactly.
@@ -7,15 +15,19 @@ depends only on those and the global weights: runs repeat exactly and resume exa
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from fedsim.config.run_config import RunConfig
 from fedsim.data import Dataset
 from fedsim.data.clients import ClientData, dataset_for
-from models import InputSpec, ZooModel, build_model
+from fedsim.training.transforms import build_transformations, unwrap_all, wrap_all
+from models import TrainingSettings, ZooModel, build_model
+from models.base import ExtraRecord
 
 # At most this many of the samples a client trained on go back to the auditor as ground truth.
 MAX_TRUTH_SAMPLES = 64
@@ -23,18 +35,90 @@ MAX_TRUTH_SAMPLES = 64
 
 @dataclass(frozen=True)
 class TrainResult:
-    train_loss: float
-    num_examples: int
+    """What one client's local round produced, ready to report."""
+
+    train_loss: float  # mean of the steps' model losses (without the proximal term)
+    num_examples: int  # distinct samples trained on (at most the train split)
     steps: int
     seconds: float
     seen: torch.Tensor  # indices into the client's x_train, in order of first use (capped)
+    weights: dict[str, torch.Tensor]  # the model's state after training (and its round hook)
+    extra_records: dict[str, ExtraRecord]  # the family's payloads beside the weights
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean loss and each of the model's metrics, averaged over samples."""
+
+    loss: float
+    metrics: dict[str, float]
+    num_examples: int
+
+
+def training_settings(config: RunConfig) -> TrainingSettings:
+    """The run's training knobs as the model sees them (models do not know RunConfig)."""
+    return TrainingSettings(
+        learning_rate=config.learning_rate,
+        momentum=config.momentum,
+        rounds=config.rounds,
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        max_local_steps=config.max_local_steps,
+    )
 
 
 def model_for(config: RunConfig, data: Dataset | None = None) -> ZooModel:
-    """The run's model, freshly initialised from the run seed."""
+    """The run's model for the run's data (its input spec), freshly initialised from the run seed."""
     data = data or dataset_for(config)
     torch.manual_seed(config.seed)
-    return build_model(config.model, InputSpec(data.sample_shape, data.num_classes))
+    return build_model(config.model, data.spec)
+
+
+def metric_names(config: RunConfig) -> tuple[str, ...]:
+    """The evaluation metrics the run's model reports (the run store's eval_ columns)."""
+    return tuple(model_for(config).metric_names)
+
+
+def round_seed(config: RunConfig, server_round: int, partition_id: int) -> int:
+    return int(np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0])
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation per epoch, one `randperm` draw each (torch's RandomSampler draws an
+    extra one at the end of every epoch), so batches are a function of the seed alone."""
+
+    def __init__(self, count: int, generator: torch.Generator) -> None:
+        self.count = count
+        self.generator = generator
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.count, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def client_loader(data: ClientData, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches of (inputs, labels, sample indices) of the client's train split; the
+    indices say which samples were seen, for the auditor's ground truth."""
+    samples = TensorDataset(data.x_train, data.y_train, torch.arange(len(data.y_train)))
+    order = EpochShuffle(len(samples), torch.Generator().manual_seed(seed))
+    # The loader draws a worker seed from its own generator each epoch; a separate one keeps
+    # that draw out of the shuffle and out of the global RNG that dropout layers use.
+    loader_rng = torch.Generator().manual_seed(seed)
+    return DataLoader(samples, batch_size=batch_size, sampler=order, generator=loader_rng)
+
+
+class ProximalTerm:
+    """FedProx (Li et al. 2020, eq. 2): (μ/2)·‖w − w_global‖², w_global frozen at the round's start."""
+
+    def __init__(self, model: ZooModel, mu: float) -> None:
+        self.mu = mu
+        self.anchor = [p.detach().clone() for p in model.parameters()]
+
+    def __call__(self, model: ZooModel) -> torch.Tensor:
+        pairs = zip(model.parameters(), self.anchor, strict=True)
+        return 0.5 * self.mu * sum(((p - g) ** 2).sum() for p, g in pairs)  # type: ignore[return-value]
 
 
 def train_locally(
@@ -45,60 +129,70 @@ def train_locally(
     partition_id: int,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Local SGD for `local_epochs` (at most `max_local_steps` steps when set); FedProx adds
-    (μ/2)·‖w − w_global‖² to each step's loss."""
+    """Local training for `local_epochs` (at most `max_local_steps` steps when set) through the
+    run's client transformations; FedProx's μ comes from the caller (the strategy's message)."""
     start = time.perf_counter()
-    seed = int(np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0])
-    generator = torch.Generator().manual_seed(seed)
+    seed = round_seed(config, server_round, partition_id)
     torch.manual_seed(seed)  # for layers that draw randomness (dropout) inside the step
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    model.train()
+    optimizer = model.configure_optimizer(training_settings(config), server_round)
+    loader = client_loader(data, config.batch_size, seed)
+    transformations = build_transformations(config)
+    module, optimizer, train_loader = wrap_all(transformations, model, optimizer, loader)
+    proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+    module.train()
     losses: list[float] = []
     seen: list[torch.Tensor] = []
-    count = len(data.y_train)
+    processed = 0
     step_limit = config.max_local_steps or None
     for _ in range(config.local_epochs):
-        order = torch.randperm(count, generator=generator)
-        for batch in order.split(config.batch_size):
+        for inputs, labels, indices in train_loader:
             if step_limit is not None and len(losses) >= step_limit:
                 break
             if len(seen) < MAX_TRUTH_SAMPLES:
-                seen.append(batch)
-            proximal = None
-            if proximal_mu > 0:
-                proximal = (
-                    0.5
-                    * proximal_mu
-                    * sum(
-                        ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
-                    )
-                )
-            losses.append(model.training_step(data.x_train[batch], data.y_train[batch], optimizer, proximal))
-    trained = min(count, len(losses) * config.batch_size)
+                seen.append(indices)
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(module(inputs), model.targets(labels))
+            total = loss if proximal is None else loss + proximal(model)
+            total.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            processed += len(labels)
+    unwrap_all(transformations, module, model)
+    model.after_local_training(loader, server_round)
     return TrainResult(
-        float(np.mean(losses)), trained, len(losses), time.perf_counter() - start, _ordered_unique(seen)
+        train_loss=float(np.mean(losses)),
+        num_examples=min(len(data.y_train), processed),
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+        seen=_ordered_unique(seen),
+        weights=model.state_dict(),
+        extra_records=model.extra_records(),
     )
 
 
 @torch.no_grad()
 def evaluate(
-    model: ZooModel, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512
-) -> tuple[float, float]:
-    """Mean loss and accuracy of `model` on a labelled set."""
+    model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> Evaluation:
+    """Mean loss and every metric of `model` on a labelled set; per-batch means are weighted
+    by batch size, so the result does not depend on `batch_size`."""
     model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(targets), batch_size):
-        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+    count = len(labels)
+    total_loss = 0.0
+    totals = dict.fromkeys(model.metric_names, 0.0)
+    for start in range(0, count, batch_size):
+        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+        targets = model.targets(y)
         outputs = model(x)
-        total_loss += float(model.loss(outputs, y)) * len(y)
-        correct += int((model.predict(outputs) == _prediction_targets(model, y)).sum())
-    return total_loss / len(targets), correct / len(targets)
-
-
-def _prediction_targets(model: ZooModel, targets: torch.Tensor) -> torch.Tensor:
-    # A single-logit (logistic) head predicts label parity, as its loss is trained on it.
-    return targets % 2 if getattr(model, "head", "ce") == "logistic" else targets
+        total_loss += float(model.loss(outputs, targets)) * len(y)
+        batch = model.metrics(outputs, targets)
+        if set(batch) != set(totals):
+            raise ValueError(
+                f"{model.name}.metrics returned {sorted(batch)} but declares metric_names {sorted(totals)}"
+            )
+        for name, value in batch.items():
+            totals[name] += value * len(y)
+    return Evaluation(total_loss / count, {name: value / count for name, value in totals.items()}, count)
 
 
 def _ordered_unique(batches: list[torch.Tensor]) -> torch.Tensor:
