@@ -224,8 +224,8 @@ def _usable_truth(update: ObservedUpdate, truth: Truth | None) -> tuple[Truth | 
             f"leakage not measurable: the shared samples {truth.inputs.shape} with {len(truth.labels)} "
             f"labels do not fit the model's inputs {tuple(update.input_shape)}"
         )
-    if truth.inputs.ndim != 4:  # PSNR and SSIM score images; other modalities need their own metric
-        return None, f"leakage not measurable: samples of shape {shape} are not images (C, H, W)"
+    if update.model.spec.modality != "image":  # PSNR and SSIM score images; others need their own metric
+        return None, f"leakage not measurable: {update.model.spec.modality} samples are not images"
     return truth, ""
 
 

@@ -53,7 +53,8 @@ def with_config_flags(command: Command) -> Command:
 
 def _knob_parameter(spec: Knob) -> inspect.Parameter:
     names = [f"--{spec.key}/--no-{spec.key}"] if spec.type is bool else [f"--{spec.key}"]
-    option = Opt(*names, help=spec.description, rich_help_panel=f"Config: {spec.group}")
+    shown: bool | str = "none" if spec.default == "" else True  # typer prints nothing for ""
+    option = Opt(*names, help=spec.description, show_default=shown, rich_help_panel=f"Config: {spec.group}")
     annotation = Annotated[spec.type, option]  # type: ignore[name-defined]
     return inspect.Parameter(
         spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default, annotation=annotation

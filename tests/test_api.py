@@ -130,7 +130,7 @@ def test_float_knobs_given_as_ints_are_floats() -> None:
 
 
 def _store_with_rounds(tmp_path: Path, checkpoints: int, server_rounds: list[int]) -> RunStore:
-    store = RunStore.create(tmp_path, RunConfig(name="follow"))
+    store = RunStore.create(tmp_path, RunConfig(name="follow"), ("accuracy",))
     rows = [{"round": r, "partition_id": 0, "stage": "train", "train_loss": 1.0} for r in server_rounds]
     rows += [
         {"round": r, "stage": "server", "eval_loss": 2.0 - r, "eval_accuracy": r / 10} for r in server_rounds

@@ -189,10 +189,10 @@ def test_the_security_metric_reports_failures_as_a_note() -> None:
 
 def test_feature_samples_are_attacked_but_not_scored_as_images(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_model("mlp", InputSpec((64,), 10))
+    model = build_model("mlp", InputSpec.features(64, 10))
     x, y = np.random.default_rng(0).random((1, 64), dtype=np.float32), np.array([3])
     audit = UpdateAuditor(["analytic-fc"]).audit(_update(model, x, y), Truth(x, y), AuditContext("t"))
     (row,) = audit.rows
-    assert row.status == RECONSTRUCTED and row.psnr is None and "are not images" in row.note
+    assert row.status == RECONSTRUCTED and row.psnr is None and "features samples are not images" in row.note
     save_audit_grid([audit], tmp_path / "grid.png", title="features", column_titles=["client 0"])
     assert (tmp_path / "grid.png").is_file()

@@ -40,7 +40,7 @@ def _server_row(server_round: int) -> dict[str, object]:
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run of 3 rounds stopped after round 2, as the run store writes it."""
     monkeypatch.chdir(tmp_path)  # so a stray write to ./runs would show in the snapshot
-    store = RunStore.create(tmp_path / "runs", CONFIG)
+    store = RunStore.create(tmp_path / "runs", CONFIG, ("accuracy",))
     weights = model_for(CONFIG).state_dict()
     for server_round in range(3):
         rows = [{"round": server_round, "partition_id": pid, "stage": "train", "train_loss": 0.5,

@@ -99,7 +99,7 @@ class Knob:
                 f"{self.key} must be {self.type.__name__}, got {value!r}; pass a {self.type.__name__}"
             )
         if isinstance(value, str):
-            check_text(self.key, value)
+            check_text(self.key, value, allow_empty=self.default == "")  # "" = none, e.g. no transforms
             if self.choices is not None and value not in self.choices:
                 raise UserInputError(
                     f"unknown {self.key} {value!r}; choose one of: {', '.join(self.choices)}"
@@ -265,7 +265,7 @@ class RunConfig:
         return max(int(self.num_clients * self.fraction_train), 1)
 
 
-def check_text(what: str, value: str) -> None:
+def check_text(what: str, value: str, allow_empty: bool = False) -> None:
     """Names and strings become folder names, CSV cells and Flower records: refuse empty ones
     and control characters (NUL truncates paths in C code, newlines split CSV rows)."""
     bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
@@ -273,7 +273,7 @@ def check_text(what: str, value: str) -> None:
         raise UserInputError(
             f"{what} {value!r} contains the control character {bad!r}; use printable characters only"
         )
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         raise UserInputError(f"{what} is empty; pass a non-empty value")
 
 
