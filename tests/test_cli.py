@@ -46,7 +46,7 @@ def test_run_help_shows_every_knob_with_its_default_in_its_group() -> None:
     for spec in RunConfig.knobs():
         line = next((line for line in result.output.splitlines() if f" --{spec.key} " in line), None)
         assert line is not None, f"--{spec.key} missing from --help"
-        shown = "none" if spec.default == "" else str(spec.default)
+        shown = "(none)" if spec.default == "" else str(spec.default)
         if spec.type is bool:
             shown = "audit" if spec.default else "no-audit"
         assert f"[default: {shown}]" in line, line
