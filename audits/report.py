@@ -12,11 +12,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # no pyplot: files only, the caller's backend untouched
 
 from audits.engine import DECLINED, FAILED, RECONSTRUCTED, AuditRow, UpdateAudit
 
@@ -91,13 +89,13 @@ def _caption(row: AuditRow, psnr: float | None) -> str:
     return f"{quality}\nlabels {round(row.label_score * recovered)}/{recovered} right"
 
 
-def _blank(ax: plt.Axes, text: str, size: tuple[int, int]) -> None:
+def _blank(ax: Axes, text: str, size: tuple[int, int]) -> None:
     """A grey cell the size of an image (so the grid stays aligned) with `text` in it."""
     ax.imshow(np.full(size, 0.94), cmap="gray", vmin=0, vmax=1)
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=6, color="#333333", transform=ax.transAxes)
 
 
-def _image(ax: plt.Axes, image: np.ndarray, size: tuple[int, int]) -> None:
+def _image(ax: Axes, image: np.ndarray, size: tuple[int, int]) -> None:
     if image.ndim == 3 and image.shape[0] in (1, 3):
         ax.imshow(_to_display(image), cmap="gray", vmin=0, vmax=1)
     else:  # token or feature samples: no picture to draw
@@ -113,7 +111,8 @@ def save_audit_grid(
     shown = [u.original for u in updates] + [i for u in updates for i in u.images.values()]
     size = next((tuple(i.shape[-2:]) for i in shown if i is not None and i.ndim == 3), (32, 32))
     cols, rows = len(updates), 1 + len(attacks)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 1.3, 1.75 * rows + 0.5), squeeze=False)
+    fig = Figure(figsize=(1.7 * cols + 1.3, 1.75 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for c, update in enumerate(updates):
         by_attack = {r.attack: r for r in update.rows}
         top = axes[0][c]
@@ -140,4 +139,3 @@ def save_audit_grid(
     fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

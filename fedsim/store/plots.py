@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers or in CI
-import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: files only, the caller's backend untouched
 from matplotlib.ticker import MaxNLocator
 
 # Metrics that are shares (accuracy and the like) get a fixed [0, 1] axis, so runs compare by eye.
@@ -27,7 +24,8 @@ def plot_metrics(metrics_csv: Path, output: Path) -> None:
     clients_eval = frame[frame["stage"] == "evaluate"].groupby("round")
     clients_train = frame[frame["stage"] == "train"].groupby("round")
     metrics = metric_columns_of(frame)
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 4), squeeze=False)
+    fig = Figure(figsize=(5 * (len(metrics) + 1), 4))
+    axes = fig.subplots(1, len(metrics) + 1, squeeze=False)
     for ax, column in zip(axes[0], metrics, strict=False):
         name = column.removeprefix("eval_")
         ax.plot(server["round"], server[column], marker="o", label="server test")
@@ -49,4 +47,3 @@ def plot_metrics(metrics_csv: Path, output: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(output, dpi=100)
-    plt.close(fig)
