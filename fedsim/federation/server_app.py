@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -181,7 +181,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
             plan.on_round(absolute, {"loss": loss, "accuracy": accuracy})
         return MetricRecord({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})
 
-    run_config = ConfigRecord(config.to_dict())
+    run_config = wire.run_config_record(config)
     remaining = plan.last_round() - done
     if remaining > 0:
         strategy.start(

@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from fedsim.config.run_config import STRATEGIES, RunConfig
 from fedsim.errors import UserInputError
+from fedsim.federation import wire
 
 
 def check_strategy(config: RunConfig) -> None:
@@ -28,8 +29,12 @@ def check_strategy(config: RunConfig) -> None:
 
 def build_strategy(config: RunConfig) -> Strategy:
     """The inner strategy (config checked by `validate_plan`); every node must be up before
-    round 1 so sampling sees all of them."""
+    round 1 so sampling sees all of them. fedsim's record names are passed explicitly, so
+    client and strategy agree on them by construction, not by matching defaults."""
     common: dict[str, Any] = {
+        "arrayrecord_key": wire.ARRAYS,
+        "configrecord_key": wire.CONFIG,
+        "weighted_by_key": wire.NUM_EXAMPLES,
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": 1,
