@@ -116,7 +116,7 @@ def run(
         try:
             simulate(plan, cpus=cpus, ray_address=ray_address, verbose=verbose)
         except SimulationError as err:
-            console.print(f"[red]error:[/red] {err}")
+            console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     rows = store.read_rows()
     final = [r for r in rows if r["stage"] == "server"][-1]

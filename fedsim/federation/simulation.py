@@ -12,7 +12,8 @@ from flwr.simulation import run_simulation
 
 from fedsim.errors import UserInputError
 from fedsim.federation.client_app import build_client_app
-from fedsim.federation.server_app import FederationError, FederationPlan, build_server_app
+from fedsim.federation.server_app import FederationPlan, build_server_app
+from fedsim.strategy.validation import FederationError
 
 
 def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | None) -> dict[str, Any]:
