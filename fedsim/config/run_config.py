@@ -176,6 +176,9 @@ class RunConfig:
     server_learning_rate: float = knob(0.01, "FedAdam server learning rate η.", "strategy", above=0)
     num_malicious: int = knob(0, "Krum: tolerated malicious clients.", "strategy", at_least=0)
     trim_beta: float = knob(0.2, "FedTrimmedAvg: share trimmed at each end.", "strategy")
+    reject_norm_ratio: float = knob(
+        0.0, "Reject updates whose norm exceeds N × the round's median update norm; 0 = off.", "strategy"
+    )
     # audit
     audit: bool = knob(False, "Attack client updates each round.", "audit")
     audit_attacks: str = knob("layerwise", "Comma-separated attacks (see `fedsim attacks`).", "audit")

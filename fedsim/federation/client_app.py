@@ -3,23 +3,29 @@
 The server sends the whole run config with each message, so the same ClientApp serves a
 `fedsim run` simulation, `flwr run .` and a real SuperNode without local configuration; the
 node's own `partition-id` (node config) picks its data.
+
+Whether the node ships the raw samples it trained on (for the auditor to score reconstructions)
+is the node's decision, never the server's: a SuperNode opts in with node config
+`audit-truth=true`; fedsim's own simulation, whose virtual nodes Flower cannot configure,
+builds its ClientApp with `build_client_app(share_truth=True)`. The module-level `app` (`flwr run
+.`, deployments) does not share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import ClientData, client_data
 from fedsim.federation import wire
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
-
-app = ClientApp()
 
 
 def _partition_id(context: Context) -> int:
@@ -30,21 +36,26 @@ def _partition_id(context: Context) -> int:
 class _Job:
     """What one train/evaluate message asks of this node."""
 
-    config: RunConfig
-    record: ConfigRecord
+    instructions: wire.Instructions
     model: ZooModel
     partition_id: int
     data: ClientData
 
 
+def node_opts_in_to_truth(node_config: Mapping[str, Any]) -> bool:
+    """The node's own opt-in to ship training samples: node config `audit-truth=true`."""
+    value = node_config.get(wire.AUDIT_TRUTH, False)
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
 def _job(msg: Message, context: Context) -> _Job:
     torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
-    record = msg.content[wire.CONFIG]
-    config = wire.run_config_from_record(record)
-    model = model_for(config)
+    instructions = wire.read_instructions(msg.content)
+    model = model_for(instructions.config)
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
     partition_id = _partition_id(context)
-    return _Job(config, record, model, partition_id, client_data(config, partition_id))
+    data = client_data(instructions.config, partition_id)
+    return _Job(instructions, model, partition_id, data)
 
 
 def _reply(
@@ -66,16 +77,18 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, share_truth: bool = False) -> Message:
+    """Train on this node's partition; attach the samples only if the node opted in
+    (`share_truth` or node config `audit-truth=true`) and the server audits."""
     job = _job(msg, context)
+    config = job.instructions.config
     result = train_locally(
         job.model,
         job.data,
-        job.config,
-        server_round=int(job.record[wire.SERVER_ROUND]),
+        config,
+        server_round=job.instructions.server_round,
         partition_id=job.partition_id,
-        proximal_mu=float(job.record.get(wire.PROXIMAL_MU, 0.0)),
+        proximal_mu=job.instructions.proximal_mu,
     )
     metrics = {
         wire.TRAIN_LOSS: result.train_loss,
@@ -84,14 +97,13 @@ def train(msg: Message, context: Context) -> Message:
         wire.SECONDS: result.seconds,
     }
     truth = None
-    if job.config.audit:
+    if config.audit and (share_truth or node_opts_in_to_truth(context.node_config)):
         seen = result.seen
         truth = wire.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
     extras = {name: wire.encode_extra(payload) for name, payload in result.extra_records.items()}
     return _reply(msg, job, metrics, ArrayRecord(result.weights), truth, extras)
 
 
-@app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     result = evaluate(job.model, job.data.x_val, job.data.y_val)
@@ -99,8 +111,26 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return _reply(msg, job, metrics)
 
 
-@app.query("roster")
 def roster(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds, so it can sample reproducibly."""
     content = RecordDict({wire.CLIENT: ConfigRecord({wire.PARTITION_ID: _partition_id(context)})})
     return Message(content, reply_to=msg)
+
+
+def build_client_app(share_truth: bool, mods: Sequence[Mod] = ()) -> ClientApp:
+    """fedsim's ClientApp. `share_truth` opts every node running it in to shipping its training
+    samples when the server audits (fedsim's simulation); without it only nodes whose node
+    config says `audit-truth=true` do. `mods` are Flower mods around every handler."""
+    client_app = ClientApp(mods=list(mods))
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, share_truth=share_truth)
+
+    client_app.evaluate()(evaluate_global)
+    client_app.query("roster")(roster)
+    return client_app
+
+
+# `flwr run .` and deployed SuperNodes: samples leave a node only by its own node config.
+app = build_client_app(share_truth=False)

@@ -7,7 +7,7 @@ test split every round, and records everything in the run store.
 
 from __future__ import annotations
 
-import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
 
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
@@ -25,18 +24,12 @@ from fedsim.federation import wire
 from fedsim.federation.planning import validate_plan
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
-from fedsim.strategy.aggregators import build_strategy, restore_strategy_state, strategy_state
-from fedsim.strategy.auditing import AuditingStrategy, UpdateAuditor
-from fedsim.strategy.ordering import ReproducibleStrategy, partition_of
+from fedsim.strategy.auditing import AuditingStrategy, auditing_wrapper
+from fedsim.strategy.chain import StrategyChain, build_chain
+from fedsim.strategy.ordering import partition_of
 from fedsim.training.local import evaluate, metric_names, model_for
 
 RoundCallback = Callable[[int, dict[str, float]], None]
-log = logging.getLogger(__name__)
-
-
-class FederationError(RuntimeError):
-    """A round in which no client trained: going on would checkpoint an unchanged model as if
-    the round had happened."""
 
 
 @dataclass
@@ -53,9 +46,11 @@ class FederationPlan:
 
 
 def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[dict[str, object]]:
+    """One row per reply that reports metrics, rejected ones included (validation, which
+    comes later in the chain, logs why it rejected them)."""
     rows = []
     for reply in replies:
-        if reply.has_error():
+        if reply.has_error() or wire.METRICS not in reply.content.metric_records:
             continue
         metrics = reply.content.metric_records[wire.METRICS]
         rows.append(
@@ -65,7 +60,7 @@ def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[
                 "stage": stage,
                 "train_loss": metrics.get(wire.TRAIN_LOSS),
                 **_eval_columns(metrics),
-                "num_examples": int(metrics[wire.NUM_EXAMPLES]),
+                "num_examples": _count(metrics.get(wire.NUM_EXAMPLES)),
                 "seconds": metrics.get(wire.SECONDS),
             }
         )
@@ -78,36 +73,9 @@ def _eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {f"eval_{key[len(prefix) :]}": value for key, value in metrics.items() if key.startswith(prefix)}
 
 
-def require_training(server_round: int, replies: list[Message]) -> None:
-    """Raise FederationError when every client's training failed; warn when some did."""
-    failed = [reply for reply in replies if reply.has_error()]
-    if failed and len(failed) == len(replies):
-        raise FederationError(
-            f"round {server_round}: all {len(replies)} clients failed to train "
-            f"(first error: {_client_error(failed[0].error.reason)})"
-        )
-    if failed:
-        log.warning("round %d: %d of %d clients failed to train", server_round, len(failed), len(replies))
-
-
-def _client_error(reason: str) -> str:
-    """The exception's own message out of Flower's wrapping `<class ...>:<'... Message: text'>`."""
-    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
-    return last.rpartition("Message: ")[2].removesuffix("'>")
-
-
-def _with_auditor(inner: Strategy, config: RunConfig, store: RunStore) -> AuditingStrategy:
-    """The auditor sits inside the ordering wrapper (absolute rounds, sorted replies) and
-    outside any DP wrapper, where an honest-but-curious server stands."""
-    return AuditingStrategy(
-        inner,
-        UpdateAuditor(config.attack_names()),
-        make_model=lambda: model_for(config),
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        output_dir=store.path,
-        max_clients=config.audit_clients,
-    )
+def _count(value: object) -> int | None:
+    """An example count as an integer; a malformed one (rejected later) as empty."""
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -118,21 +86,21 @@ class StartingPoint:
 
 
 def _starting_point(
-    store: RunStore, inner: Strategy, audited: Strategy, initial: dict[str, torch.Tensor]
+    store: RunStore, done: int | None, chain: StrategyChain, initial: dict[str, torch.Tensor]
 ) -> StartingPoint:
     """Round 0 and the initial model for a new run; for a resumed one the newest checkpoint,
-    with the strategy's state restored and the rows of the interrupted round dropped."""
-    done = store.last_complete_round()
+    with the chain's state restored and the rows of the interrupted round dropped."""
     if done is None:
         store.save_checkpoint(0, initial, {})
         return StartingPoint(0, initial, resumed=False)
     store.roll_back_to(done)
-    if isinstance(audited, AuditingStrategy):
-        audited.log.drop_rows_after(done)
+    auditor = chain.find(AuditingStrategy)
+    if auditor is not None:
+        auditor.drop_rounds_after(done)
     # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting them
     # back to the model's float32 would make a resumed run drift from a straight one.
     weights, server_state = store.load_checkpoint(done)
-    restore_strategy_state(inner, server_state)
+    chain.load_state_dict(server_state)
     return StartingPoint(done, weights, resumed=True)
 
 
@@ -142,22 +110,16 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     data = dataset_for(config)
     model = model_for(config, data)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    inner = build_strategy(config)
-    audited = _with_auditor(inner, config, store) if config.audit else inner
-    start = _starting_point(store, inner, audited, model.state_dict())
-    done = start.done
-    strategy = ReproducibleStrategy(
-        audited,
-        seed=config.seed,
-        min_nodes=config.num_clients,
-        need_roster=config.fraction_train < 1 or 0 < config.fraction_evaluate < 1,
-        round_offset=done,
-        on_train=[
-            require_training,
-            lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies)),
-        ],
+    last_complete = store.last_complete_round()
+    chain = build_chain(
+        config,
+        round_offset=last_complete or 0,
+        on_train=[lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies))],
         on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
+        audit=auditing_wrapper(config, store.path),
     )
+    start = _starting_point(store, last_complete, chain, model.state_dict())
+    done = start.done
     round_started = [time.perf_counter()]
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -182,15 +144,15 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
             ]
         )
         if absolute > 0:
-            store.save_checkpoint(absolute, weights, strategy_state(inner))
+            store.save_checkpoint(absolute, weights, chain.state_dict())
         if plan.on_round:
             plan.on_round(absolute, {"loss": result.loss, **result.metrics})
         return MetricRecord(scores)
 
-    run_config = ConfigRecord(config.to_dict())
+    run_config = wire.run_config_record(config)
     remaining = plan.last_round() - done
     if remaining > 0:
-        strategy.start(
+        chain.outer.start(
             grid=grid,
             initial_arrays=ArrayRecord(start.weights),
             num_rounds=remaining,

@@ -7,11 +7,13 @@ import os
 import socket
 from typing import Any
 
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedsim.errors import UserInputError
-from fedsim.federation.client_app import app as client_app
-from fedsim.federation.server_app import FederationError, FederationPlan, build_server_app
+from fedsim.federation.client_app import build_client_app
+from fedsim.federation.server_app import FederationPlan, build_server_app
+from fedsim.strategy.validation import FederationError
 
 
 def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | None) -> dict[str, Any]:
@@ -49,8 +51,13 @@ def simulate(
     cpus_per_client: int = 1,
     ray_address: str | None = None,
     verbose: bool = False,
+    client_app: ClientApp | None = None,
 ) -> None:
-    """Run the plan to its last round; raise if the ServerApp stopped early (Flower only logs it)."""
+    """Run the plan to its last round; raise if the ServerApp stopped early (Flower only logs it).
+
+    The virtual nodes run `client_app`, by default fedsim's with training samples shared for the
+    auditor: Flower cannot give simulated nodes a node config, and they hold the user's own data.
+    """
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
@@ -61,7 +68,7 @@ def simulate(
     try:
         run_simulation(
             server_app=build_server_app(plan),
-            client_app=client_app,
+            client_app=client_app or build_client_app(share_truth=True),
             num_supernodes=plan.config.num_clients,
             backend_config=backend_config(cpus, cpus_per_client, ray_address),
             verbose_logging=verbose,

@@ -1,13 +1,20 @@
-"""The record keys that client and server agree on, in one place."""
+"""The record keys that client and server agree on, in one place.
+
+Flower's strategies write their own keys (`server-round`, FedProx's `proximal-mu`, ...) into the
+train/evaluate ConfigRecord, so fedsim's run config travels in the same record under its own
+namespace, `fedsim.<key>`: no strategy key can collide with a fedsim knob, and the client reads
+strategy keys only from the strategy that sets them.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.config.run_config import RunConfig
 
@@ -31,18 +38,44 @@ SERVER_ROUND = "server-round"
 # Simulation only: the samples a client trained on, so the auditor can score reconstructions.
 # Strategies never read ConfigRecords of replies, so aggregation cannot use it.
 AUDIT_TRUTH = "audit-truth"
+# FedProx's own key (flwr.serverapp.strategy.FedProx writes it); absent for every other strategy.
 PROXIMAL_MU = "proximal-mu"
 # A model family's extra payloads travel beside the weights as ConfigRecords `extra.<name>`:
 # FedAvg-style strategies require exactly one ArrayRecord per reply and ignore ConfigRecords.
 EXTRA_PREFIX = "extra."
+RUN_CONFIG_PREFIX = "fedsim."
 
-_RUN_KEYS = frozenset(RunConfig().to_dict())
+
+def run_config_record(config: RunConfig) -> ConfigRecord:
+    """The run config as the server sends it: every knob under `fedsim.`, so that strategies
+    may add their own keys to the same record without shadowing one."""
+    return ConfigRecord({RUN_CONFIG_PREFIX + key: value for key, value in config.to_dict().items()})
 
 
 def run_config_from_record(record: Mapping[str, Any]) -> RunConfig:
-    """The run config a server sent inside a train/evaluate ConfigRecord."""
+    """The run config a server sent inside a train/evaluate ConfigRecord (`fedsim.` keys only)."""
     return RunConfig.from_mapping(
-        {k: v for k, v in record.items() if k in _RUN_KEYS}, source="server message"
+        {k.removeprefix(RUN_CONFIG_PREFIX): v for k, v in record.items() if k.startswith(RUN_CONFIG_PREFIX)},
+        source="server message",
+    )
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """What a train/evaluate message asks of a client, decoded once."""
+
+    config: RunConfig
+    server_round: int
+    proximal_mu: float  # from FedProx's key only: 0 for every other strategy
+
+
+def read_instructions(content: RecordDict) -> Instructions:
+    """Decode a train/evaluate message as the client does."""
+    record = content.config_records[CONFIG]
+    return Instructions(
+        config=run_config_from_record(record),
+        server_round=int(record[SERVER_ROUND]),
+        proximal_mu=float(record.get(PROXIMAL_MU, 0.0)),
     )
 
 

@@ -1,7 +1,9 @@
-"""Build the configured aggregation strategy from Flower's `flwr.serverapp.strategy`."""
+"""Build the configured aggregation strategy from Flower's `flwr.serverapp.strategy`, and read
+and write the state it carries across rounds (for resume)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -9,6 +11,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from fedsim.config.run_config import STRATEGIES, RunConfig
 from fedsim.errors import UserInputError
+from fedsim.federation import wire
 
 
 def check_strategy(config: RunConfig) -> None:
@@ -24,12 +27,21 @@ def check_strategy(config: RunConfig) -> None:
         raise UserInputError(f"trim-beta must be in [0, 0.5) (got {config.trim_beta}); pass e.g. 0.2")
     if config.strategy == "fedprox" and config.proximal_mu < 0:
         raise UserInputError(f"proximal-mu must be >= 0 (got {config.proximal_mu}); pass e.g. 0.01")
+    if not (math.isfinite(config.reject_norm_ratio) and config.reject_norm_ratio >= 0):
+        raise UserInputError(
+            f"reject-norm-ratio must be 0 (off) or a finite multiple of the median update norm "
+            f"(got {config.reject_norm_ratio}); pass e.g. 10"
+        )
 
 
 def build_strategy(config: RunConfig) -> Strategy:
     """The inner strategy (config checked by `validate_plan`); every node must be up before
-    round 1 so sampling sees all of them."""
+    round 1 so sampling sees all of them. fedsim's record names are passed explicitly, so
+    client and strategy agree on them by construction, not by matching defaults."""
     common: dict[str, Any] = {
+        "arrayrecord_key": wire.ARRAYS,
+        "configrecord_key": wire.CONFIG,
+        "weighted_by_key": wire.NUM_EXAMPLES,
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": 1,
@@ -51,22 +63,37 @@ def build_strategy(config: RunConfig) -> Strategy:
     raise UserInputError(f"unknown strategy {config.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
 
 
-# Server-optimiser moments of the FedOpt family (FedAdam): needed to resume a run exactly.
-_STATEFUL_ATTRIBUTES = ("m_t", "v_t")
+class AggregatorState:
+    """Adapter that reads and writes what a Flower aggregator carries across rounds: the
+    server-optimiser moments `m_t`, `v_t` of the FedOpt family (FedAdam). The aggregator itself
+    stays a plain Flower strategy, as Flower's DP wrappers and their accountant require.
 
+    Keys are `<moment>/<array name>`; the strategy chain files them under `aggregator/`.
+    """
 
-def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """Flat `{"m_t/<array>": ndarray}` of whatever state the strategy carries across rounds."""
-    state: dict[str, np.ndarray] = {}
-    for attribute in _STATEFUL_ATTRIBUTES:
-        for name, array in (getattr(strategy, attribute, None) or {}).items():
-            state[f"{attribute}/{name}"] = np.asarray(array)
-    return state
+    MOMENTS = ("m_t", "v_t")
 
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
 
-def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    for attribute in _STATEFUL_ATTRIBUTES:
-        prefix = f"{attribute}/"
-        values = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if values:
-            setattr(strategy, attribute, values)
+    def _moments(self) -> tuple[str, ...]:
+        return tuple(m for m in self.MOMENTS if hasattr(self.strategy, m))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for moment in self._moments():
+            for name, array in (getattr(self.strategy, moment) or {}).items():
+                state[f"{moment}/{name}"] = np.asarray(array)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore the moments; a key this aggregator does not keep is an error, not ignored."""
+        moments = self._moments()
+        unknown = sorted(k for k in state if k.partition("/")[0] not in moments)
+        if unknown:
+            raise ValueError(f"{type(self.strategy).__name__} keeps no state {unknown[:3]}")
+        for moment in moments:
+            prefix = f"{moment}/"
+            values = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if values:
+                setattr(self.strategy, moment, values)

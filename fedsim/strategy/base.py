@@ -44,6 +44,11 @@ class StrategyWrapper(Strategy):
         self.inner.summary()
 
     # Resume: each wrapper saves and restores only its own state; the chain collects them.
+    @property
+    def state_prefix(self) -> str:
+        """Where the chain files this wrapper's state in a checkpoint: `<prefix>/<key>`."""
+        return type(self).__name__
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """This wrapper's own state across rounds (empty when it has none)."""
         return {}

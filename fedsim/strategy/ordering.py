@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's Grid
 
 from fedsim.federation import wire
+from fedsim.strategy.base import StrategyWrapper
 
 RepliesObserver = Callable[[int, list[Message]], None]
 
@@ -86,8 +87,9 @@ class PartitionOrderedGrid:
         return getattr(self._grid, name)
 
 
-class ReproducibleStrategy(Strategy):
-    """Wraps any Flower strategy; see the module docstring for what it adds."""
+class ReproducibleStrategy(StrategyWrapper):
+    """Wraps any Flower strategy; see the module docstring for what it adds. Its state is
+    `round_offset`, which resume derives from the checkpoint, so it saves none."""
 
     def __init__(
         self,
@@ -99,7 +101,7 @@ class ReproducibleStrategy(Strategy):
         on_train: Iterable[RepliesObserver] = (),
         on_evaluate: Iterable[RepliesObserver] = (),
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.seed = seed
         self.min_nodes = min_nodes
         self.need_roster = need_roster
@@ -147,6 +149,3 @@ class ReproducibleStrategy(Strategy):
         for observer in self.on_evaluate:
             observer(absolute, ordered)
         return self.inner.aggregate_evaluate(absolute, ordered)
-
-    def summary(self) -> None:
-        self.inner.summary()

@@ -1,0 +1,248 @@
+"""Reply validation: the gate between what clients send and what the auditor and aggregator see.
+
+One bad client must not poison the global model, and a federation that diverged must not end as
+a success. This wrapper sits right inside the ordering wrapper (see `fedsim.strategy.chain`):
+
+- it rejects, with a logged reason, every reply whose records are missing, whose arrays are
+  non-finite, not floating point, mis-shaped, or named differently from the global model's, whose
+  metrics disagree with the other clients', and (when `reject_norm_ratio` > 0) whose update norm
+  ‖Δw‖ exceeds that multiple of the round's median; rejected replies are dropped before the
+  auditor and the aggregator, and count like clients that failed to train;
+- a round in which no client's update is usable stops the federation (`FederationError`);
+- so does an aggregated global model that is not finite (training diverged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.federation import wire
+from fedsim.strategy.base import StrategyWrapper
+
+log = logging.getLogger(__name__)
+
+DIVERGED = (
+    "training diverged: the learning rate or momentum is likely too high; lower --learning-rate or --momentum"
+)
+
+
+class FederationError(RuntimeError):
+    """A round that cannot go on: no client update was usable, or the global model diverged.
+    Going on would checkpoint a model as if the round had happened."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One reply refused by validation, and why (`diverged`: its weights were not finite)."""
+
+    client: str
+    reason: str
+    diverged: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.client}: {self.reason}"
+
+
+class ValidatingStrategy(StrategyWrapper):
+    """Drops invalid replies before `inner` sees them; stops the run when a round has no usable
+    update or its aggregate is not finite. Stateless: the norm test uses this round only."""
+
+    def __init__(self, inner: Strategy, reject_norm_ratio: float = 0.0) -> None:
+        super().__init__(inner)
+        self.reject_norm_ratio = reject_norm_ratio
+        self._global: dict[str, np.ndarray] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = {name: array.numpy() for name, array in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self._global is None:
+            raise RuntimeError("aggregate_train before configure_train: no global model to check against")
+        kept, rejections = screen_train_replies(replies, self._global, self.reject_norm_ratio)
+        _log_rejections(server_round, "update", rejections)
+        require_training(server_round, replies, rejections)
+        arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        require_finite_model(server_round, arrays)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        kept, rejections = screen_replies(replies, _metrics_problem)
+        _log_rejections(server_round, "evaluation", rejections)
+        return self.inner.aggregate_evaluate(server_round, kept)
+
+
+def screen_train_replies(
+    replies: Sequence[Message], global_arrays: dict[str, np.ndarray], reject_norm_ratio: float = 0.0
+) -> tuple[list[Message], list[Rejection]]:
+    """Replies to aggregate (errors pass through: strategies count them as failures) and the
+    rejected ones, in reply order."""
+
+    def problem(content: RecordDict) -> tuple[str, bool] | None:
+        return _metrics_problem(content) or _arrays_problem(content, global_arrays)
+
+    kept, rejections = screen_replies(replies, problem)
+    if reject_norm_ratio > 0:
+        kept, outliers = _reject_norm_outliers(kept, global_arrays, reject_norm_ratio)
+        rejections += outliers
+    return kept, rejections
+
+
+def screen_replies(
+    replies: Sequence[Message], problem_of: Callable[[RecordDict], tuple[str, bool] | None]
+) -> tuple[list[Message], list[Rejection]]:
+    """Split replies by `problem_of`, then reject replies whose metric names differ from the
+    round's most common set (Flower's aggregation requires one set and raises otherwise)."""
+    kept: list[Message] = []
+    rejections: list[Rejection] = []
+    for reply in replies:
+        if reply.has_error():
+            kept.append(reply)
+            continue
+        found = problem_of(reply.content)
+        if found is None:
+            kept.append(reply)
+        else:
+            rejections.append(Rejection(_client(reply), *found))
+    names = [_metric_names(r) for r in kept if not r.has_error()]
+    if names:
+        usual = Counter(names).most_common(1)[0][0]
+        for reply in [r for r in kept if not r.has_error() and _metric_names(r) != usual]:
+            kept.remove(reply)
+            reason = f"metrics {sorted(_metric_names(reply))} differ from the round's {sorted(usual)}"
+            rejections.append(Rejection(_client(reply), reason))
+    return kept, rejections
+
+
+def require_training(
+    server_round: int, replies: Sequence[Message], rejections: Sequence[Rejection] = ()
+) -> None:
+    """Raise FederationError when no client's update is usable (all failed or were rejected);
+    warn when some clients failed."""
+    failed = [reply for reply in replies if reply.has_error()]
+    if len(failed) + len(rejections) < len(replies) or not replies:
+        if failed:
+            log.warning("round %d: %d of %d clients failed to train", server_round, len(failed), len(replies))
+        return
+    if not rejections:
+        raise FederationError(
+            f"round {server_round}: all {len(replies)} clients failed to train "
+            f"(first error: {_client_error(failed[0].error.reason)})"
+        )
+    hint = f"; {DIVERGED}" if any(r.diverged for r in rejections) else ""
+    raise FederationError(
+        f"round {server_round}: no usable update from {len(replies)} clients ({len(failed)} failed to "
+        f"train, {len(rejections)} rejected; first rejected {rejections[0]}){hint}"
+    )
+
+
+def require_finite_model(server_round: int, arrays: ArrayRecord | None) -> None:
+    """Raise FederationError if the aggregated global model holds NaN or Inf."""
+    for name, array in (arrays or {}).items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            raise FederationError(
+                f"round {server_round}: the aggregated global model has non-finite weights in {name!r}; "
+                f"{DIVERGED}"
+            )
+
+
+def _metrics_problem(content: RecordDict) -> tuple[str, bool] | None:
+    if set(content.metric_records) != {wire.METRICS}:
+        return f"expected one MetricRecord {wire.METRICS!r}, got {sorted(content.metric_records)}", False
+    weight = content.metric_records[wire.METRICS].get(wire.NUM_EXAMPLES)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+        return f"{wire.NUM_EXAMPLES} is {weight!r}, not a positive number", False
+    return None
+
+
+def _arrays_problem(content: RecordDict, global_arrays: dict[str, np.ndarray]) -> tuple[str, bool] | None:
+    if set(content.array_records) != {wire.ARRAYS}:
+        return f"expected one ArrayRecord {wire.ARRAYS!r}, got {sorted(content.array_records)}", False
+    record = content.array_records[wire.ARRAYS]
+    missing, extra = sorted(set(global_arrays) - set(record)), sorted(set(record) - set(global_arrays))
+    if missing or extra:
+        return f"array names differ from the global model's (missing {missing}, extra {extra})", False
+    for name, reference in global_arrays.items():
+        try:
+            values = record[name].numpy()
+        except (ValueError, TypeError) as err:
+            return f"array {name!r} is unreadable ({err})", False
+        if np.issubdtype(reference.dtype, np.floating) != np.issubdtype(values.dtype, np.floating) or (
+            not np.issubdtype(reference.dtype, np.floating) and values.dtype != reference.dtype
+        ):
+            return f"array {name!r} has dtype {values.dtype}, the model's is {reference.dtype}", False
+        if values.shape != reference.shape:
+            return f"array {name!r} has shape {values.shape}, the model's is {reference.shape}", False
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"non-finite weights in {name!r}", True
+    return None
+
+
+def update_norm(content: RecordDict, global_arrays: dict[str, np.ndarray]) -> float:
+    """‖Δw‖ over every floating-point array (Δw = returned − global), in float64."""
+    record = content.array_records[wire.ARRAYS]
+    squares = 0.0
+    for name, reference in global_arrays.items():
+        if np.issubdtype(reference.dtype, np.floating):
+            delta = record[name].numpy().astype(np.float64) - reference.astype(np.float64)
+            squares += float(np.square(delta).sum())
+    return float(np.sqrt(squares))
+
+
+def _reject_norm_outliers(
+    replies: list[Message], global_arrays: dict[str, np.ndarray], ratio: float
+) -> tuple[list[Message], list[Rejection]]:
+    """Reject updates longer than `ratio` × the median ‖Δw‖ of this round's valid updates.
+    With one update there is nothing to compare with; a zero median rejects nothing."""
+    norms = {id(r): update_norm(r.content, global_arrays) for r in replies if not r.has_error()}
+    if len(norms) < 2:
+        return replies, []
+    limit = ratio * float(np.median(list(norms.values())))
+    if limit <= 0:
+        return replies, []
+    kept, rejections = [], []
+    for reply in replies:
+        norm = norms.get(id(reply))
+        if norm is not None and norm > limit:
+            reason = f"update norm {norm:.4g} exceeds {ratio:g} × the round's median ({limit:.4g})"
+            rejections.append(Rejection(_client(reply), reason))
+        else:
+            kept.append(reply)
+    return kept, rejections
+
+
+def _metric_names(reply: Message) -> frozenset[str]:
+    return frozenset(reply.content.metric_records[wire.METRICS])
+
+
+def _client(reply: Message) -> str:
+    client = reply.content.config_records.get(wire.CLIENT)
+    if client is not None and isinstance(client.get(wire.PARTITION_ID), int):
+        return f"client {client[wire.PARTITION_ID]}"
+    return f"node {reply.metadata.src_node_id}"
+
+
+def _log_rejections(server_round: int, what: str, rejections: list[Rejection]) -> None:
+    for rejection in rejections:
+        log.warning("round %d: rejected the %s of %s", server_round, what, rejection)
+
+
+def _client_error(reason: str) -> str:
+    """The exception's own message out of Flower's wrapping `<class ...>:<'... Message: text'>`."""
+    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
+    return last.rpartition("Message: ")[2].removesuffix("'>")
