@@ -106,7 +106,7 @@ def test_the_chain_state_survives_the_run_store_checkpoint(tmp_path: Path) -> No
     config = RunConfig(strategy="fedadam", num_clients=2)
     chain = build_chain(config)
     play_round(chain, 1, GLOBAL, seed=3)
-    store = RunStore.create(tmp_path, config)
+    store = RunStore.create(tmp_path, config, ("accuracy",))
     store.save_checkpoint(1, {k: torch.from_numpy(v) for k, v in GLOBAL.items()}, chain.state_dict())
     _, saved = store.load_checkpoint(1)
     restored = build_chain(config, round_offset=1)
