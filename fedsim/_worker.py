@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fedsim.errors import UserInputError
+from fedsim.errors import RunFailedError, UserInputError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _die_with_parent(args.parent)
     from fedsim.federation.server_app import FederationPlan
-    from fedsim.federation.simulation import SimulationError, simulate
+    from fedsim.federation.simulation import simulate
     from fedsim.store.run_store import RunStore
 
     try:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         _report(args.report, "input", str(err))
         return UserInputError.exit_code
-    except SimulationError as err:
+    except RunFailedError as err:
         _report(args.report, "run", str(err))
         return 1
     except Exception as err:  # a bug: keep the traceback for the caller

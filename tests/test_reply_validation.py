@@ -11,12 +11,11 @@ from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.config.run_config import RunConfig
-from fedsim.errors import UserInputError
+from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation import wire
 from fedsim.strategy.aggregators import build_strategy, check_strategy
 from fedsim.strategy.validation import (
     DIVERGED,
-    FederationError,
     ValidatingStrategy,
     require_finite_model,
     screen_train_replies,
@@ -84,8 +83,26 @@ def test_a_malformed_update_is_rejected_and_the_others_kept(
 def test_an_honest_round_is_kept_whole_and_float64_globals_accept_float32_updates() -> None:
     """FedAdam's global model is float64; clients answer in float32."""
     global64 = {name: value.astype(np.float64) for name, value in GLOBAL.items()}
-    kept, rejections = screen_train_replies(round_with(moved(0.2)), global64, reject_norm_ratio=3)
+    model_dtypes = {name: value.dtype for name, value in GLOBAL.items()}
+    kept, rejections = screen_train_replies(round_with(moved(0.2)), global64, 3, model_dtypes)
     assert kept_partitions(kept) == [0, 1, 2] and rejections == []
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_an_update_in_another_float_type_is_rejected(dtype: type) -> None:
+    """A float64 reply would turn the aggregate and its checkpoint into float64; float16 loses
+    precision silently."""
+    bad = {name: value.astype(dtype) for name, value in moved(0.2).items()}
+    kept, rejections = screen_train_replies(round_with(bad), GLOBAL)
+    assert kept_partitions(kept) == [0, 2]
+    assert f"has dtype {np.dtype(dtype)}, the model's is float32" in rejections[0].reason
+
+
+def test_an_unreadable_array_is_rejected_not_raised() -> None:
+    replies = round_with(moved(0.2))
+    replies[1].content[wire.ARRAYS]["w"].data = b""  # reading it raises EOFError, not ValueError
+    kept, rejections = screen_train_replies(replies, GLOBAL)
+    assert kept_partitions(kept) == [0, 2] and "array 'w' is unreadable" in rejections[0].reason
 
 
 @pytest.mark.parametrize(
@@ -154,7 +171,7 @@ def test_a_round_with_only_diverged_updates_stops_and_names_the_cause(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     nan = {**moved(0.2), "w": np.full((3, 2), np.nan, np.float32)}
-    with pytest.raises(FederationError) as caught:
+    with pytest.raises(RunFailedError) as caught:
         _validated_fedavg([train_reply(0, nan), train_reply(1, nan)])
     message = str(caught.value)
     assert message == (
@@ -166,7 +183,7 @@ def test_a_round_with_only_diverged_updates_stops_and_names_the_cause(
 
 
 def test_a_round_with_only_rejected_shapes_stops_without_blaming_the_learning_rate() -> None:
-    with pytest.raises(FederationError) as caught:
+    with pytest.raises(RunFailedError) as caught:
         _validated_fedavg([train_reply(0, {"w": GLOBAL["w"]})])
     assert "1 rejected; first rejected client 0: array names differ" in str(caught.value)
     assert "learning rate" not in str(caught.value)
@@ -186,7 +203,7 @@ class _Diverging:
 def test_a_non_finite_global_model_stops_the_run() -> None:
     strategy = ValidatingStrategy(_Diverging())
     strategy.configure_train(3, arrays(GLOBAL), wire.run_config_record(RunConfig()), StaticGrid([1]))
-    with pytest.raises(FederationError) as caught:
+    with pytest.raises(RunFailedError) as caught:
         strategy.aggregate_train(3, round_with(moved(0.2)))
     assert str(caught.value) == (
         f"round 3: the aggregated global model has non-finite weights in 'w'; {DIVERGED}"

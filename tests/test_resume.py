@@ -26,7 +26,7 @@ from fedsim.store.run_store import RunStore
 from fedsim.strategy.auditing import AUDIT_FILE
 from fedsim.training.local import model_for
 
-CONFIG = RunConfig(name="damaged", num_clients=2, rounds=3, local_epochs=1, audit=True)
+CONFIG = RunConfig(name="damaged", num_clients=2, rounds=3, local_epochs=1, audit=True, strategy="fedadam")
 LAST = "checkpoints/round-0002.safetensors"
 LAST_STRATEGY = "checkpoints/round-0002.strategy.safetensors"
 
@@ -46,10 +46,17 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         rows = [{"round": server_round, "partition_id": pid, "stage": "train", "train_loss": 0.5,
                  "num_examples": 600, "seconds": 0.1} for pid in range(2) if server_round > 0]  # fmt: skip
         store.append_rows([*rows, _server_row(server_round)])
-        state = {"moment": np.full(4, 0.5 * server_round)} if server_round else {}
-        store.save_checkpoint(server_round, weights, state)
+        store.save_checkpoint(server_round, weights, _fedadam_state(weights, 0.5 * server_round))
     (store.path / AUDIT_FILE).write_text(",".join(AUDIT_COLUMNS) + "\n")
     return store.path
+
+
+def _fedadam_state(weights: dict[str, torch.Tensor], value: float) -> dict[str, np.ndarray]:
+    """FedAdam's server moments as the strategy chain checkpoints them (none before round 1)."""
+    if not value:
+        return {}
+    return {f"aggregator/{moment}/{name}": np.full(tuple(tensor.shape), value)
+            for moment in ("m_t", "v_t") for name, tensor in weights.items()}  # fmt: skip
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int] | None]:
@@ -230,8 +237,21 @@ def test_nan_weights(run_dir: Path) -> None:
 
 
 def test_non_finite_strategy_state(run_dir: Path) -> None:
-    save_numpy({"moment": np.array([0.0, np.inf])}, run_dir / LAST_STRATEGY)
-    assert "round-0002.strategy.safetensors holds non-finite values in moment" in _resume(run_dir)
+    state = _fedadam_state(model_for(CONFIG).state_dict(), 1.0)
+    first = sorted(state)[0]
+    state[first].flat[0] = np.inf
+    save_numpy(state, run_dir / LAST_STRATEGY)
+    assert f"round-0002.strategy.safetensors holds non-finite values in {first}" in _resume(run_dir)
+
+
+def test_missing_or_foreign_strategy_state(run_dir: Path) -> None:
+    """Without its moments FedAdam would resume fresh and drift; wrong keys would crash later."""
+    (run_dir / LAST_STRATEGY).unlink()
+    assert "round-0002.strategy.safetensors (missing) does not hold the fedadam strategy's state" in (
+        _resume(run_dir)
+    )
+    save_numpy({"moment": np.zeros(4)}, run_dir / LAST_STRATEGY)
+    assert "(first difference: aggregator/m_t/" in _resume(run_dir)
 
 
 def test_unreadable_strategy_state(run_dir: Path) -> None:

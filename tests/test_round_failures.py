@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from fedsim.strategy.validation import FederationError, require_training
+from fedsim.errors import RunFailedError
+from fedsim.strategy.validation import require_training
 from tests.conftest import final_server_accuracy, run_fedsim
 
 
@@ -31,7 +32,7 @@ class FakeReply:
 
 def test_a_round_where_every_client_failed_stops_the_federation() -> None:
     wrapped = "<class 'ClientAppException'>:<'Exception occurred. Message: Invalid momentum value: -0.5'>"
-    with pytest.raises(FederationError) as caught:
+    with pytest.raises(RunFailedError) as caught:
         require_training(4, [FakeReply(wrapped)] * 3)
     assert str(caught.value) == (
         "round 4: all 3 clients failed to train (first error: Invalid momentum value: -0.5)"
@@ -51,7 +52,8 @@ import sys
 from pathlib import Path
 from fedsim.config.run_config import RunConfig
 from fedsim.federation.server_app import FederationPlan
-from fedsim.federation.simulation import SimulationError, simulate
+from fedsim.errors import RunFailedError
+from fedsim.federation.simulation import simulate
 from fedsim.store.run_store import RunStore
 from fedsim.training.local import metric_names
 
@@ -60,7 +62,7 @@ config = RunConfig(name="broken", num_clients=2, rounds=2, local_epochs=1, momen
 plan = FederationPlan(config, RunStore.create(Path(sys.argv[1]), config, metric_names(config)))
 try:
     simulate(plan, cpus=2)
-except SimulationError as err:
+except RunFailedError as err:
     print(err)
     sys.exit(1)
 """
@@ -94,6 +96,7 @@ from fedsim.federation.client_app import build_client_app
 from fedsim.federation.server_app import FederationPlan
 from fedsim.federation.simulation import simulate
 from fedsim.store.run_store import RunStore
+from fedsim.training.local import metric_names
 
 
 def poison(msg, context, call_next):
@@ -108,7 +111,7 @@ def poison(msg, context, call_next):
 
 
 config = RunConfig(name="poisoned", num_clients=3, rounds=2, local_epochs=1)
-plan = FederationPlan(config, RunStore.create(Path(sys.argv[1]), config))
+plan = FederationPlan(config, RunStore.create(Path(sys.argv[1]), config, metric_names(config)))
 simulate(plan, cpus=2, client_app=build_client_app(share_truth=True, mods=[poison]))
 """
 

@@ -57,6 +57,10 @@ def test_the_chain_runs_in_its_documented_order() -> None:
         build_chain(RunConfig(audit=True))
 
 
+# The clients' model is float32; FedAdam's global turns float64 after its first round.
+DTYPES = {name: np.dtype(np.float32) for name in GLOBAL}
+
+
 def play_round(chain: StrategyChain, server_round: int, weights: dict[str, np.ndarray], seed: int):
     """Configure and aggregate one round with two clients' replies drawn from `seed`."""
     record = wire.run_config_record(RunConfig())
@@ -72,14 +76,14 @@ def play_round(chain: StrategyChain, server_round: int, weights: dict[str, np.nd
 
 def test_a_restored_fedadam_chain_continues_exactly_like_an_uninterrupted_one() -> None:
     config = RunConfig(strategy="fedadam", num_clients=2, audit=True)
-    straight = build_chain(config, audit=Counting)
+    straight = build_chain(config, audit=Counting, model_dtypes=DTYPES)
     after_one = play_round(straight, 1, GLOBAL, seed=1)
     state = straight.state_dict()
     assert sorted(state) == [
         "Counting/rounds", "aggregator/m_t/b", "aggregator/m_t/w", "aggregator/v_t/b", "aggregator/v_t/w",
     ]  # fmt: skip
 
-    resumed = build_chain(config, round_offset=1, audit=Counting)
+    resumed = build_chain(config, round_offset=1, audit=Counting, model_dtypes=DTYPES)
     resumed.load_state_dict({key: np.array(value) for key, value in state.items()})
     assert resumed.find(Counting).rounds == 1
     assert isinstance(resumed.aggregator, FedAdam)
@@ -87,7 +91,9 @@ def test_a_restored_fedadam_chain_continues_exactly_like_an_uninterrupted_one() 
     got = play_round(resumed, 1, after_one, seed=2)  # round 1 of this invocation is round 2
     assert all(np.array_equal(expected[k], got[k]) for k in expected), "resumed FedAdam drifted"
 
-    fresh = play_round(build_chain(config, round_offset=1, audit=Counting), 1, after_one, seed=2)
+    fresh = play_round(
+        build_chain(config, round_offset=1, audit=Counting, model_dtypes=DTYPES), 1, after_one, seed=2
+    )
     assert not all(np.array_equal(expected[k], fresh[k]) for k in expected), "moments made no difference"
 
 

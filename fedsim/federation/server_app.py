@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
+from fedsim.errors import RunFailedError
 from fedsim.federation import wire
 from fedsim.federation.planning import validate_plan
 from fedsim.store.plots import plot_metrics
@@ -27,9 +28,8 @@ from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.auditing import AuditingStrategy, auditing_wrapper
 from fedsim.strategy.chain import StrategyChain, build_chain
 from fedsim.strategy.ordering import partition_of
+from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, metric_names, model_for
-
-RoundCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -39,7 +39,6 @@ class FederationPlan:
     config: RunConfig
     store: RunStore
     stop_after: int | None = None
-    on_round: RoundCallback | None = None
 
     def last_round(self) -> int:
         return min(self.config.rounds, self.stop_after or self.config.rounds)
@@ -88,19 +87,19 @@ class StartingPoint:
 def _starting_point(
     store: RunStore, done: int | None, chain: StrategyChain, initial: dict[str, torch.Tensor]
 ) -> StartingPoint:
-    """Round 0 and the initial model for a new run; for a resumed one the newest checkpoint,
-    with the chain's state restored and the rows of the interrupted round dropped."""
+    """The initial model for a new run (round 0 is scored and checkpointed by the first
+    evaluation); for a resumed one the newest checkpoint with the chain's state restored, and
+    only then, everything read, the rows of the interrupted round dropped."""
     if done is None:
-        store.save_checkpoint(0, initial, {})
         return StartingPoint(0, initial, resumed=False)
-    store.roll_back_to(done)
-    auditor = chain.find(AuditingStrategy)
-    if auditor is not None:
-        auditor.drop_rounds_after(done)
     # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting them
     # back to the model's float32 would make a resumed run drift from a straight one.
     weights, server_state = store.load_checkpoint(done)
     chain.load_state_dict(server_state)
+    store.roll_back_to(done)
+    auditor = chain.find(AuditingStrategy)
+    if auditor is not None:
+        auditor.drop_rounds_after(done)
     return StartingPoint(done, weights, resumed=True)
 
 
@@ -117,6 +116,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         on_train=[lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies))],
         on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
         audit=auditing_wrapper(config, store.path),
+        model_dtypes={name: tensor.numpy().dtype for name, tensor in model.state_dict().items()},
     )
     start = _starting_point(store, last_complete, chain, model.state_dict())
     done = start.done
@@ -143,10 +143,11 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
                 }
             ]
         )
-        if absolute > 0:
-            store.save_checkpoint(absolute, weights, chain.state_dict())
-        if plan.on_round:
-            plan.on_round(absolute, {"loss": result.loss, **result.metrics})
+        if not math.isfinite(result.loss):  # finite but huge weights: diverged all the same
+            raise RunFailedError(
+                f"round {absolute}: the global model's test loss is {result.loss}; {DIVERGED}"
+            )
+        store.save_checkpoint(absolute, weights, chain.state_dict())  # last: the round's commit marker
         return MetricRecord(scores)
 
     run_config = wire.run_config_record(config)

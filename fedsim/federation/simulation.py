@@ -10,10 +10,9 @@ from typing import Any
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from fedsim.errors import UserInputError
+from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation.client_app import build_client_app
 from fedsim.federation.server_app import FederationPlan, build_server_app
-from fedsim.strategy.validation import FederationError
 
 
 def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | None) -> dict[str, Any]:
@@ -73,15 +72,11 @@ def simulate(
             backend_config=backend_config(cpus, cpus_per_client, ray_address),
             verbose_logging=verbose,
         )
-    except FederationError as err:  # re-raised by run_simulation from the ServerApp's thread
+    except RunFailedError as err:  # re-raised by run_simulation from the ServerApp's thread
         reason = f" ({err})"
     reached = plan.store.last_complete_round() or 0
     if reached < plan.last_round():
-        raise SimulationError(
+        raise RunFailedError(
             f"the simulation stopped after round {reached} of {plan.last_round()}{reason}; "
             f"rerun with --verbose to see Flower's log, then --resume {plan.store.path}"
         )
-
-
-class SimulationError(RuntimeError):
-    """The federation did not reach its last round (a ServerApp or ClientApp error)."""

@@ -46,6 +46,7 @@ from fedsim.store.run_store import (
     RunStore,
 )
 from fedsim.strategy.auditing import AUDIT_FILE
+from fedsim.strategy.chain import state_shapes_after_a_round
 from fedsim.training.local import model_for
 
 START_AGAIN = "delete the run folder and start again"
@@ -140,13 +141,35 @@ def check_checkpoints(folder: Path, config: RunConfig) -> int:
         else START_AGAIN
     )
     model_file = folder / f"round-{newest:04d}.safetensors"
-    _check_model_state(model_file, _read_safetensors(model_file, load_file, fix), config, fix)
-    strategy_file = folder / f"round-{newest:04d}.strategy.safetensors"
-    if strategy_file.exists():
-        for name, array in _read_safetensors(strategy_file, load_numpy, fix).items():
-            if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
-                raise UserInputError(f"{strategy_file} holds non-finite values in {name}; {fix}")
+    model_state = _read_safetensors(model_file, load_file, fix)
+    _check_model_state(model_file, model_state, config, fix)
+    _check_strategy_state(
+        folder / f"round-{newest:04d}.strategy.safetensors", newest, model_state, config, fix
+    )
     return newest
+
+
+def _check_strategy_state(
+    file: Path, newest: int, model_state: dict[str, torch.Tensor], config: RunConfig, fix: str
+) -> None:
+    """The strategy chain's state (e.g. FedAdam's moments): present when the chain keeps any,
+    with exactly its keys and shapes, finite. A missing file would resume with fresh moments
+    and drift from a straight run; wrong shapes would crash a round later."""
+    expected = state_shapes_after_a_round(config, {n: tuple(t.shape) for n, t in model_state.items()})
+    state = _read_safetensors(file, load_numpy, fix) if file.exists() else {}
+    if newest == 0 or not expected:
+        expected = {}
+    found = {key: tuple(array.shape) for key, array in state.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        what = f"{file}" if file.exists() else f"{file} (missing)"
+        raise UserInputError(
+            f"{what} does not hold the {config.strategy} strategy's state "
+            f"(first difference: {wrong[0]}); {fix}"
+        )
+    for name, array in state.items():
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise UserInputError(f"{file} holds non-finite values in {name}; {fix}")
 
 
 def _read_safetensors(file: Path, load: Callable[[Path], dict[str, Any]], fix: str) -> dict[str, Any]:

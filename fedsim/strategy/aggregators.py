@@ -4,6 +4,7 @@ and write the state it carries across rounds (for resume)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,12 @@ class AggregatorState:
             for name, array in (getattr(self.strategy, moment) or {}).items():
                 state[f"{moment}/{name}"] = np.asarray(array)
         return state
+
+    def state_shapes(self, array_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """What `state_dict` holds once a round has been aggregated: one moment per model array."""
+        return {
+            f"{moment}/{name}": shape for moment in self._moments() for name, shape in array_shapes.items()
+        }
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore the moments; a key this aggregator does not keep is an error, not ignored."""

@@ -18,7 +18,7 @@ server-optimiser moments go under `aggregator/` (`AggregatorState`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -90,6 +90,15 @@ class StrategyChain:
             part.load_state_dict(grouped[prefix])
 
 
+def state_shapes_after_a_round(
+    config: RunConfig, array_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """What a checkpoint of this config's chain holds after round 1, key by key, so resume can
+    check a strategy file before anything runs: the aggregator's moments (the wrappers keep none)."""
+    moments = AggregatorState(build_strategy(config)).state_shapes(array_shapes)
+    return {f"{AGGREGATOR}/{key}": shape for key, shape in moments.items()}
+
+
 def build_chain(
     config: RunConfig,
     *,
@@ -97,12 +106,14 @@ def build_chain(
     on_train: Iterable[RepliesObserver] = (),
     on_evaluate: Iterable[RepliesObserver] = (),
     audit: AuditFactory | None = None,
+    model_dtypes: Mapping[str, np.dtype] | None = None,
 ) -> StrategyChain:
     """The chain for a validated config, in the order of the module docstring.
 
     `round_offset`: rounds already done (resume); `on_train`/`on_evaluate`: observers of every
     round's replies; `audit`: wraps its inner strategy in the auditor, required when
-    `config.audit` is set.
+    `config.audit` is set; `model_dtypes`: each array's dtype in the clients' model, which
+    replies must match exactly.
     """
     aggregator = build_strategy(config)
     strategy: Strategy = aggregator
@@ -111,7 +122,7 @@ def build_chain(
         if audit is None:
             raise ValueError("config.audit is set but no audit wrapper was given to build_chain")
         strategy = audit(strategy)
-    strategy = ValidatingStrategy(strategy, reject_norm_ratio=config.reject_norm_ratio)
+    strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes)
     strategy = ReproducibleStrategy(
         strategy,
         seed=config.seed,

@@ -8,7 +8,7 @@ a success. This wrapper sits right inside the ordering wrapper (see `fedsim.stra
   metrics disagree with the other clients', and (when `reject_norm_ratio` > 0) whose update norm
   ‖Δw‖ exceeds that multiple of the round's median; rejected replies are dropped before the
   auditor and the aggregator, and count like clients that failed to train;
-- a round in which no client's update is usable stops the federation (`FederationError`);
+- a round in which no client's update is usable stops the federation (`RunFailedError`);
 - so does an aggregated global model that is not finite (training diverged).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.errors import RunFailedError
 from fedsim.federation import wire
 from fedsim.strategy.base import StrategyWrapper
 
@@ -32,11 +33,6 @@ log = logging.getLogger(__name__)
 DIVERGED = (
     "training diverged: the learning rate or momentum is likely too high; lower --learning-rate or --momentum"
 )
-
-
-class FederationError(RuntimeError):
-    """A round that cannot go on: no client update was usable, or the global model diverged.
-    Going on would checkpoint a model as if the round had happened."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +51,15 @@ class ValidatingStrategy(StrategyWrapper):
     """Drops invalid replies before `inner` sees them; stops the run when a round has no usable
     update or its aggregate is not finite. Stateless: the norm test uses this round only."""
 
-    def __init__(self, inner: Strategy, reject_norm_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        reject_norm_ratio: float = 0.0,
+        model_dtypes: Mapping[str, np.dtype] | None = None,
+    ) -> None:
         super().__init__(inner)
         self.reject_norm_ratio = reject_norm_ratio
+        self.model_dtypes = dict(model_dtypes or {})
         self._global: dict[str, np.ndarray] | None = None
 
     def configure_train(
@@ -72,7 +74,9 @@ class ValidatingStrategy(StrategyWrapper):
         replies = list(replies)
         if self._global is None:
             raise RuntimeError("aggregate_train before configure_train: no global model to check against")
-        kept, rejections = screen_train_replies(replies, self._global, self.reject_norm_ratio)
+        kept, rejections = screen_train_replies(
+            replies, self._global, self.reject_norm_ratio, self.model_dtypes
+        )
         _log_rejections(server_round, "update", rejections)
         require_training(server_round, replies, rejections)
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
@@ -87,13 +91,18 @@ class ValidatingStrategy(StrategyWrapper):
 
 
 def screen_train_replies(
-    replies: Sequence[Message], global_arrays: dict[str, np.ndarray], reject_norm_ratio: float = 0.0
+    replies: Sequence[Message],
+    global_arrays: dict[str, np.ndarray],
+    reject_norm_ratio: float = 0.0,
+    model_dtypes: Mapping[str, np.dtype] | None = None,
 ) -> tuple[list[Message], list[Rejection]]:
     """Replies to aggregate (errors pass through: strategies count them as failures) and the
-    rejected ones, in reply order."""
+    rejected ones, in reply order. `model_dtypes`: the dtype of each array as the client's model
+    holds it (default: the global's; FedAdam's float64 global still gets float32 replies)."""
+    dtypes = {name: array.dtype for name, array in global_arrays.items()} | dict(model_dtypes or {})
 
     def problem(content: RecordDict) -> tuple[str, bool] | None:
-        return _metrics_problem(content) or _arrays_problem(content, global_arrays)
+        return _metrics_problem(content) or _arrays_problem(content, global_arrays, dtypes)
 
     kept, rejections = screen_replies(replies, problem)
     if reject_norm_ratio > 0:
@@ -131,7 +140,7 @@ def screen_replies(
 def require_training(
     server_round: int, replies: Sequence[Message], rejections: Sequence[Rejection] = ()
 ) -> None:
-    """Raise FederationError when no client's update is usable (all failed or were rejected);
+    """Raise RunFailedError when no client's update is usable (all failed or were rejected);
     warn when some clients failed."""
     failed = [reply for reply in replies if reply.has_error()]
     if len(failed) + len(rejections) < len(replies) or not replies:
@@ -139,23 +148,23 @@ def require_training(
             log.warning("round %d: %d of %d clients failed to train", server_round, len(failed), len(replies))
         return
     if not rejections:
-        raise FederationError(
+        raise RunFailedError(
             f"round {server_round}: all {len(replies)} clients failed to train "
             f"(first error: {_client_error(failed[0].error.reason)})"
         )
     hint = f"; {DIVERGED}" if any(r.diverged for r in rejections) else ""
-    raise FederationError(
+    raise RunFailedError(
         f"round {server_round}: no usable update from {len(replies)} clients ({len(failed)} failed to "
         f"train, {len(rejections)} rejected; first rejected {rejections[0]}){hint}"
     )
 
 
 def require_finite_model(server_round: int, arrays: ArrayRecord | None) -> None:
-    """Raise FederationError if the aggregated global model holds NaN or Inf."""
+    """Raise RunFailedError if the aggregated global model holds NaN or Inf."""
     for name, array in (arrays or {}).items():
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            raise FederationError(
+            raise RunFailedError(
                 f"round {server_round}: the aggregated global model has non-finite weights in {name!r}; "
                 f"{DIVERGED}"
             )
@@ -170,7 +179,9 @@ def _metrics_problem(content: RecordDict) -> tuple[str, bool] | None:
     return None
 
 
-def _arrays_problem(content: RecordDict, global_arrays: dict[str, np.ndarray]) -> tuple[str, bool] | None:
+def _arrays_problem(
+    content: RecordDict, global_arrays: dict[str, np.ndarray], model_dtypes: Mapping[str, np.dtype]
+) -> tuple[str, bool] | None:
     if set(content.array_records) != {wire.ARRAYS}:
         return f"expected one ArrayRecord {wire.ARRAYS!r}, got {sorted(content.array_records)}", False
     record = content.array_records[wire.ARRAYS]
@@ -180,12 +191,11 @@ def _arrays_problem(content: RecordDict, global_arrays: dict[str, np.ndarray]) -
     for name, reference in global_arrays.items():
         try:
             values = record[name].numpy()
-        except (ValueError, TypeError) as err:
-            return f"array {name!r} is unreadable ({err})", False
-        if np.issubdtype(reference.dtype, np.floating) != np.issubdtype(values.dtype, np.floating) or (
-            not np.issubdtype(reference.dtype, np.floating) and values.dtype != reference.dtype
-        ):
-            return f"array {name!r} has dtype {values.dtype}, the model's is {reference.dtype}", False
+        except Exception as err:  # any malformed payload is the sender's fault, never the server's crash
+            return f"array {name!r} is unreadable ({type(err).__name__}: {err})", False
+        wanted = model_dtypes.get(name, reference.dtype)
+        if values.dtype != wanted:
+            return f"array {name!r} has dtype {values.dtype}, the model's is {wanted}", False
         if values.shape != reference.shape:
             return f"array {name!r} has shape {values.shape}, the model's is {reference.shape}", False
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
