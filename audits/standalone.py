@@ -64,9 +64,9 @@ def audit_model(
     ids = list(range(len(inputs))) if sample_ids is None else [int(i) for i in sample_ids]
     updates = []
     for sample, x, y in zip(ids, inputs, labels, strict=True):
-        label = torch.tensor([int(y)])
+        # observe_gradient turns labels into targets itself, as a client's training does.
         update = observe_gradient(
-            model, torch.from_numpy(np.ascontiguousarray(x[None])), model.targets(label)
+            model, torch.from_numpy(np.ascontiguousarray(x[None])), torch.tensor([int(y)])
         )
         context = AuditContext(THREAT, sample=sample, rank_score=security.score)
         updates.append(auditor.audit(update, Truth(x[None], np.array([int(y)])), context))

@@ -40,10 +40,9 @@ from fedsim.data import load_dataset
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
 from fedsim.federation.simulation import check_ray_address
-from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
+from fedsim.store.audit_folder import AUDIT_FILE, check_output_folder, load_weights, write_audit
 from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RunStore
-from fedsim.strategy.auditing import AUDIT_FILE
 from fedsim.training.local import metric_names
 from models import build_model
 

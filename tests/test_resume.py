@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from audits.engine import AUDIT_COLUMNS
 from fedsim.cli import cli
 from fedsim.config.run_config import RunConfig
+from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import RunStore
-from fedsim.strategy.auditing import AUDIT_FILE
 from fedsim.training.local import model_for
 
 CONFIG = RunConfig(name="damaged", num_clients=2, rounds=3, local_epochs=1, audit=True, strategy="fedadam")

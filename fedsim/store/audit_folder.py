@@ -36,7 +36,7 @@ def load_weights(model: ZooModel, path: Path) -> None:
     if missing or extra or wrong:
         raise UserInputError(
             f"weights {path} do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"wrong shape {wrong[:3]}); pass the --model, --data and --image-size they were trained with"
+            f"wrong shape {wrong[:3]}); pass the --model, --dataset and --image-size they were trained with"
         )
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
@@ -68,7 +68,7 @@ def write_audit(folder: Path, audit: StandaloneAudit, settings: dict[str, Any]) 
         "rows": rows,
     }
     title = (
-        f"fedsim audit: {settings.get('model')} on {settings.get('dataset', settings.get('data'))}, "
+        f"fedsim audit: {settings.get('model')} on {settings.get('dataset')}, "
         f"weights {Path(settings['weights']).name if settings.get('weights') else 'initial (seeded)'}; "
         f"threat: {THREAT}"
     )

@@ -37,6 +37,7 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import UserInputError
 from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
+from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.run_store import (
     CHECKPOINT_NAME,
     CHECKPOINTS,
@@ -45,7 +46,6 @@ from fedsim.store.run_store import (
     PARTIAL_CHECKPOINT_NAME,
     RunStore,
 )
-from fedsim.strategy.auditing import AUDIT_FILE
 from fedsim.strategy.chain import state_shapes_after_a_round
 from fedsim.training.local import model_for
 

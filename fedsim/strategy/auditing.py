@@ -21,6 +21,7 @@ all the same and its rows say the leakage could not be measured.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -43,14 +44,16 @@ from audits.engine import (
 from audits.report import save_audit_grid
 from fedsim.config.run_config import RunConfig
 from fedsim.federation import wire
+from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
 from fedsim.strategy.base import StrategyWrapper
 from fedsim.strategy.ordering import partition_of
 from fedsim.training.local import model_for
 from models import ZooModel
 
-AUDIT_FILE = "audit.csv"
 GRID_FOLDER = "audit"
+
+log = logging.getLogger(__name__)
 
 
 class AuditingStrategy(StrategyWrapper):
@@ -89,7 +92,10 @@ class AuditingStrategy(StrategyWrapper):
         replies = list(replies)
         audited = [r for r in replies if not r.has_error()][: self.max_clients or None]
         if audited and self._global is not None:
-            self._audit_round(server_round, audited)
+            try:
+                self._audit_round(server_round, audited)
+            except Exception:  # the audit observes the federation; it must never stop it
+                log.exception("round %d: the audit failed; the federation goes on", server_round)
         return self.inner.aggregate_train(server_round, replies)
 
     def drop_rounds_after(self, last_round: int) -> None:
