@@ -19,6 +19,7 @@ from audits.engine import AUDIT_COLUMNS, NO_TRUTH_NOTE, NON_FINITE_NOTE
 from fedsim.config.run_config import RunConfig
 from fedsim.data.photos import photo_crops
 from fedsim.federation import wire
+from fedsim.strategy import auditing
 from fedsim.strategy.auditing import (
     AUDIT_FILE,
     GRID_FOLDER,
@@ -151,6 +152,22 @@ def test_a_nan_update_and_an_attack_that_raises_never_stop_the_round(tmp_path: P
     ]
     assert rows[0]["note"] == rows[1]["note"] == NON_FINITE_NOTE
     assert rows[2]["note"] == "LinAlgError: SVD did not converge" and float(rows[3]["psnr"]) >= 40
+
+
+def test_a_failing_audit_report_never_stops_the_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The grid (or the CSV) failing to write, e.g. a full disk, costs the audit, not the round."""
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(auditing, "save_audit_grid", disk_full)
+    strategy, inner = _auditor(tmp_path, ["analytic-fc"])
+    replies = [_reply(0, 0)]
+    strategy.aggregate_train(1, replies)
+    assert inner.aggregated == [replies]
+    assert "round 1: the audit failed; the federation goes on" in caplog.text
 
 
 def test_an_unreadable_reply_gets_rows_saying_so(tmp_path: Path) -> None:
