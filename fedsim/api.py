@@ -270,6 +270,11 @@ def _as_config(config: ConfigLike | None) -> RunConfig:
         return config
     if isinstance(config, Mapping):
         return RunConfig.from_mapping(config)
+    if not isinstance(config, str | os.PathLike):
+        raise UserInputError(
+            f"config must be a RunConfig, a mapping of config keys or a TOML/JSON file path, "
+            f"got {type(config).__name__}; pass e.g. {{'rounds': 3}}"
+        )
     return RunConfig.from_file(_path(config, "--config"))
 
 

@@ -261,4 +261,18 @@ def _fail(err: UserInputError) -> None:
 
 
 def main() -> None:
-    cli()
+    """The console script: typos in flags and values get the same one line as any bad input
+    (click would draw a multi-line usage box), and Ctrl-C says how to continue."""
+    try:
+        code = cli(standalone_mode=False)
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "fedsim"
+        message = err.format_message().replace("\n", " ")
+        console.print(
+            f"error: {message}; see `{where} --help`", markup=False, highlight=False, soft_wrap=True
+        )
+        sys.exit(UserInputError.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        console.print("interrupted; continue a run from its last complete round with --resume runs/<name>")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -241,3 +241,9 @@ def test_federations_twice_in_one_process_with_round_callbacks(tmp_path: Path) -
     pd.testing.assert_frame_equal(resumed.metrics[columns], straight.metrics[columns])
     nothing_left = fedsim.run(resume=tmp_path / "stopped")
     assert nothing_left.rounds_run == 0 and nothing_left.last_round == 2
+
+
+def test_run_with_a_config_of_the_wrong_kind_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="config must be a RunConfig, a mapping of config keys"):
+        fedsim.run(42, runs_dir=tmp_path / "runs")  # type: ignore[arg-type]
+    assert not (tmp_path / "runs").exists()

@@ -15,6 +15,7 @@ from fedsim import api
 from fedsim.cli import cli
 from fedsim.config.run_config import RunConfig
 from fedsim.errors import RunFailedError, UserInputError
+from tests.conftest import run_fedsim
 
 LAUNCH_OPTIONS = {
     "--config",
@@ -126,3 +127,17 @@ def test_audit_takes_dataset_like_run(flag: str, tmp_path: Path, monkeypatch: py
     assert captured["dataset"] == "digits" and captured["out"] == tmp_path / "a"
     help_text = CliRunner().invoke(cli, ["audit", "--help"], terminal_width=200).output
     assert "--dataset" in help_text and "--data " not in help_text
+
+
+def test_typos_in_flags_and_values_get_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Click's own usage box would be several lines; the console script keeps the one-line rule."""
+    for args, message in [
+        (["run", "--modle", "mlp"], "error: No such option '--modle'"),
+        (["run", "--learning-rate", "abc"], "error: Invalid value for '--learning-rate': 'abc'"),
+        (["frobnicate"], "error: No such command 'frobnicate'"),
+    ]:
+        result = run_fedsim(args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
+        assert "--help`" in result.stderr
+    assert not (tmp_path / "runs").exists()

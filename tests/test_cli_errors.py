@@ -55,7 +55,8 @@ CASES = [
     # seeds numpy's SeedSequence and torch.manual_seed both accept
     (["--seed", "-1"], "seed must be in [0, 4294967295] (got -1)"),
     (["--seed", "4294967296"], "seed must be in [0, 4294967295] (got 4294967296)"),
-    (["--seed", "1" + "0" * 30], "seed 1000000000000000000000000000000 does not fit a 64-bit integer"),
+    (["--audit-attacks", "telepathy"], "unknown attack(s) telepathy; choose from"),
+    (["--seed", "1" + "0" * 30], "seed must be in [0, 4294967295] (got 1000000000000000000000000000000)"),
     # control characters in names and strings (argv cannot hold NUL; files can, see below)
     (["--name", "a\x1bb"], "name 'a\\x1bb' contains the control character '\\x1b'"),
     (["--name", "a\nb"], "name 'a\\nb' contains the control character '\\n'"),

@@ -220,7 +220,7 @@ def test_the_evaluation_of_a_client_without_metrics_is_dropped_not_fatal() -> No
     assert ValidatingStrategy(FedAvg()).aggregate_evaluate(1, replies)[wire.EVAL_LOSS] == 0.5
 
 
-@pytest.mark.parametrize("ratio", [-1.0, math.inf, math.nan])
+@pytest.mark.parametrize("ratio", [-1.0, 0.5, 1.0, math.inf, math.nan])
 def test_reject_norm_ratio_must_be_off_or_finite(ratio: float) -> None:
     with pytest.raises(UserInputError, match="reject-norm-ratio must be 0"):
         check_strategy(RunConfig(reject_norm_ratio=ratio))

@@ -13,6 +13,7 @@ defaults, because `run_simulation` hands the ServerApp an empty run config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedsim.data.partition import PartitionSpec
 from fedsim.errors import UserInputError
 
@@ -32,6 +35,13 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedav
 MAX_SEED = 2**32 - 1
 # Flower's ConfigRecord (and config.json readers in other languages) hold signed 64-bit ints.
 INT_LIMIT = 2**63
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_KIND_NAMES = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "a quoted string",
+    "bool": "true or false",
+}
 
 
 def knob(
@@ -87,7 +97,7 @@ class Knob:
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             name = self.type.__name__
             raise UserInputError(
-                f"{self.key} in {source} must be {name}, got {value!r}; write it as a {name}"
+                f"{self.key} in {source} must be {name}, got {value!r}; write it as {_KIND_NAMES[name]}"
             )
         return value
 
@@ -109,9 +119,15 @@ class Knob:
             raise UserInputError(
                 f"{self.key} must be a finite number (got {value}); pass e.g. {self.default}"
             )
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # models train in float32
+            raise UserInputError(
+                f"{self.key} {value:g} overflows float32, in which models train; pass e.g. {self.default}"
+            )
+        self._check_range(value)  # first: a seed of 2**64 is out of its range, whatever else
         if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
-            raise UserInputError(f"{self.key} {value} does not fit a 64-bit integer; pass a smaller number")
-        self._check_range(value)
+            raise UserInputError(
+                f"{self.key} {value} does not fit a 64-bit integer; pass e.g. {self.default}"
+            )
 
     def _check_range(self, value: float) -> None:
         low_ok = (self.at_least is None or value >= self.at_least) and (
@@ -210,8 +226,9 @@ class RunConfig:
         for raw_key, value in values.items():
             spec = by_key.get(raw_key) if isinstance(raw_key, str) else None
             if spec is None:
-                names = ", ".join(k.key for k in cls.knobs())
-                raise UserInputError(f"unknown key {raw_key!r} in {source}; known keys: {names}")
+                close = difflib.get_close_matches(str(raw_key), list(by_key), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "see `fedsim run --help` for the keys"
+                raise UserInputError(f"unknown key {raw_key!r} in {source}; {hint}")
             kwargs[spec.name] = spec.coerce(value, source)
         return cls(**kwargs)
 

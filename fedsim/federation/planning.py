@@ -18,8 +18,7 @@ def validate_plan(config: RunConfig) -> None:
     """Raise UserInputError (one line: problem and fix) for anything that would fail mid-run."""
     config.validate()
     check_model_name(config.model)
-    if config.audit:
-        check_attack_names(config.attack_names())
+    check_attack_names(config.attack_names())  # also without --audit: a typo stored now bites later
     check_transformation_names(config.transformation_names())
     data = dataset_for(config)
     partition(data.y_train, config.partition_spec())

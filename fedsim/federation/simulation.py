@@ -13,6 +13,7 @@ from flwr.simulation import run_simulation
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation.client_app import build_client_app
 from fedsim.federation.server_app import FederationPlan, build_server_app
+from fedsim.strategy.validation import DIVERGED
 
 
 def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | None) -> dict[str, Any]:
@@ -76,7 +77,12 @@ def simulate(
         reason = f" ({err})"
     reached = plan.store.last_complete_round() or 0
     if reached < plan.last_round():
+        # Resuming a diverged run would diverge again: its settings, not the run, need changing.
+        advice = (
+            "start a new run (another --name) with the lower setting"
+            if DIVERGED in reason
+            else f"rerun with --verbose to see Flower's log, then --resume {plan.store.path}"
+        )
         raise RunFailedError(
-            f"the simulation stopped after round {reached} of {plan.last_round()}{reason}; "
-            f"rerun with --verbose to see Flower's log, then --resume {plan.store.path}"
+            f"the simulation stopped after round {reached} of {plan.last_round()}{reason}; {advice}"
         )

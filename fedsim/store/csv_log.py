@@ -18,11 +18,11 @@ class CsvLog:
         self.columns = tuple(columns)
         if not path.exists():
             with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(self.columns)
+                csv.writer(handle, lineterminator="\n").writerow(self.columns)
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, self.columns)
+            writer = csv.DictWriter(handle, self.columns, lineterminator="\n")
             for row in rows:
                 writer.writerow({k: _cell(row.get(k)) for k in self.columns})
 

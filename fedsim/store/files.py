@@ -56,7 +56,7 @@ def drop_csv_rows_after(path: Path, columns: Sequence[str], last_round: int) -> 
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns)
+            writer = csv.DictWriter(handle, columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(kept)
 

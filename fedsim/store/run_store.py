@@ -68,7 +68,7 @@ class RunStore:
             with staged_folder(final) as staging:
                 (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
                 with open(staging / METRICS_FILE, "w", newline="") as handle:
-                    csv.writer(handle).writerow(metric_columns(metric_names))
+                    csv.writer(handle, lineterminator="\n").writerow(metric_columns(metric_names))
                 (staging / CHECKPOINTS).mkdir()
         except OSError as err:
             raise UserInputError(

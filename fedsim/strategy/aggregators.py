@@ -28,10 +28,12 @@ def check_strategy(config: RunConfig) -> None:
         raise UserInputError(f"trim-beta must be in [0, 0.5) (got {config.trim_beta}); pass e.g. 0.2")
     if config.strategy == "fedprox" and config.proximal_mu < 0:
         raise UserInputError(f"proximal-mu must be >= 0 (got {config.proximal_mu}); pass e.g. 0.01")
-    if not (math.isfinite(config.reject_norm_ratio) and config.reject_norm_ratio >= 0):
+    ratio = config.reject_norm_ratio
+    if not (ratio == 0 or 1 < ratio < math.inf):
+        # At 1 or below, every update at or above the median is rejected, honest or not.
         raise UserInputError(
-            f"reject-norm-ratio must be 0 (off) or a finite multiple of the median update norm "
-            f"(got {config.reject_norm_ratio}); pass e.g. 10"
+            f"reject-norm-ratio must be 0 (off) or above 1, a multiple of the round's median update "
+            f"norm (got {config.reject_norm_ratio}); pass e.g. 10"
         )
 
 

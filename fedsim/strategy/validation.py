@@ -229,7 +229,7 @@ def _reject_norm_outliers(
     for reply in replies:
         norm = norms.get(id(reply))
         if norm is not None and norm > limit:
-            reason = f"update norm {norm:.4g} exceeds {ratio:g} × the round's median ({limit:.4g})"
+            reason = f"update norm {norm:.4g} exceeds {ratio:g} × the round's median {limit / ratio:.4g}"
             rejections.append(Rejection(_client(reply), reason))
         else:
             kept.append(reply)
