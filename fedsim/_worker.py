@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -22,12 +23,17 @@ from pathlib import Path
 
 from fedsim.errors import RunFailedError, UserInputError
 
+# fedsim's own warnings (rejected updates, failed clients) start with this in the child's log,
+# so the caller can show them even when it hides Flower's and Ray's logs.
+WARNING_PREFIX = "warning: "
+
 _PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _die_with_parent(args.parent)
+    _show_fedsim_warnings()
     from fedsim.federation.server_app import FederationPlan
     from fedsim.federation.simulation import simulate
     from fedsim.store.run_store import RunStore
@@ -48,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         _report(args.report, "crash", f"{type(err).__name__}: {err}".splitlines()[0], details)
         return 1
     return 0
+
+
+def _show_fedsim_warnings() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(WARNING_PREFIX + "%(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("fedsim")
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

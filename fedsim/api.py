@@ -35,6 +35,7 @@ from audits.engine import AUDIT_COLUMNS, AuditRow
 from audits.report import summarise_audit
 from audits.security_metric import SecurityReport
 from audits.standalone import audit_model
+from fedsim._worker import WARNING_PREFIX
 from fedsim.config.run_config import RunConfig, check_text
 from fedsim.data import load_dataset
 from fedsim.errors import RunFailedError, UserInputError
@@ -323,8 +324,7 @@ def _follow(
                 reported = server_round
                 if on_round is not None:
                     on_round(server_round, metrics)
-            if verbose:
-                log_offset = _forward_log(log_path, log_offset)
+            log_offset = _forward_log(log_path, log_offset, everything=verbose)
             if finished:
                 return
             time.sleep(POLL_SECONDS)
@@ -366,12 +366,17 @@ def _round_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def _forward_log(log_path: Path, offset: int) -> int:
+def _forward_log(log_path: Path, offset: int, everything: bool) -> int:
+    """Copy the child's new complete log lines to stderr: all of them when verbose, else only
+    fedsim's own warnings (a rejected update, clients that failed), which a user must see."""
     with open(log_path, "rb") as handle:
         handle.seek(offset)
         chunk = handle.read()
-    if chunk:
-        sys.stderr.write(chunk.decode(errors="replace"))
+    chunk = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
+    lines = chunk.decode(errors="replace").splitlines(keepends=True)
+    shown = lines if everything else [line for line in lines if line.startswith(WARNING_PREFIX)]
+    if shown:
+        sys.stderr.write("".join(shown))
         sys.stderr.flush()
     return offset + len(chunk)
 

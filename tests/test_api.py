@@ -247,3 +247,17 @@ def test_run_with_a_config_of_the_wrong_kind_is_bad_input(tmp_path: Path) -> Non
     with pytest.raises(UserInputError, match="config must be a RunConfig, a mapping of config keys"):
         fedsim.run(42, runs_dir=tmp_path / "runs")  # type: ignore[arg-type]
     assert not (tmp_path / "runs").exists()
+
+
+def test_fedsim_warnings_reach_the_user_without_verbose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rejected update must not pass silently; Flower's and Ray's chatter stays hidden."""
+    log = tmp_path / "simulation.log"
+    log.write_text("INFO flwr: starting\nwarning: round 1: rejected the update of client 0: x\nhalf a li")
+    offset = api._forward_log(log, 0, everything=False)
+    assert capsys.readouterr().err == "warning: round 1: rejected the update of client 0: x\n"
+    with open(log, "a") as handle:
+        handle.write("ne\n")
+    api._forward_log(log, offset, everything=True)
+    assert capsys.readouterr().err == "half a line\n"
