@@ -200,12 +200,23 @@ class UpdateAuditor:
                 rows.append(_row(context, attack.name, FAILED, truth, time.perf_counter() - start, note))
                 continue
             recs[attack.name] = (images, score)
-            row = _row(context, attack.name, RECONSTRUCTED, truth, rec.seconds, truth_note)
+            note = "; ".join(filter(None, [_deficit_note(rec), truth_note]))
+            row = _row(context, attack.name, RECONSTRUCTED, truth, rec.seconds, note)
             row.recovered_labels = _label_text(recovered)
             if score is not None:
                 row.psnr, row.ssim, row.label_score = score.psnr, score.ssim, score.label_score
             rows.append(row)
         return _with_images(rows, recs, truth)
+
+
+def _deficit_note(rec: Reconstruction) -> str:
+    """Why a layer-wise reconstruction can be poor although the attack ran: some layer's system
+    has fewer independent equations than unknowns, so its solution is not the input."""
+    deficient = rec.diagnostics.get("rank_deficient_layers") or []
+    if not deficient:
+        return ""
+    layers = ", ".join(str(layer) for layer in deficient)
+    return f"rank-deficient layer {layers}: not uniquely invertible, expect a poor reconstruction"
 
 
 def _checked(rec: Reconstruction) -> Reconstruction:

@@ -55,6 +55,7 @@ def test_audit_of_cnn6_d_reports_the_deficit_and_the_attack_fails(tmp_path: Path
     assert report["security"]["score"] > 0
     assert report["attacks"]["layerwise"]["mean_psnr"] < 15  # single crops reach up to ~18 dB
     assert {row["rank_score"] for row in report["rows"]} == {float(report["security"]["score"])}
+    assert all("rank-deficient layer 1: not uniquely invertible" in row["note"] for row in report["rows"])
 
 
 def test_audit_loads_run_checkpoints_and_rejects_mismatched_weights(tmp_path: Path) -> None:
