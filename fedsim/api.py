@@ -153,7 +153,7 @@ def run(
     process), so calling `run` repeatedly, e.g. in a notebook, works.
     """
     _check_launch(stop_after, cpus, ray_address)
-    store = _prepare_store(config, runs_dir, resume)
+    store = _prepare_store(config, runs_dir, resume, stop_after)
     run_config = store.config
     done = store.last_complete_round()
     last = min(run_config.rounds, stop_after or run_config.rounds)
@@ -253,15 +253,28 @@ def _check_launch(stop_after: int | None, cpus: int | None, ray_address: str | N
         check_ray_address(ray_address)
 
 
-def _prepare_store(config: ConfigLike | None, runs_dir: PathLike, resume: PathLike | None) -> RunStore:
+def _prepare_store(
+    config: ConfigLike | None, runs_dir: PathLike, resume: PathLike | None, stop_after: int | None
+) -> RunStore:
     """Validate everything, then create (or open, to resume) the run directory."""
     if resume is not None:
         if config is not None:
             raise UserInputError("resume continues a run with its saved config; pass no config with it")
-        return open_for_resume(_path(resume, "--resume"))
+        store = open_for_resume(_path(resume, "--resume"))
+        _check_stop_after(stop_after, store.config)
+        return store
     run_config = _as_config(config)
     validate_plan(run_config)
+    _check_stop_after(stop_after, run_config)
     return RunStore.create(_path(runs_dir, "--runs-dir"), run_config, metric_names(run_config))
+
+
+def _check_stop_after(stop_after: int | None, config: RunConfig) -> None:
+    if stop_after is not None and stop_after > config.rounds:
+        raise UserInputError(
+            f"--stop-after {stop_after} is beyond the run's {config.rounds} rounds; "
+            f"pass at most {config.rounds}, or raise --rounds"
+        )
 
 
 def _as_config(config: ConfigLike | None) -> RunConfig:

@@ -55,6 +55,7 @@ CASES = [
     # seeds numpy's SeedSequence and torch.manual_seed both accept
     (["--seed", "-1"], "seed must be in [0, 4294967295] (got -1)"),
     (["--seed", "4294967296"], "seed must be in [0, 4294967295] (got 4294967296)"),
+    (["--rounds", "2", "--stop-after", "5"], "--stop-after 5 is beyond the run's 2 rounds; pass at most 2"),
     (["--audit-attacks", "telepathy"], "unknown attack(s) telepathy; choose from"),
     (["--seed", "1" + "0" * 30], "seed must be in [0, 4294967295] (got 1000000000000000000000000000000)"),
     # control characters in names and strings (argv cannot hold NUL; files can, see below)
