@@ -24,10 +24,7 @@ class SequentialClassifier(ZooModel):
     layers: nn.Sequential
 
     def __init__(self, layers: nn.Sequential, spec: InputSpec, head: str = "ce") -> None:
-        if head not in HEADS:
-            raise ValueError(
-                f"unknown head {head!r}; use 'ce' (softmax, with bias) or 'logistic' (one logit)"
-            )
+        _check_head(head)
         super().__init__(spec, layers)
         self.head = head
 
@@ -42,12 +39,16 @@ class SequentialClassifier(ZooModel):
         if self.head == "logistic":
             # Binary logistic loss on the parity target t in {0, 1} (see `targets`).
             return F.binary_cross_entropy_with_logits(outputs.squeeze(-1), targets.float())
-        return F.cross_entropy(outputs, targets)
+        return super().loss(outputs, targets)
+
+
+def _check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; use 'ce' (softmax, with bias) or 'logistic' (one logit)")
 
 
 def _head(in_features: int, spec: InputSpec, head: str) -> nn.Linear:
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; use 'ce' (softmax, with bias) or 'logistic' (one logit)")
+    _check_head(head)
     if head == "logistic":
         return nn.Linear(in_features, 1, bias=False)
     return nn.Linear(in_features, spec.num_classes, bias=True)

@@ -18,6 +18,7 @@ from audits.standalone import THREAT, StandaloneAudit
 from fedsim.errors import UserInputError
 from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import staged_folder
+from fedsim.store.run_store import state_fit_problems
 from models import ZooModel
 
 AUDIT_FILE = "audit.csv"  # the same name and columns as a federated run's audit log
@@ -30,13 +31,11 @@ def load_weights(model: ZooModel, path: Path) -> None:
         state = load_file(path)
     except (OSError, SafetensorError) as err:
         raise UserInputError(f"cannot read weights {path}: {err}; pass a .safetensors file") from None
-    expected = dict(model.state_dict())
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or extra or wrong:
+    problems = state_fit_problems(state, model.state_dict())
+    if problems:
         raise UserInputError(
-            f"weights {path} do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"wrong shape {wrong[:3]}); pass the --model, --dataset and --image-size they were trained with"
+            f"weights {path} do not fit this model ({', '.join(problems[:3])}); "
+            "pass the --model, --dataset and --image-size they were trained with"
         )
     model.load_state_dict({k: v.float() for k, v in state.items()})
 

@@ -45,6 +45,7 @@ from fedsim.store.run_store import (
     METRICS_FILE,
     PARTIAL_CHECKPOINT_NAME,
     RunStore,
+    state_fit_problems,
 )
 from fedsim.strategy.chain import state_shapes_after_a_round
 from fedsim.training.local import model_for
@@ -183,17 +184,7 @@ def _read_safetensors(file: Path, load: Callable[[Path], dict[str, Any]], fix: s
 
 
 def _check_model_state(file: Path, state: dict[str, torch.Tensor], config: RunConfig, fix: str) -> None:
-    expected = model_for(config).state_dict()
-    problems = [f"missing {name}" for name in expected if name not in state]
-    problems += [f"unexpected {name}" for name in state if name not in expected]
-    for name, tensor in state.items():
-        want = expected.get(name)
-        if want is None:
-            continue
-        if tuple(tensor.shape) != tuple(want.shape):
-            problems.append(f"{name} has shape {list(tensor.shape)}, the model {list(want.shape)}")
-        elif want.is_floating_point() and not tensor.is_floating_point():
-            problems.append(f"{name} is {tensor.dtype}, the model {want.dtype}")
+    problems = state_fit_problems(state, model_for(config).state_dict())
     if problems:
         shown = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise UserInputError(f"{file} does not fit the run's {config.model} model ({shown}); {fix}")

@@ -154,3 +154,18 @@ class RunStore:
         strategy_file = self.checkpoint_path(server_round, "strategy")
         strategy_state = load_numpy(strategy_file) if strategy_file.exists() else {}
         return state, strategy_state
+
+
+def state_fit_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Why saved tensors do not fit a model's state dict (names, shapes, float-ness); [] if they do."""
+    problems = [f"missing {name}" for name in expected if name not in state]
+    problems += [f"unexpected {name}" for name in state if name not in expected]
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            problems.append(f"{name} has shape {list(tensor.shape)}, the model {list(want.shape)}")
+        elif want.is_floating_point() and not tensor.is_floating_point():
+            problems.append(f"{name} is {tensor.dtype}, the model {want.dtype}")
+    return problems
