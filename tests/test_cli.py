@@ -49,7 +49,7 @@ def test_run_help_shows_every_knob_with_its_default_in_its_group() -> None:
         assert line is not None, f"--{spec.key} missing from --help"
         shown = "(none)" if spec.default == "" else str(spec.default)
         if spec.type is bool:
-            shown = "audit" if spec.default else "no-audit"
+            shown = spec.key if spec.default else f"no-{spec.key}"
         assert f"[default: {shown}]" in line, line
         assert spec.help.split(" (")[0].rstrip(".") in line
     for group in {spec.group for spec in RunConfig.knobs()}:

@@ -227,6 +227,11 @@ class CountingTransformation:
         self.batch_size = data_loader.batch_size
         return _CountingModule(module, self), _CountingOptimizer(optimizer, self), data_loader
 
+    label = "counting"
+
+    def privacy_spent(self) -> None:
+        return None
+
     def unwrap(self, module: nn.Module) -> nn.Module:
         assert isinstance(module, _CountingModule)
         self.unwrapped = True
@@ -236,7 +241,7 @@ class CountingTransformation:
 def test_configured_transformations_wrap_the_loop_and_are_unwrapped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(transforms.TRANSFORMATIONS, "counting", CountingTransformation)
     plain = RunConfig(num_clients=4, local_epochs=1, batch_size=16)
-    wrapped = plain.replace(client_transforms="counting")
+    wrapped = plain.replace(defence="counting")
     validate_plan(wrapped)
     CountingTransformation.made.clear()
 
@@ -244,7 +249,7 @@ def test_configured_transformations_wrap_the_loop_and_are_unwrapped(monkeypatch:
     result = train_locally(model, client_data(wrapped, 0), wrapped, server_round=1, partition_id=0)
     (made,) = CountingTransformation.made
     assert made.forwards == made.steps == result.steps > 1 and made.batch_size == 16
-    assert made.unwrapped
+    assert made.unwrapped and result.defences == ("counting",) and result.privacy == ()
     assert result.weights.keys() == model.state_dict().keys()  # the model's own names, no "inner."
 
     reference = train_locally(model_for(plain), client_data(plain, 0), plain, server_round=1, partition_id=0)
@@ -255,11 +260,11 @@ def test_a_transformation_that_does_not_unwrap_is_refused(monkeypatch: pytest.Mo
     monkeypatch.setitem(
         transforms.TRANSFORMATIONS, "sticky", lambda config: CountingTransformation(config, unwraps=False)
     )
-    config = RunConfig(num_clients=4, local_epochs=1, client_transforms="sticky")
+    config = RunConfig(num_clients=4, local_epochs=1, defence="sticky")
     with pytest.raises(RuntimeError, match="did not unwrap to the model"):
         train_locally(model_for(config), client_data(config, 0), config, server_round=1, partition_id=0)
 
 
 def test_unknown_transformations_are_bad_input() -> None:
     with pytest.raises(UserInputError, match="unknown client transformation"):
-        validate_plan(RunConfig(num_clients=4, client_transforms="dp-sgd"))
+        validate_plan(RunConfig(num_clients=4, defence="no-such-defence"))

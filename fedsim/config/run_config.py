@@ -53,12 +53,13 @@ def knob(
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
+    below: float | None = None,
     choices: Sequence[str] | None = None,
 ) -> Any:
     """Declare one config knob. `key` is its public name when it differs from the field's
     (the field's own kebab-case name stays accepted); `at_least`/`above`/`at_most` bound a
-    number; `choices` lists the allowed strings."""
-    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "choices": choices}
+    number (`below`: strictly); `choices` lists the allowed strings."""
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below, "choices": choices}
     return field(default=default, metadata={"help": help, "group": group, "key": key, **bounds})
 
 
@@ -75,6 +76,7 @@ class Knob:
     at_least: float | None = None
     above: float | None = None
     at_most: float | None = None
+    below: float | None = None
     choices: Sequence[str] | None = None
 
     @property
@@ -133,22 +135,32 @@ class Knob:
         low_ok = (self.at_least is None or value >= self.at_least) and (
             self.above is None or value > self.above
         )
-        if low_ok and (self.at_most is None or value <= self.at_most):
+        high_ok = (self.at_most is None or value <= self.at_most) and (
+            self.below is None or value < self.below
+        )
+        if low_ok and high_ok:
             return
-        if self.at_most is not None:
+        has_low = self.at_least is not None or self.above is not None
+        has_high = self.at_most is not None or self.below is not None
+        if has_low and has_high:
             low = f"[{_num(self.at_least)}" if self.at_least is not None else f"({_num(self.above)}"
+            high = f"{_num(self.at_most)}]" if self.at_most is not None else f"{_num(self.below)})"
             raise UserInputError(
-                f"{self.key} must be in {low}, {_num(self.at_most)}] (got {value}); "
-                f"pass --{self.key} in that range"
+                f"{self.key} must be in {low}, {high} (got {value}); pass --{self.key} in that range"
             )
         if self.at_least is not None:
             raise UserInputError(
                 f"{self.key} must be at least {_num(self.at_least)} (got {value}); "
                 f"pass --{self.key} {_num(self.at_least)} or more"
             )
+        if self.above is not None:
+            raise UserInputError(
+                f"{self.key} must be > {_num(self.above)} (got {value}); "
+                f"pass --{self.key} above {_num(self.above)}"
+            )
+        bound, word = (self.at_most, "at most") if self.at_most is not None else (self.below, "below")
         raise UserInputError(
-            f"{self.key} must be > {_num(self.above)} (got {value}); "
-            f"pass --{self.key} above {_num(self.above)}"
+            f"{self.key} must be {word} {_num(bound)} (got {value}); pass --{self.key} {word} {_num(bound)}"
         )
 
 
@@ -179,9 +191,6 @@ class RunConfig:
     seed: int = knob(
         0, "Seed for data split, init, sampling and training.", "training", at_least=0, at_most=MAX_SEED
     )
-    client_transforms: str = knob(
-        "", "Comma-separated client-side transformations of the training triple (none yet).", "training"
-    )
     # server strategy
     strategy: str = knob("fedavg", "Server aggregation strategy.", "strategy", choices=STRATEGIES)
     fraction_train: float = knob(1.0, "Share of clients trained per round.", "strategy", above=0, at_most=1)
@@ -195,6 +204,50 @@ class RunConfig:
     reject_norm_ratio: float = knob(
         0.0, "Reject updates whose norm exceeds N × the round's median update norm; 0 = off.", "strategy"
     )
+    # defences: client-side (the client-transformation registry), central DP, secure aggregation
+    defence: str = knob(
+        "", "Client-side defences, comma-separated, applied in order (see `fedsim defences`).", "defence"
+    )
+    noise_multiplier: float = knob(
+        1.0, "Gaussian noise multiplier z of DP-SGD and of central DP.", "defence", at_least=0
+    )
+    max_grad_norm: float = knob(1.0, "DP-SGD: per-sample gradient clipping norm C.", "defence", above=0)
+    target_epsilon: float = knob(
+        0.0,
+        "DP-SGD: calibrate z so each client spends this ε over the run; 0 = use z.",
+        "defence",
+        at_least=0,
+    )
+    target_delta: float = knob(
+        1e-5, "δ at which ε is reported (DP-SGD and central DP).", "defence", above=0, below=1
+    )
+    poisson_sampling: bool = knob(
+        True, "DP-SGD: Poisson-sample batches (what its ε assumes); false = shuffled batches.", "defence"
+    )
+    clipping_norm: float = knob(
+        1.0,
+        "L2 norm the whole update is clipped to (clip, central DP; adaptive: the initial one).",
+        "defence",
+        above=0,
+    )
+    keep: float = knob(0.1, "topk: share of each tensor's update kept.", "defence", above=0, at_most=1)
+    noise_std: float = knob(0.01, "gaussian: noise std per update entry.", "defence", above=0)
+    central_dp: str = knob(
+        "off",
+        "Central DP: clip on the server or on the clients, noise at the server.",
+        "defence",
+        choices=("off", "server", "client"),
+    )
+    adaptive_clipping: bool = knob(
+        False, "Central DP: adapt the clipping norm each round (Andrew et al.); no ε accounting.", "defence"
+    )
+    target_quantile: float = knob(
+        0.5, "Adaptive clipping: share of updates left unclipped.", "defence", above=0, below=1
+    )
+    clip_norm_lr: float = knob(0.2, "Adaptive clipping: its learning rate.", "defence", above=0)
+    secagg: bool = knob(False, "Secure aggregation (SecAgg+): the server sees only the sum.", "defence")
+    secagg_shares: int = knob(3, "SecAgg+: secret shares per client.", "defence", at_least=2)
+    secagg_threshold: int = knob(2, "SecAgg+: shares needed to reconstruct a secret.", "defence", at_least=2)
     # audit
     audit: bool = knob(False, "Attack client updates each round.", "audit")
     audit_attacks: str = knob("layerwise", "Comma-separated attacks (see `fedsim attacks`).", "audit")
@@ -275,7 +328,8 @@ class RunConfig:
             )
 
     def transformation_names(self) -> list[str]:
-        return [name.strip() for name in self.client_transforms.split(",") if name.strip()]
+        """The client-side defences, in the order they wrap the training triple."""
+        return [name.strip() for name in self.defence.split(",") if name.strip()]
 
     def attack_names(self) -> list[str]:
         return [name.strip() for name in self.audit_attacks.split(",") if name.strip()]
@@ -311,6 +365,7 @@ def _knobs(cls: type[RunConfig]) -> tuple[Knob, ...]:
             at_least=f.metadata["at_least"],
             above=f.metadata["above"],
             at_most=f.metadata["at_most"],
+            below=f.metadata["below"],
             choices=f.metadata["choices"],
         )
         for f in fields(cls)

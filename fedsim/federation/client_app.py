@@ -101,7 +101,10 @@ def train(msg: Message, context: Context, share_truth: bool = False) -> Message:
         seen = result.seen
         truth = wire.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
     extras = {name: wire.encode_extra(payload) for name, payload in result.extra_records.items()}
-    return _reply(msg, job, metrics, ArrayRecord(result.weights), truth, extras)
+    reply = _reply(msg, job, metrics, ArrayRecord(result.weights), truth, extras)
+    if result.defences:
+        reply.content[wire.PRIVACY] = wire.encode_privacy(result.defences, result.privacy)
+    return reply
 
 
 def evaluate_global(msg: Message, context: Context) -> Message:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.config.run_config import RunConfig
+from fedsim.training.transforms import PrivacySpend
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -44,6 +45,11 @@ PROXIMAL_MU = "proximal-mu"
 # FedAvg-style strategies require exactly one ArrayRecord per reply and ignore ConfigRecords.
 EXTRA_PREFIX = "extra."
 RUN_CONFIG_PREFIX = "fedsim."
+# The client-side defences a node applied and what its accountants spent, for the audit rows and
+# the server's privacy ledger: `defences` (labels, space-separated) and, per accounted mechanism,
+# `<mechanism>.<field>` for each field of `PrivacySpend`.
+PRIVACY = "privacy"
+DEFENCES = "defences"
 
 
 def run_config_record(config: RunConfig) -> ConfigRecord:
@@ -120,3 +126,26 @@ def decode_extra(record: ConfigRecord) -> dict[str, float | int | np.ndarray]:
         key: np.load(io.BytesIO(value), allow_pickle=False) if isinstance(value, bytes) else value
         for key, value in record.items()
     }
+
+
+def encode_privacy(defences: tuple[str, ...], spends: tuple[PrivacySpend, ...]) -> ConfigRecord:
+    """The client's defence labels and each accounted mechanism's spend, flat."""
+    record: dict[str, Any] = {DEFENCES: " ".join(defences)}
+    for spend in spends:
+        for key, value in asdict(spend).items():
+            if key != "mechanism":
+                record[f"{spend.mechanism}.{key}"] = value
+    return ConfigRecord(record)
+
+
+def decode_privacy(record: Mapping[str, Any]) -> tuple[str, list[PrivacySpend]]:
+    """Inverse of `encode_privacy`; a missing or mistyped field raises (KeyError, TypeError)."""
+    mechanisms = sorted({key.partition(".")[0] for key in record if "." in key})
+    spends = []
+    for mechanism in mechanisms:
+        values: dict[str, Any] = {"mechanism": mechanism}
+        for spec in fields(PrivacySpend):
+            if spec.name != "mechanism":
+                values[spec.name] = record[f"{mechanism}.{spec.name}"]
+        spends.append(PrivacySpend(**values))
+    return str(record.get(DEFENCES, "")), spends

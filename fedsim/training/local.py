@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from fedsim.config.run_config import RunConfig
 from fedsim.data import Dataset
 from fedsim.data.clients import ClientData, dataset_for
-from fedsim.training.transforms import build_transformations, unwrap_all, wrap_all
+from fedsim.training.transforms import PrivacySpend, build_transformations, unwrap_all, wrap_all
 from models import TrainingSettings, ZooModel, build_model
 from models.base import ExtraRecord
 
@@ -44,6 +44,8 @@ class TrainResult:
     seen: torch.Tensor  # indices into the client's x_train, in order of first use (capped)
     weights: dict[str, torch.Tensor]  # the model's state after training (and its round hook)
     extra_records: dict[str, ExtraRecord]  # the family's payloads beside the weights
+    defences: tuple[str, ...] = ()  # each client transformation's label, in wrap order
+    privacy: tuple[PrivacySpend, ...] = ()  # what the accounted ones spent this round
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ def train_locally(
         seen=_ordered_unique(seen),
         weights=model.state_dict(),
         extra_records=model.extra_records(),
+        defences=tuple(t.label for t in transformations),
+        privacy=tuple(spend for t in transformations if (spend := t.privacy_spent()) is not None),
     )
 
 

@@ -6,13 +6,16 @@ optimiser (clipping, noise, sparsification) and the data loader (Poisson samplin
 trains whatever it is given; afterwards each transformation unwraps its module, in reverse
 order, so the weights reported are the model's own.
 
-The registry maps a name (the `--client-transforms` list) to a factory that reads its settings
-from the run config. It has no production entry yet; DP-SGD, clipping and sparsification go here.
+The registry maps a name (the `--defence` list) to a factory that reads its settings from the
+run config. After unwrapping, each transformation says what it did (`label`, shown in every
+audit row of the update) and what privacy it spent by its own accountant (`privacy_spent`),
+which the client reports to the server's privacy ledger.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -23,10 +26,33 @@ from fedsim.config.run_config import RunConfig
 from fedsim.errors import UserInputError
 
 
+@dataclass(frozen=True)
+class PrivacySpend:
+    """What a client-side mechanism spent in one local round, by its own accountant."""
+
+    mechanism: str  # the transformation's name, e.g. "dp-sgd"
+    epsilon: float  # this round's ε at `delta`
+    delta: float
+    noise_multiplier: float
+    clip_norm: float  # per-sample clipping norm
+    sample_rate: float  # q the accountant assumed
+    steps: int
+    sampling: str  # how batches were drawn: "poisson", or "shuffle" (the ε then assumes Poisson)
+
+
 class ClientTransformation(Protocol):
     """One client-side transformation of the training triple."""
 
     name: str
+
+    @property
+    def label(self) -> str:
+        """The transformation and its strength as audit rows name it, e.g. `dp-sgd(z=1.1,C=1)`."""
+        ...
+
+    def privacy_spent(self) -> PrivacySpend | None:
+        """After `unwrap`: the privacy this round spent (None for mechanisms without accounting)."""
+        ...
 
     def wrap(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader
