@@ -46,6 +46,7 @@ class AuditContext:
     """Where an update came from and what the attacker assumed; every row of it repeats this."""
 
     threat: str
+    defences: str = ""  # the defences the update went through before the attacker saw it
     round: int | None = None  # federation round (None for `fedsim audit`)
     partition_id: int | None = None  # the client (None for `fedsim audit`)
     sample: int | None = None  # `fedsim audit`: the attacked sample's test-split index
@@ -63,6 +64,7 @@ class AuditRow:
     sample: int | None
     attack: str
     threat: str
+    defences: str  # space-separated labels, e.g. "dp-sgd(z=1.1,C=1) central-dp(server,z=0.8,C=1)"
     batch_size: int
     local_steps: int
     status: str  # RECONSTRUCTED, DECLINED or FAILED
@@ -84,6 +86,7 @@ class AuditRow:
             sample=_optional(int, record["sample"]),
             attack=record["attack"],
             threat=record["threat"],
+            defences=record["defences"],
             batch_size=int(record["batch_size"]),
             local_steps=int(record["local_steps"]),
             status=record["status"],
@@ -255,6 +258,7 @@ def _row(
         sample=context.sample,
         attack=attack,
         threat=context.threat,
+        defences=context.defences,
         batch_size=context.batch_size,
         local_steps=context.local_steps,
         status=status,

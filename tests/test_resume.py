@@ -118,7 +118,7 @@ def test_pickled_checkpoint_is_refused_without_unpickling(run_dir: Path) -> None
         (b"", "is empty"),
         (b"epoch,loss\n1,0.5\n", "header lacks round, partition_id, stage, num_examples, seconds"),
         (None, "line 3: round 'abc' is not a number"),
-        (None, "line 3 has 2 fields, the header 8"),
+        (None, "line 3 has 2 fields, the header 10"),
     ],
     ids=["binary", "empty", "foreign-header", "round-not-a-number", "short-row"],
 )

@@ -123,7 +123,7 @@ def test_metrics_csv_and_plot_follow_the_models_metrics(tmp_path: Path) -> None:
     header = metric_columns(("accuracy", "brier"))
     assert header == (
         "round", "partition_id", "stage", "train_loss", "eval_loss",
-        "eval_accuracy", "eval_brier", "num_examples", "seconds",
+        "eval_accuracy", "eval_brier", "num_examples", "seconds", "epsilon_central", "epsilon_client_max",
     )  # fmt: skip
     assert store.columns == header
     store.append_rows(

@@ -24,6 +24,7 @@ from flwr.clientapp.typing import Mod
 
 from fedsim.data.clients import ClientData, client_data
 from fedsim.federation import wire
+from fedsim.federation.central_dp_mod import central_dp_mod
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
 
@@ -126,7 +127,7 @@ def build_client_app(share_truth: bool, mods: Sequence[Mod] = ()) -> ClientApp:
     config says `audit-truth=true` do. `mods` are Flower mods around every handler."""
     client_app = ClientApp(mods=list(mods))
 
-    @client_app.train()
+    @client_app.train(mods=[central_dp_mod])  # train only: see fedsim.federation.central_dp_mod
     def _train(msg: Message, context: Context) -> Message:
         return train(msg, context, share_truth=share_truth)
 

@@ -26,8 +26,10 @@ from fedsim.federation.planning import validate_plan
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.auditing import AuditingStrategy, auditing_wrapper
+from fedsim.strategy.central_dp import CentralPrivacy
 from fedsim.strategy.chain import StrategyChain, build_chain
 from fedsim.strategy.ordering import partition_of
+from fedsim.strategy.privacy_ledger import PrivacyLedger
 from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, metric_names, model_for
 
@@ -97,10 +99,19 @@ def _starting_point(
     weights, server_state = store.load_checkpoint(done)
     chain.load_state_dict(server_state)
     store.roll_back_to(done)
-    auditor = chain.find(AuditingStrategy)
-    if auditor is not None:
-        auditor.drop_rounds_after(done)
+    for logger in (chain.find(AuditingStrategy), chain.find(PrivacyLedger)):
+        if logger is not None:
+            logger.drop_rounds_after(done)
     return StartingPoint(done, weights, resumed=True)
+
+
+def _privacy_budget(chain: StrategyChain) -> dict[str, float | None]:
+    """The server row's ε columns (see `fedsim.store.run_store.EPSILON_COLUMNS`)."""
+    central, ledger = chain.find(CentralPrivacy), chain.find(PrivacyLedger)
+    return {
+        "epsilon_central": central.epsilon() if central is not None else None,
+        "epsilon_client_max": ledger.max_client_epsilon() if ledger is not None else None,
+    }
 
 
 def run_federation(grid: Grid, plan: FederationPlan) -> None:
@@ -117,6 +128,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
         audit=auditing_wrapper(config, store.path),
         model_dtypes={name: tensor.numpy().dtype for name, tensor in model.state_dict().items()},
+        output_dir=store.path,
     )
     start = _starting_point(store, last_complete, chain, model.state_dict())
     done = start.done
@@ -140,6 +152,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
                     **_eval_columns(scores),
                     "num_examples": result.num_examples,
                     "seconds": seconds,
+                    **_privacy_budget(chain),
                 }
             ]
         )

@@ -33,6 +33,8 @@ TRAIN_LOSS = "train-loss"
 EVAL_PREFIX = "eval-"
 EVAL_LOSS = "eval-loss"
 NUM_EXAMPLES = "num-examples"
+# Under central DP the server sets this weight of 1 on every reply and FedAvg weights by it.
+DP_WEIGHT = "dp-weight"
 SECONDS = "seconds"
 LOCAL_STEPS = "local-steps"
 SERVER_ROUND = "server-round"

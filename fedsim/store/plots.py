@@ -8,6 +8,8 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: files only, the caller's backend untouched
 from matplotlib.ticker import MaxNLocator
 
+from fedsim.store.run_store import EPSILON_COLUMNS
+
 # Metrics that are shares (accuracy and the like) get a fixed [0, 1] axis, so runs compare by eye.
 UNIT_INTERVAL_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1", "precision", "recall"})
 
@@ -24,8 +26,10 @@ def plot_metrics(metrics_csv: Path, output: Path) -> None:
     clients_eval = frame[frame["stage"] == "evaluate"].groupby("round")
     clients_train = frame[frame["stage"] == "train"].groupby("round")
     metrics = metric_columns_of(frame)
-    fig = Figure(figsize=(5 * (len(metrics) + 1), 4))
-    axes = fig.subplots(1, len(metrics) + 1, squeeze=False)
+    budgets = [c for c in EPSILON_COLUMNS if c in server and server[c].notna().any()]
+    panels = len(metrics) + 1 + bool(budgets)
+    fig = Figure(figsize=(5 * panels, 4))
+    axes = fig.subplots(1, panels, squeeze=False)
     for ax, column in zip(axes[0], metrics, strict=False):
         name = column.removeprefix("eval_")
         ax.plot(server["round"], server[column], marker="o", label="server test")
@@ -35,7 +39,12 @@ def plot_metrics(metrics_csv: Path, output: Path) -> None:
         ax.set(xlabel="round", ylabel=name, title=name.replace("_", " ").capitalize())
         if name in UNIT_INTERVAL_METRICS:
             ax.set_ylim(0, 1)
-    loss_ax = axes[0][-1]
+    if budgets:
+        budget_ax = axes[0][-1]
+        for column in budgets:
+            budget_ax.plot(server["round"], server[column], marker="o", label=column.replace("_", " "))
+        budget_ax.set(xlabel="round", ylabel="ε", title="Privacy budget spent")
+    loss_ax = axes[0][len(metrics)]
     loss_ax.plot(server["round"], server["eval_loss"], marker="o", label="server test")
     if len(clients_train):
         mean_train = clients_train["train_loss"].mean()

@@ -31,11 +31,18 @@ from fedsim.errors import UserInputError
 from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import atomic_write, staged_folder
 
+# Server rows' privacy budget after the round: central DP's client-level ε, and the largest
+# cumulative DP-SGD (sample-level) ε of any client; empty when the mechanism is off.
+EPSILON_COLUMNS = ("epsilon_central", "epsilon_client_max")
+
 
 def metric_columns(metric_names: Sequence[str]) -> tuple[str, ...]:
     """metrics.csv's header for a model with these evaluation metrics (classifiers: accuracy)."""
     evals = tuple(f"eval_{name}" for name in metric_names)
-    return ("round", "partition_id", "stage", "train_loss", "eval_loss", *evals, "num_examples", "seconds")
+    return (
+        "round", "partition_id", "stage", "train_loss", "eval_loss", *evals, "num_examples", "seconds",
+        *EPSILON_COLUMNS,
+    )  # fmt: skip
 
 
 CONFIG_FILE = "config.json"

@@ -44,7 +44,8 @@ def build_strategy(config: RunConfig) -> Strategy:
     common: dict[str, Any] = {
         "arrayrecord_key": wire.ARRAYS,
         "configrecord_key": wire.CONFIG,
-        "weighted_by_key": wire.NUM_EXAMPLES,
+        # Central DP weights clients equally (see fedsim.strategy.central_dp).
+        "weighted_by_key": wire.NUM_EXAMPLES if config.central_dp == "off" else wire.DP_WEIGHT,
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": 1,

@@ -47,6 +47,7 @@ from fedsim.federation import wire
 from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
 from fedsim.strategy.base import StrategyWrapper
+from fedsim.strategy.central_dp import OFF, central_dp_label
 from fedsim.strategy.ordering import partition_of
 from fedsim.training.local import model_for
 from models import ZooModel
@@ -68,8 +69,10 @@ class AuditingStrategy(StrategyWrapper):
         batch_size: int,
         output_dir: Path,
         max_clients: int = 0,
+        server_defences: str = "",
     ) -> None:
         super().__init__(inner)
+        self.server_defences = server_defences  # e.g. central DP's label, added to every row
         self.auditor = auditor
         self.make_model = make_model
         self.learning_rate = learning_rate
@@ -130,6 +133,7 @@ class AuditingStrategy(StrategyWrapper):
     ) -> UpdateAudit:
         context = AuditContext(
             threat_model(self.batch_size, 1),
+            defences=" ".join(filter(None, (_client_defences(reply), self.server_defences))),
             round=server_round,
             partition_id=partition_of(reply),
             batch_size=self.batch_size,
@@ -157,6 +161,13 @@ class AuditingStrategy(StrategyWrapper):
         )  # fmt: skip
 
 
+def _client_defences(reply: Message) -> str:
+    """The defence labels the client reported (empty: none, or an unreadable record)."""
+    record = reply.content.config_records.get(wire.PRIVACY)
+    value = record.get(wire.DEFENCES, "") if record is not None else ""
+    return value if isinstance(value, str) else ""
+
+
 def _truth(reply: Message) -> Truth | None:
     """The samples the node trained on, if it opted in to sharing them."""
     if wire.AUDIT_TRUTH not in reply.content.config_records:
@@ -176,6 +187,7 @@ def auditing_wrapper(config: RunConfig, output_dir: Path) -> Callable[[Strategy]
             batch_size=config.batch_size,
             output_dir=output_dir,
             max_clients=config.audit_clients,
+            server_defences=central_dp_label(config) if config.central_dp != OFF else "",
         )
 
     return wrap

@@ -6,11 +6,13 @@
 2. reply validation (`ValidatingStrategy`): drops non-finite, mis-shaped, mis-typed and (if
    configured) norm-outlier updates before anyone else sees them, and stops the run on a round
    with no usable update or a non-finite aggregate;
-3. audit (optional, the factory given to `build_chain`): attacks the validated updates where an
+3. privacy ledger (when DP-SGD or central DP spends budget): `privacy.csv`, each client's and
+   central DP's ε (`fedsim.strategy.privacy_ledger`);
+4. audit (optional, the factory given to `build_chain`): attacks the validated updates where an
    honest-but-curious server stands, before any central DP noise;
-4. central DP (next issue): clipping and noise go here, directly around the aggregator, because
-   Flower's DP wrappers and their accountant need the plain aggregator as their inner strategy;
-5. aggregator: the configured Flower strategy (`fedsim.strategy.aggregators.build_strategy`).
+5. central DP (optional): Flower's DP wrapper directly around the aggregator, because its
+   accountant needs the plain aggregator as its inner strategy (`fedsim.strategy.central_dp`);
+6. aggregator: the configured Flower strategy (`fedsim.strategy.aggregators.build_strategy`).
 
 For resume, each wrapper saves its own state under `<state_prefix>/`, and the aggregator's
 server-optimiser moments go under `aggregator/` (`AggregatorState`).
@@ -20,15 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.config.run_config import RunConfig
+from fedsim.strategy import central_dp, privacy_ledger
 from fedsim.strategy.aggregators import AggregatorState, build_strategy
 from fedsim.strategy.base import StrategyWrapper
+from fedsim.strategy.central_dp import CentralPrivacy
 from fedsim.strategy.ordering import RepliesObserver, ReproducibleStrategy
+from fedsim.strategy.privacy_ledger import PrivacyLedger
 from fedsim.strategy.validation import ValidatingStrategy
 
 AuditFactory = Callable[[Strategy], Strategy]
@@ -44,14 +50,15 @@ class StrategyChain:
     outer: Strategy
     aggregator: Strategy
 
-    def links(self) -> list[Strategy]:
-        """The strategies wrapped around the aggregator (each holds the next in `inner`),
-        from the outside in."""
-        links: list[Strategy] = []
+    def links(self) -> list[StrategyWrapper]:
+        """fedsim's wrappers around the aggregator (each holds the next in `inner`), from the
+        outside in; the walk ends at the first strategy that is not fedsim's (Flower's DP
+        wrapper or the aggregator)."""
+        links: list[StrategyWrapper] = []
         link = self.outer
-        while link is not self.aggregator:
+        while isinstance(link, StrategyWrapper):
             links.append(link)
-            link = link.inner  # type: ignore[attr-defined]
+            link = link.inner
         return links
 
     def find(self, kind: type[S]) -> S | None:
@@ -60,9 +67,8 @@ class StrategyChain:
 
     def _parts(self) -> dict[str, StrategyWrapper | AggregatorState]:
         """The parts that keep state: every StrategyWrapper and the aggregator."""
-        wrappers = [link for link in self.links() if isinstance(link, StrategyWrapper)]
         parts: dict[str, StrategyWrapper | AggregatorState] = {}
-        for part in [*wrappers, AggregatorState(self.aggregator)]:
+        for part in [*self.links(), AggregatorState(self.aggregator)]:
             prefix = part.state_prefix if isinstance(part, StrategyWrapper) else AGGREGATOR
             if prefix in parts or "/" in prefix:
                 raise ValueError(f"two parts of the strategy chain would save state under {prefix!r}")
@@ -90,13 +96,23 @@ class StrategyChain:
             part.load_state_dict(grouped[prefix])
 
 
+def keeps_privacy_ledger(config: RunConfig) -> bool:
+    """A ledger runs when a mechanism spends privacy budget: DP-SGD on clients or central DP."""
+    return "dp-sgd" in config.transformation_names() or config.central_dp != central_dp.OFF
+
+
 def state_shapes_after_a_round(
     config: RunConfig, array_shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, tuple[int, ...]]:
+) -> dict[str, tuple[int, ...] | None]:
     """What a checkpoint of this config's chain holds after round 1, key by key, so resume can
-    check a strategy file before anything runs: the aggregator's moments (the wrappers keep none)."""
+    check a strategy file before anything runs: the aggregator's moments, central DP's state and
+    the privacy ledger's (None: an array whose length grows with the rounds)."""
     moments = AggregatorState(build_strategy(config)).state_shapes(array_shapes)
-    return {f"{AGGREGATOR}/{key}": shape for key, shape in moments.items()}
+    shapes: dict[str, tuple[int, ...] | None] = {f"{AGGREGATOR}/{k}": v for k, v in moments.items()}
+    shapes |= central_dp.state_shapes(config)
+    if keeps_privacy_ledger(config):
+        shapes |= privacy_ledger.state_shapes()
+    return shapes
 
 
 def build_chain(
@@ -107,21 +123,31 @@ def build_chain(
     on_evaluate: Iterable[RepliesObserver] = (),
     audit: AuditFactory | None = None,
     model_dtypes: Mapping[str, np.dtype] | None = None,
+    output_dir: Path | None = None,
 ) -> StrategyChain:
     """The chain for a validated config, in the order of the module docstring.
 
     `round_offset`: rounds already done (resume); `on_train`/`on_evaluate`: observers of every
     round's replies; `audit`: wraps its inner strategy in the auditor, required when
     `config.audit` is set; `model_dtypes`: each array's dtype in the clients' model, which
-    replies must match exactly.
+    replies must match exactly; `output_dir`: where the privacy ledger writes `privacy.csv`
+    (required when the config spends privacy budget).
     """
     aggregator = build_strategy(config)
     strategy: Strategy = aggregator
-    # (4. central DP: the next issue wraps `strategy` here, directly around the aggregator.)
+    central = None
+    if config.central_dp != central_dp.OFF:
+        strategy = central = CentralPrivacy(aggregator, config)
     if config.audit:
         if audit is None:
             raise ValueError("config.audit is set but no audit wrapper was given to build_chain")
         strategy = audit(strategy)
+    if keeps_privacy_ledger(config):
+        if output_dir is None:
+            raise ValueError(
+                "the config spends privacy budget but build_chain got no output_dir for its ledger"
+            )
+        strategy = PrivacyLedger(strategy, output_dir, config.target_delta, central)
     strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes)
     strategy = ReproducibleStrategy(
         strategy,

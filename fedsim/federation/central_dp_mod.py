@@ -1,0 +1,28 @@
+"""The client's half of central DP with client-side clipping: Flower's own clipping mods.
+
+Flower's `DifferentialPrivacyClientSide{Fixed,Adaptive}Clipping` wrappers put the clipping norm
+into the train message; the matching mod clips the update the client returns to that norm, so the
+server only ever receives clipped updates. The mod is attached to `train` only (on evaluate
+messages Flower's central-DP mods break the reply), and runs only when the server asks for it,
+so one ClientApp serves runs with and without central DP.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedsim.federation import wire
+
+ADAPTIVE_KEY = wire.RUN_CONFIG_PREFIX + "adaptive-clipping"
+
+
+def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip this reply's update as the server's central-DP wrapper asked; otherwise pass it on."""
+    config = msg.content.config_records.get(wire.CONFIG)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    mod = adaptiveclipping_mod if config.get(ADAPTIVE_KEY) is True else fixedclipping_mod
+    return mod(msg, context, call_next)
