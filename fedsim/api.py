@@ -44,6 +44,7 @@ from fedsim.federation.simulation import check_ray_address
 from fedsim.store.audit_folder import AUDIT_FILE, check_output_folder, load_weights, write_audit
 from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RunStore
+from fedsim.strategy.privacy_ledger import PRIVACY_FILE
 from fedsim.training.local import metric_names
 from models import build_model
 
@@ -67,6 +68,7 @@ class RunResult:
     config: RunConfig
     metrics: pd.DataFrame  # metrics.csv: one row per (round, client, stage) plus a server row per round
     audit: pd.DataFrame | None  # audit.csv of an audited run, else None
+    privacy: pd.DataFrame | None  # privacy.csv (ε per client and round) when DP spends budget, else None
     config_path: Path
     metrics_path: Path
     plot_path: Path | None
@@ -79,12 +81,14 @@ class RunResult:
         """Read a run directory (finished or not) written by `fedsim run` or `fedsim.run`."""
         store = RunStore.open(_path(path, "run directory"))
         audit_path = store.path / AUDIT_FILE
+        privacy_path = store.path / PRIVACY_FILE
         plot_path = store.path / PLOT_FILE
         return cls(
             path=store.path,
             config=store.config,
             metrics=pd.read_csv(store.metrics_path),
             audit=pd.read_csv(audit_path) if audit_path.is_file() else None,
+            privacy=pd.read_csv(privacy_path) if privacy_path.is_file() else None,
             config_path=store.path / CONFIG_FILE,
             metrics_path=store.path / METRICS_FILE,
             plot_path=plot_path if plot_path.is_file() else None,

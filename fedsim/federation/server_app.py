@@ -96,7 +96,9 @@ def _starting_point(
         return StartingPoint(0, initial, resumed=False)
     # Keep the arrays' own dtype: FedAdam's update promotes them to float64, and casting them
     # back to the model's float32 would make a resumed run drift from a straight one.
-    weights, server_state = store.load_checkpoint(done)
+    saved, server_state = store.load_checkpoint(done)
+    # In the model's own order, not the file's (sorted): Flower's DP clipping pairs arrays by position.
+    weights = {name: saved[name] for name in initial}
     chain.load_state_dict(server_state)
     store.roll_back_to(done)
     for logger in (chain.find(AuditingStrategy), chain.find(PrivacyLedger)):

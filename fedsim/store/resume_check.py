@@ -48,6 +48,7 @@ from fedsim.store.run_store import (
     state_fit_problems,
 )
 from fedsim.strategy.chain import state_shapes_after_a_round
+from fedsim.strategy.privacy_ledger import PRIVACY_COLUMNS, PRIVACY_FILE
 from fedsim.training.local import model_for
 
 START_AGAIN = "delete the run folder and start again"
@@ -70,6 +71,9 @@ def open_for_resume(path: Path) -> RunStore:
     audit = path / AUDIT_FILE
     if config.audit and audit.exists():
         check_csv(audit, AUDIT_COLUMNS, exact=True)
+    privacy = path / PRIVACY_FILE
+    if privacy.exists():
+        check_csv(privacy, PRIVACY_COLUMNS, exact=True)
     return store
 
 
