@@ -10,6 +10,7 @@ from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
 from fedsim.strategy.aggregators import check_strategy
+from fedsim.training.defences import check_client_defences
 from fedsim.training.transforms import check_transformation_names
 from models import InputSpec, UnsupportedInputError, available_models, build_model
 
@@ -24,6 +25,7 @@ def validate_plan(config: RunConfig) -> None:
     partition(data.y_train, config.partition_spec())
     check_strategy(config)
     check_model_fits(config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]))
+    check_client_defences(config, data.spec)
 
 
 def check_model_fits(model_name: str, dataset: str, spec: InputSpec, sample: torch.Tensor) -> None:
