@@ -93,6 +93,9 @@ class DpSgd:
         with warnings.catch_warnings():  # deterministic runs need the seeded generator (see above)
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             self.engine = PrivacyEngine(accountant=ACCOUNTANT)
+        # Torch warns on every backward that the first layer's hook sees no input gradient; Opacus
+        # needs only the output gradient there, so the warning says nothing about this run.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         self.sample_rate = 1 / len(data_loader)  # Opacus's q: one expected batch of the loader
         if self.config.target_epsilon > 0:
             self.noise_multiplier = get_noise_multiplier(
