@@ -31,6 +31,10 @@ FAILED = "failed"
 
 NO_TRUTH_NOTE = "leakage not measurable: the node shares no training samples (no audit-truth opt-in)"
 NON_FINITE_NOTE = "the update holds non-finite values (NaN or Inf); nothing to attack"
+# An update is called sparsified when, in the median tensor it changes, at least this share of the
+# entries is exactly zero: a natural gradient is zero only where an input or activation is (blank
+# pixels in a first layer), a top-k update (DLG's gradient pruning) almost everywhere.
+SPARSE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ class UpdateAuditor:
             rows = [_row(context, a.name, DECLINED, truth, 0.0, NON_FINITE_NOTE) for a in self.attacks]
             return _with_images(rows, {}, truth)
         targets = None if truth is None else _targets(update, truth)
+        sparsity_note = _sparsity_note(update)
         rows, recs = [], {}
         for attack in self.attacks:
             start = time.perf_counter()
@@ -203,7 +208,7 @@ class UpdateAuditor:
                 rows.append(_row(context, attack.name, FAILED, truth, time.perf_counter() - start, note))
                 continue
             recs[attack.name] = (images, score)
-            note = "; ".join(filter(None, [_deficit_note(rec), truth_note]))
+            note = "; ".join(filter(None, [_deficit_note(rec), sparsity_note, truth_note]))
             row = _row(context, attack.name, RECONSTRUCTED, truth, rec.seconds, note)
             row.recovered_labels = _label_text(recovered)
             if score is not None:
@@ -220,6 +225,22 @@ def _deficit_note(rec: Reconstruction) -> str:
         return ""
     layers = ", ".join(str(layer) for layer in deficient)
     return f"rank-deficient layer {layers}: not uniquely invertible, expect a poor reconstruction"
+
+
+def _sparsity_note(update: ObservedUpdate) -> str:
+    """Why attacks degrade on a sparsified update: each zeroed entry is a constraint (an equation of
+    a layer's system, a term of the gradient match) the attacker no longer has. Tensors left
+    entirely unchanged (frozen groups) are not sparsification and do not count."""
+    changed = [g for g in update.gradients.values() if bool((g != 0).any())]
+    shares = [float((g == 0).double().mean()) for g in changed]
+    if not shares or float(np.median(shares)) < SPARSE_SHARE:
+        return ""
+    zeros = sum(int((g == 0).sum()) for g in update.gradients.values())
+    share = zeros / sum(g.numel() for g in update.gradients.values())
+    return (
+        f"update sparsified: {share:.0%} of gradient entries are zero, so most layer-wise constraints "
+        "are missing"
+    )
 
 
 def _checked(rec: Reconstruction) -> Reconstruction:

@@ -28,6 +28,7 @@ from fedsim.config.run_config import Knob, RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.store.resume_check import open_for_resume
+from fedsim.training.transforms import TRANSFORMATIONS, available_transformations
 from models import available_models
 
 cli = typer.Typer(
@@ -239,6 +240,22 @@ def list_attacks() -> None:
         entry = ATTACKS[name]
         typer.echo(f"{name:<{width}}{entry.description}")
         typer.echo(f"{'':<{width}}works on: {entry.works_on}")
+
+
+@cli.command("defences")
+def list_defences() -> None:
+    """List the client-side defences of --defence: what each does and the knobs it reads."""
+    width = max(len(name) for name in TRANSFORMATIONS) + 2
+    for name in available_transformations():
+        entry = TRANSFORMATIONS[name]
+        knobs = ", ".join(f"--{key} ({_knob_default(key)})" for key in entry.knobs)
+        typer.echo(f"{name:<{width}}{entry.description}")
+        typer.echo(f"{'':<{width}}knobs: {knobs}")
+
+
+def _knob_default(key: str) -> str:
+    default = RunConfig.knob(key).default
+    return str(default).lower() if isinstance(default, bool) else f"{default:g}"
 
 
 @cli.command("datasets")

@@ -220,7 +220,7 @@ class CountingTransformation:
         self.forwards = self.steps = 0
         self.batch_size: int | None = None
         self.unwraps = unwraps
-        self.unwrapped = False
+        self.unwrapped = self.finished = False
         CountingTransformation.made.append(self)
 
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader) -> tuple:
@@ -237,9 +237,15 @@ class CountingTransformation:
         self.unwrapped = True
         return module.inner if self.unwraps else module
 
+    def finish(self, model: nn.Module, global_state: dict, generator: torch.Generator) -> None:
+        assert self.unwrapped, "the update is finished after unwrapping"
+        self.finished = True
+
 
 def test_configured_transformations_wrap_the_loop_and_are_unwrapped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(transforms.TRANSFORMATIONS, "counting", CountingTransformation)
+    monkeypatch.setitem(
+        transforms.TRANSFORMATIONS, "counting", transforms.TransformationEntry(CountingTransformation, "", ())
+    )
     plain = RunConfig(num_clients=4, local_epochs=1, batch_size=16)
     wrapped = plain.replace(defence="counting")
     validate_plan(wrapped)
@@ -249,7 +255,7 @@ def test_configured_transformations_wrap_the_loop_and_are_unwrapped(monkeypatch:
     result = train_locally(model, client_data(wrapped, 0), wrapped, server_round=1, partition_id=0)
     (made,) = CountingTransformation.made
     assert made.forwards == made.steps == result.steps > 1 and made.batch_size == 16
-    assert made.unwrapped and result.defences == ("counting",) and result.privacy == ()
+    assert made.unwrapped and made.finished and result.defences == ("counting",) and result.privacy == ()
     assert result.weights.keys() == model.state_dict().keys()  # the model's own names, no "inner."
 
     reference = train_locally(model_for(plain), client_data(plain, 0), plain, server_round=1, partition_id=0)
@@ -257,9 +263,10 @@ def test_configured_transformations_wrap_the_loop_and_are_unwrapped(monkeypatch:
 
 
 def test_a_transformation_that_does_not_unwrap_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(
-        transforms.TRANSFORMATIONS, "sticky", lambda config: CountingTransformation(config, unwraps=False)
+    sticky = transforms.TransformationEntry(
+        lambda config: CountingTransformation(config, unwraps=False), "", ()
     )
+    monkeypatch.setitem(transforms.TRANSFORMATIONS, "sticky", sticky)
     config = RunConfig(num_clients=4, local_epochs=1, defence="sticky")
     with pytest.raises(RuntimeError, match="did not unwrap to the model"):
         train_locally(model_for(config), client_data(config, 0), config, server_round=1, partition_id=0)

@@ -11,6 +11,7 @@ from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.strategy.central_dp import check_central_dp
+from fedsim.training.defences import check_client_defences
 from fedsim.training.transforms import check_transformation_names
 from models import InputSpec, UnsupportedInputError, available_models, build_model
 
@@ -26,6 +27,7 @@ def validate_plan(config: RunConfig) -> None:
     check_strategy(config)
     check_central_dp(config)
     check_model_fits(config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]))
+    check_client_defences(config, data.spec)
 
 
 def check_model_fits(model_name: str, dataset: str, spec: InputSpec, sample: torch.Tensor) -> None:

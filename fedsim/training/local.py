@@ -6,6 +6,7 @@ Local training is one seam, the same for every model family and every client-sid
           -> client transformations wrap (module, optimizer, data_loader)   (fedsim.training.transforms)
           -> loop: loss = model.loss(module(x), model.targets(y)) [+ FedProx term], step
           -> unwrap -> model.after_local_training(data_loader, round)
+          -> update-level defences transform w_local − w_global, in list order (clip, topk, ...)
           -> TrainResult (weights, metrics, extra records, samples seen)
 
 Every random choice is seeded from (run seed, round, partition id), so a client's update
@@ -25,7 +26,13 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from fedsim.config.run_config import RunConfig
 from fedsim.data import Dataset
 from fedsim.data.clients import ClientData, dataset_for
-from fedsim.training.transforms import PrivacySpend, build_transformations, unwrap_all, wrap_all
+from fedsim.training.transforms import (
+    PrivacySpend,
+    build_transformations,
+    finish_all,
+    unwrap_all,
+    wrap_all,
+)
 from models import TrainingSettings, ZooModel, build_model
 from models.base import ExtraRecord
 
@@ -38,7 +45,7 @@ class TrainResult:
     """What one client's local round produced, ready to report."""
 
     train_loss: float  # mean of the steps' model losses (without the proximal term)
-    num_examples: int  # distinct samples trained on (at most the train split)
+    num_examples: int  # distinct samples trained on (Poisson sampling: their expected number)
     steps: int
     seconds: float
     seen: torch.Tensor  # indices into the client's x_train, in order of first use (capped)
@@ -83,6 +90,12 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
 
 def round_seed(config: RunConfig, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def update_noise_generator(seed: int) -> torch.Generator:
+    """The stream update-level defences draw noise from: seeded by the round seed, apart from the
+    global generator the loop seeds with it (same draws there would correlate noise and dropout)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
 
 
 class EpochShuffle(Sampler[int]):
@@ -136,6 +149,7 @@ def train_locally(
     start = time.perf_counter()
     seed = round_seed(config, server_round, partition_id)
     torch.manual_seed(seed)  # for layers that draw randomness (dropout) inside the step
+    global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = model.configure_optimizer(training_settings(config), server_round)
     loader = client_loader(data, config.batch_size, seed)
     transformations = build_transformations(config)
@@ -144,27 +158,33 @@ def train_locally(
     module.train()
     losses: list[float] = []
     seen: list[torch.Tensor] = []
-    processed = 0
+    distinct: set[int] = set()
+    steps = 0
     step_limit = config.max_local_steps or None
     for _ in range(config.local_epochs):
         for inputs, labels, indices in train_loader:
-            if step_limit is not None and len(losses) >= step_limit:
+            if step_limit is not None and steps >= step_limit:
                 break
-            if len(seen) < MAX_TRUTH_SAMPLES:
-                seen.append(indices)
             optimizer.zero_grad(set_to_none=True)
             loss = model.loss(module(inputs), model.targets(labels))
             total = loss if proximal is None else loss + proximal(model)
             total.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
-            processed += len(labels)
+            steps += 1
+            # A Poisson-sampled batch (DP-SGD) may be empty: its step adds noise only, and its
+            # loss, a mean over nothing, is no measurement.
+            if len(labels):
+                losses.append(float(loss.detach()))
+                distinct.update(indices.tolist())
+                if len(seen) < MAX_TRUTH_SAMPLES:
+                    seen.append(indices)
     unwrap_all(transformations, module, model)
     model.after_local_training(loader, server_round)
+    finish_all(transformations, model, global_state, update_noise_generator(seed))
     return TrainResult(
-        train_loss=float(np.mean(losses)),
-        num_examples=min(len(data.y_train), processed),
-        steps=len(losses),
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        num_examples=_examples_trained(train_loader, len(distinct), steps, len(data.y_train)),
+        steps=steps,
         seconds=time.perf_counter() - start,
         seen=_ordered_unique(seen),
         weights=model.state_dict(),
@@ -172,6 +192,18 @@ def train_locally(
         defences=tuple(t.label for t in transformations),
         privacy=tuple(spend for t in transformations if (spend := t.privacy_spent()) is not None),
     )
+
+
+def _examples_trained(train_loader: DataLoader, distinct: int, steps: int, size: int) -> int:
+    """The samples a client reports having trained on: the distinct ones it drew, or, when its
+    batches were Poisson-sampled (Opacus's loader, which has a `sample_rate`), their expected
+    number N·(1 − (1 − q)^steps), at least one. The realised count would tell the server which
+    sampling outcome occurred, which DP-SGD's accounting assumes hidden, and is often 0 (an
+    empty FedSGD batch), which the server must refuse as an aggregation weight."""
+    rate = getattr(train_loader, "sample_rate", None)
+    if rate is None:
+        return distinct
+    return max(1, round(size * (1 - (1 - rate) ** steps)))
 
 
 @torch.no_grad()

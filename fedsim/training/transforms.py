@@ -1,20 +1,23 @@
-"""Client-side transformations: what a client does to its training triple before the loop.
+"""Client-side transformations: what a client does to its training triple and to its update.
 
 Shaped like Opacus's front door, `make_private(module, optimizer, data_loader) -> (module,
 optimizer, data_loader)`: a transformation may wrap the module (per-sample gradients), the
-optimiser (clipping, noise, sparsification) and the data loader (Poisson sampling). The loop
-trains whatever it is given; afterwards each transformation unwraps its module, in reverse
-order, so the weights reported are the model's own.
+optimiser (clipping, noise) and the data loader (Poisson sampling). The loop trains whatever it
+is given; afterwards each transformation unwraps its module, in reverse order, so the weights
+reported are the model's own. Then, in list order, each may transform the finished update
+(`finish`: clip, sparsify, noise the update w_local − w_global).
 
-The registry maps a name (the `--defence` list) to a factory that reads its settings from the
-run config. After unwrapping, each transformation says what it did (`label`, shown in every
-audit row of the update) and what privacy it spent by its own accountant (`privacy_spent`),
-which the client reports to the server's privacy ledger.
+The registry maps a name (the `--defence` list) to an entry: a factory that reads its settings
+from the run config, a one-line description and the knobs it reads (`fedsim defences`). The
+built-in defences live in `fedsim.training.defences`, which registers them when the package is
+imported. After a round each transformation says what it did (`label`, shown in every audit row
+of the update) and what privacy it spent by its own accountant (`privacy_spent`), which the
+client reports to the server's privacy ledger.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,10 +68,25 @@ class ClientTransformation(Protocol):
         """The module `wrap` was given, with anything wrap attached (hooks) removed."""
         ...
 
+    def finish(
+        self, model: nn.Module, global_state: Mapping[str, torch.Tensor], generator: torch.Generator
+    ) -> None:
+        """After every unwrap and the model's round hook: transform the update, the model's state
+        minus `global_state` (the weights the round started from), in place; `generator` is the
+        round's seeded stream for any noise. Transformations of the training triple do nothing."""
+        ...
 
-TransformationFactory = Callable[[RunConfig], ClientTransformation]
 
-TRANSFORMATIONS: dict[str, TransformationFactory] = {}
+@dataclass(frozen=True)
+class TransformationEntry:
+    """One registered transformation: how to build it and what `fedsim defences` says about it."""
+
+    build: Callable[[RunConfig], ClientTransformation]
+    description: str
+    knobs: tuple[str, ...]  # the run-config keys it reads
+
+
+TRANSFORMATIONS: dict[str, TransformationEntry] = {}
 
 
 def available_transformations() -> list[str]:
@@ -81,7 +99,7 @@ def check_transformation_names(names: Sequence[str]) -> None:
         choices = ", ".join(available_transformations()) or "none are registered yet"
         raise UserInputError(
             f"unknown client transformation(s) {', '.join(unknown)}; choose from: {choices}, "
-            "or pass an empty --client-transforms"
+            "or pass an empty --defence"
         )
 
 
@@ -89,7 +107,7 @@ def build_transformations(config: RunConfig) -> list[ClientTransformation]:
     """The run's transformations, in the order they wrap the triple."""
     names = config.transformation_names()
     check_transformation_names(names)
-    return [TRANSFORMATIONS[name](config) for name in names]
+    return [TRANSFORMATIONS[name].build(config) for name in names]
 
 
 def wrap_all(
@@ -112,3 +130,14 @@ def unwrap_all(transformations: Sequence[ClientTransformation], module: nn.Modul
         raise RuntimeError(
             f"client transformations {[t.name for t in transformations]} did not unwrap to the model"
         )
+
+
+def finish_all(
+    transformations: Sequence[ClientTransformation],
+    model: nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    generator: torch.Generator,
+) -> None:
+    """Transform the finished update in list order, so `clip,gaussian` clips, then noises."""
+    for transformation in transformations:
+        transformation.finish(model, global_state, generator)
