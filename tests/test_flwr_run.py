@@ -48,7 +48,8 @@ def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
     command = [
         "flwr", "run", ".", "--stream",
         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
-        "-c", f"runs-dir='{runs}' rounds=2 num-clients=3 name='smoke'",
+        "-c", f"runs-dir='{runs}' rounds=2 clients=3 name='smoke' defence='clip' clipping-norm=5.0 "
+        "central-dp='client' noise-multiplier=0.01",
     ]  # fmt: skip
     try:
         result = subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=300)
@@ -64,3 +65,17 @@ def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
     assert run.name.startswith("smoke-")
     assert (run / "checkpoints" / "round-0002.safetensors").exists()
     assert final_server_accuracy(run) > 0.5
+    # The defences came through `-c`: Flower's clipping mod ran on the clients, its accountant on the server.
+    assert (run / "privacy.csv").read_text().count("central-dp(client)") == 2
+
+
+def test_every_knob_is_a_flwr_run_config_key() -> None:
+    """Flower refuses `-c key=value` for keys missing from [tool.flwr.app.config]."""
+    import tomllib
+
+    from fedsim.config.run_config import RunConfig
+
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    overridden = {"name": "flwr", "clients": 2, "rounds": 2}
+    expected = {knob.key: overridden.get(knob.key, knob.default) for knob in RunConfig.knobs()}
+    assert app_config == {**expected, "runs-dir": "runs"}
