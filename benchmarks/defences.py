@@ -92,6 +92,12 @@ def best_attack(audit: pd.DataFrame | None) -> dict[str, Any]:
             "ssim": round(float(means.loc[name, "ssim"]), 3)}  # fmt: skip
 
 
+def _first_text(audit: pd.DataFrame | None, column: str) -> str:
+    """A column's first cell as text (pandas reads an all-empty column as NaN floats)."""
+    value = audit[column].iloc[0] if audit is not None and len(audit) else ""
+    return value if isinstance(value, str) else ""
+
+
 def measure(name: str, label: str, changes: dict[str, Any], workload: dict[str, Any], runs: Path) -> dict:
     base = {**workload["base"], **changes, "seed": 0}
     train_config = RunConfig.from_mapping({**base, **workload["train"], "name": f"{name}-train"})
@@ -117,10 +123,8 @@ def measure(name: str, label: str, changes: dict[str, Any], workload: dict[str, 
         "delta": train_config.target_delta if epsilon is not None else None,
         "train_seconds": round(seconds, 1),
         "best_attack": best_attack(attacked.audit),
-        "attack_threat": str(attacked.audit["threat"].iloc[0]) if attacked.audit is not None else None,
-        "defences_seen_by_attacker": str(attacked.audit["defences"].fillna("").iloc[0])
-        if attacked.audit is not None
-        else None,
+        "attack_threat": _first_text(attacked.audit, "threat"),
+        "defences_seen_by_attacker": _first_text(attacked.audit, "defences"),
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -242,15 +242,45 @@ def list_attacks() -> None:
         typer.echo(f"{'':<{width}}works on: {entry.works_on}")
 
 
+# The run modes outside --defence, as `fedsim defences` lists them: (flag, what, knobs).
+SERVER_DEFENCES = (
+    (
+        "--central-dp server|client",
+        "Flower's DP-FedAvg wrappers: each update clipped to C (on the server, or on the client by "
+        "Flower's clipping mod), N(0, (zC/n)²) added to the mean; client-level ε per round by Flower's "
+        "RdpAccountant (fixed clipping).",
+        (
+            "noise-multiplier",
+            "clipping-norm",
+            "target-delta",
+            "adaptive-clipping",
+            "target-quantile",
+            "clip-norm-lr",
+        ),
+    ),
+    (
+        "--secagg",
+        "Flower's SecAgg+: the server sees only the sum of the sampled updates; the auditor attacks that.",
+        ("secagg-shares", "secagg-threshold"),
+    ),
+)
+
+
 @cli.command("defences")
 def list_defences() -> None:
-    """List the client-side defences of --defence: what each does and the knobs it reads."""
+    """List the defences: the client-side ones of --defence, then central DP and SecAgg+."""
     width = max(len(name) for name in TRANSFORMATIONS) + 2
     for name in available_transformations():
         entry = TRANSFORMATIONS[name]
-        knobs = ", ".join(f"--{key} ({_knob_default(key)})" for key in entry.knobs)
         typer.echo(f"{name:<{width}}{entry.description}")
-        typer.echo(f"{'':<{width}}knobs: {knobs}")
+        typer.echo(f"{'':<{width}}knobs: {_knobs_with_defaults(entry.knobs)}")
+    typer.echo("\nserver side (flags of their own):")
+    for flag, description, knobs in SERVER_DEFENCES:
+        typer.echo(f"{flag}\n    {description}\n    knobs: {_knobs_with_defaults(knobs)}")
+
+
+def _knobs_with_defaults(keys: Sequence[str]) -> str:
+    return ", ".join(f"--{key} ({_knob_default(key)})" for key in keys)
 
 
 def _knob_default(key: str) -> str:
