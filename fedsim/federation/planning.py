@@ -9,6 +9,7 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
+from fedsim.federation.secagg_plan import check_secagg
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.training.transforms import check_transformation_names
 from models import InputSpec, UnsupportedInputError, available_models, build_model
@@ -23,6 +24,7 @@ def validate_plan(config: RunConfig) -> None:
     data = dataset_for(config)
     partition(data.y_train, config.partition_spec())
     check_strategy(config)
+    check_secagg(config)
     check_model_fits(config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]))
 
 
