@@ -87,7 +87,7 @@ class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):
         raise RunFailedError(
             f"round {current + self.round_offset}: secure aggregation stopped at its {stage} stage "
             f"({len(state.active_node_ids)} of {len(state.sampled_node_ids)} sampled clients still "
-            f"answering; each needs {state.threshold} around it){cause}"
+            f"answering, reconstruction threshold {state.threshold}){cause}"
         )
 
 
