@@ -39,7 +39,7 @@ from fedsim.federation.secagg_plan import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZ
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.aggregate_audit import AggregateAuditor
-from fedsim.strategy.secagg_fedavg import ClientResult, SecAggFedAvg
+from fedsim.strategy.secagg_fedavg import ClientResult, SecAggFedAvg, failure_reason
 from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, model_for
 from models import ZooModel
@@ -80,7 +80,7 @@ class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):
         if ok:
             return True
         current = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
-        reasons = [_failure_reason(failure) for failure in state.failures]
+        reasons = [failure_reason(failure) for failure in state.failures]
         cause = f"; first client error: {reasons[0]}" if reasons else ""
         if any(NON_FINITE_UPDATE in reason for reason in reasons):
             cause += f"; {DIVERGED}"
@@ -89,14 +89,6 @@ class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):
             f"({len(state.active_node_ids)} of {len(state.sampled_node_ids)} sampled clients still "
             f"answering, reconstruction threshold {state.threshold}){cause}"
         )
-
-
-def _failure_reason(failure: BaseException) -> str:
-    """The client's own exception message out of Flower's `Error` wrapping."""
-    error = failure.args[0] if failure.args else failure
-    reason = str(getattr(error, "reason", error)).strip()
-    last = reason.splitlines()[-1] if reason else "no reason given"
-    return last.rpartition("Message: ")[2].removesuffix("'>")
 
 
 def _eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:

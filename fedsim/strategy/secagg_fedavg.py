@@ -104,6 +104,7 @@ class SecAggFedAvg(Strategy):
         need_roster = config.fraction_train < 1 or 0 < config.fraction_evaluate < 1
         self.grid = PartitionOrderedGrid(grid, config.num_clients, need_roster)
         self.instructions = dict(wire.run_config_record(config))
+        self.sampled = 0  # clients asked to train this round
 
     def __repr__(self) -> str:
         return f"SecAggFedAvg(fraction_train={self.config.fraction_train})"
@@ -128,16 +129,21 @@ class SecAggFedAvg(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         proxies, config = self._sample(server_round, "train", self.config.fraction_train, client_manager)
+        self.sampled = len(proxies)
         return [(proxy, FitIns(parameters, dict(config))) for proxy in proxies]
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Failure]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         absolute = server_round + self.round_offset
-        if failures:
+        # Not len(failures): SecAggPlusWorkflow lists a client that fails at its collect stage twice.
+        failed = max(self.sampled - len(results), 1 if failures else 0)
+        if failed:
+            reason = failure_reason(failures[0]) if failures else "unknown"
             log.warning(
-                "round %d: %d of %d clients failed during secure aggregation; the sum holds the others",
-                absolute, len(failures), len(failures) + len(results),
+                "round %d: %d of %d clients failed during secure aggregation; the sum holds the others "
+                "(first error: %s)",
+                absolute, failed, len(results) + failed, reason,
             )  # fmt: skip
         if not results:
             raise RunFailedError(f"round {absolute}: no client's update reached the secure sum")
@@ -208,6 +214,16 @@ class SecAggFedAvg(Strategy):
         """None: the ServerApp scores the global model itself, after federated evaluation, and
         checkpoints it then (the round's commit marker), as on the Message API path."""
         return None
+
+
+def failure_reason(failure: BaseException | tuple[ClientProxy, FitRes]) -> str:
+    """A failed client's own exception message, out of Flower's `Error` wrapping."""
+    if isinstance(failure, tuple):
+        return failure[1].status.message or "no reason given"
+    error = failure.args[0] if failure.args else failure
+    reason = str(getattr(error, "reason", error)).strip()
+    last = reason.splitlines()[-1] if reason else "no reason given"
+    return last.rpartition("Message: ")[2].removesuffix("'>")
 
 
 def _client(result: FitRes | EvaluateRes) -> ClientResult:
