@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -26,7 +27,8 @@ def _superlink_pids(flwr_home: Path) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", ["", "secagg=true audit=true"], ids=["fedavg", "secagg"])
+def test_flwr_run_writes_a_run_directory(overrides: str, tmp_path: Path) -> None:
     app = tmp_path / "app"  # a copy: `flwr run` packs the folder and may rewrite pyproject.toml
     app.mkdir()
     for name in APP_FILES:
@@ -48,7 +50,7 @@ def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
     command = [
         "flwr", "run", ".", "--stream",
         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
-        "-c", f"runs-dir='{runs}' rounds=2 num-clients=3 name='smoke'",
+        "-c", f"runs-dir='{runs}' rounds=2 num-clients=3 name='smoke' {overrides}",
     ]  # fmt: skip
     try:
         result = subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=300)
@@ -64,3 +66,8 @@ def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
     assert run.name.startswith("smoke-")
     assert (run / "checkpoints" / "round-0002.safetensors").exists()
     assert final_server_accuracy(run) > 0.5
+    if "secagg=true" in overrides:  # SecAgg+ through the module-level apps: the sum is audited
+        with open(run / "audit.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [(r["round"], r["partition_id"]) for r in rows] == [("1", ""), ("2", "")]
+        assert all(r["threat"].startswith("SecAgg+ aggregate of 3 clients (b=") for r in rows)
