@@ -180,11 +180,12 @@ def test_aggregate_auditor_attacks_the_sum_as_one_batch_and_says_why(tmp_path: P
     config = RunConfig(secagg=True, num_clients=3, audit=True, learning_rate=0.1)
     before = {k: v.numpy() for k, v in model_for(config).state_dict().items()}
     after = {k: v - 0.01 for k, v in before.items()}
-    clients = [ClientResult(p, 100 + p, {wire.LOCAL_STEPS: 4}) for p in range(3)]
+    clients = [ClientResult(p, 100 + p, {wire.LOCAL_STEPS: 4, wire.DEFENCES: "topk(0.1)"}) for p in range(3)]
     AggregateAuditor(config, tmp_path)(AggregateRound(7, before, after, clients))
     (row,) = _audit_rows(tmp_path)
     assert row["round"] == "7" and row["partition_id"] == "" and row["batch_size"] == "303"
     assert row["threat"].startswith("SecAgg+ aggregate of 3 clients (b=303, s=4")
+    assert row["threat"].endswith(") after client defences topk(0.1)")
     assert row["note"].startswith(PER_CLIENT_IMPOSSIBLE) and row["local_steps"] == "4"
     assert (tmp_path / "audit" / "round-0007.png").stat().st_size > 1000
 

@@ -38,11 +38,13 @@ PER_CLIENT_IMPOSSIBLE = (
 NO_SAMPLES_NOTE = "leakage not measurable: under SecAgg+ the server receives no client's samples"
 
 
-def aggregate_threat(clients: int, batch: int, steps: int) -> str:
-    """The threat-model label of an attack on a SecAgg+ aggregate."""
-    return (
+def aggregate_threat(clients: int, batch: int, steps: int, defences: list[str] | None = None) -> str:
+    """The threat-model label of an attack on a SecAgg+ aggregate, with the client-side defences
+    the clients reported (e.g. `dp-sgd(z=1.1,C=1)`)."""
+    label = (
         f"SecAgg+ aggregate of {clients} clients (b={batch}, s={steps}; gradient estimated as dw/(lr*steps))"
     )
+    return f"{label} after client defences {' '.join(defences)}" if defences else label
 
 
 class AggregateAuditor:
@@ -79,7 +81,9 @@ class AggregateAuditor:
         after = {n: torch.from_numpy(np.array(aggregate.after[n])) for n in names}
         batch = max(aggregate.total_examples, 1)
         steps = _mean_steps(aggregate)
-        threat = aggregate_threat(len(aggregate.clients), batch, steps)
+        reported = (str(c.metrics.get(wire.DEFENCES, "")).split() for c in aggregate.clients)
+        defences = list(dict.fromkeys(label for labels in reported for label in labels))
+        threat = aggregate_threat(len(aggregate.clients), batch, steps, defences)
         context = AuditContext(
             threat,
             round=aggregate.server_round,
