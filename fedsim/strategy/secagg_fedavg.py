@@ -154,7 +154,8 @@ class SecAggFedAvg(Strategy):
             summed = before.astype(np.float64) + delta
             if not np.issubdtype(self.dtypes[name], np.floating):
                 summed = np.rint(summed)
-            after[name] = summed.astype(self.dtypes[name])
+            with np.errstate(over="ignore"):  # an overflow to Inf is reported just below
+                after[name] = summed.astype(self.dtypes[name])
             if not np.isfinite(after[name]).all():
                 raise RunFailedError(
                     f"round {absolute}: the securely aggregated update makes the global model's {name!r} "
