@@ -245,7 +245,8 @@ def test_a_model_opacus_rejects_fails_at_plan_time_naming_the_layer_and_the_fix(
 def test_defences_command_lists_each_defence_with_its_knobs() -> None:
     result = CliRunner().invoke(cli.cli, ["defences"])
     assert result.exit_code == 0
-    lines = result.output.splitlines()
+    client_side, _, server_side = result.output.partition("\nserver side (flags of their own):\n")
+    lines = client_side.splitlines()
     assert len(lines) == 2 * len(TRANSFORMATIONS) and set(TRANSFORMATIONS) == {
         "dp-sgd",
         "clip",
@@ -258,6 +259,7 @@ def test_defences_command_lists_each_defence_with_its_knobs() -> None:
         for key in entry.knobs:
             assert RunConfig.knob(key).key == key and f"--{key} (" in lines[at + 1]
     assert "--keep (0.1)" in result.output and "--poisson-sampling (true)" in result.output
+    assert "--central-dp server|client" in server_side and "--secagg-shares (3)" in server_side
 
 
 # --- what the defences buy: the FedSGD setting, attacked ---------------------------------

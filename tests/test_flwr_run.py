@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -26,7 +27,13 @@ def _superlink_pids(flwr_home: Path) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
+CENTRAL_DP_CLIENT = "defence='clip' clipping-norm=5.0 central-dp='client' noise-multiplier=0.01"
+
+
+@pytest.mark.parametrize(
+    "overrides", [CENTRAL_DP_CLIENT, "secagg=true audit=true"], ids=["fedavg-central-dp", "secagg"]
+)
+def test_flwr_run_writes_a_run_directory(overrides: str, tmp_path: Path) -> None:
     app = tmp_path / "app"  # a copy: `flwr run` packs the folder and may rewrite pyproject.toml
     app.mkdir()
     for name in APP_FILES:
@@ -48,8 +55,7 @@ def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
     command = [
         "flwr", "run", ".", "--stream",
         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
-        "-c", f"runs-dir='{runs}' rounds=2 clients=3 name='smoke' defence='clip' clipping-norm=5.0 "
-        "central-dp='client' noise-multiplier=0.01",
+        "-c", f"runs-dir='{runs}' rounds=2 clients=3 name='smoke' {overrides}",
     ]  # fmt: skip
     try:
         result = subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=300)
@@ -65,8 +71,15 @@ def test_flwr_run_writes_a_run_directory(tmp_path: Path) -> None:
     assert run.name.startswith("smoke-")
     assert (run / "checkpoints" / "round-0002.safetensors").exists()
     assert final_server_accuracy(run) > 0.5
-    # The defences came through `-c`: Flower's clipping mod ran on the clients, its accountant on the server.
-    assert (run / "privacy.csv").read_text().count("central-dp(client)") == 2
+    if (
+        overrides == CENTRAL_DP_CLIENT
+    ):  # via `-c`: Flower's clipping mod on the clients, accountant on the server
+        assert (run / "privacy.csv").read_text().count("central-dp(client)") == 2
+    if "secagg=true" in overrides:  # SecAgg+ through the module-level apps: the sum is audited
+        with open(run / "audit.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [(r["round"], r["partition_id"]) for r in rows] == [("1", ""), ("2", "")]
+        assert all(r["threat"].startswith("SecAgg+ aggregate of 3 clients (b=") for r in rows)
 
 
 def test_every_knob_is_a_flwr_run_config_key() -> None:

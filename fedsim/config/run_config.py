@@ -246,7 +246,7 @@ class RunConfig:
     )
     clip_norm_lr: float = knob(0.2, "Adaptive clipping: its learning rate.", "defence", above=0)
     secagg: bool = knob(False, "Secure aggregation (SecAgg+): the server sees only the sum.", "defence")
-    secagg_shares: int = knob(3, "SecAgg+: secret shares per client.", "defence", at_least=2)
+    secagg_shares: int = knob(3, "SecAgg+: secret shares per client.", "defence", at_least=3)
     secagg_threshold: int = knob(2, "SecAgg+: shares needed to reconstruct a secret.", "defence", at_least=2)
     # audit
     audit: bool = knob(False, "Attack client updates each round.", "audit")

@@ -25,6 +25,7 @@ from flwr.clientapp.typing import Mod
 from fedsim.data.clients import ClientData, client_data
 from fedsim.federation import wire
 from fedsim.federation.central_dp_mod import central_dp_mod
+from fedsim.federation.secagg_client import route_secagg
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
 
@@ -136,5 +137,6 @@ def build_client_app(share_truth: bool, mods: Sequence[Mod] = ()) -> ClientApp:
     return client_app
 
 
-# `flwr run .` and deployed SuperNodes: samples leave a node only by its own node config.
-app = build_client_app(share_truth=False)
+# `flwr run .` and deployed SuperNodes: samples leave a node only by its own node config. SecAgg+
+# rounds (`-c secagg=true`) speak Flower's legacy API and are routed to its legacy app.
+app = build_client_app(share_truth=False, mods=[route_secagg])

@@ -9,6 +9,7 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
+from fedsim.federation.secagg_plan import check_secagg
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.strategy.central_dp import check_central_dp
 from fedsim.training.defences import check_client_defences
@@ -26,6 +27,7 @@ def validate_plan(config: RunConfig) -> None:
     partition(data.y_train, config.partition_spec())
     check_strategy(config)
     check_central_dp(config)
+    check_secagg(config)
     check_model_fits(config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]))
     check_client_defences(config, data.spec)
 

@@ -23,6 +23,7 @@ from fedsim.data.clients import dataset_for
 from fedsim.errors import RunFailedError
 from fedsim.federation import wire
 from fedsim.federation.planning import validate_plan
+from fedsim.federation.secagg_server import build_secagg_server_app, run_secagg_federation
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.auditing import AuditingStrategy, auditing_wrapper
@@ -181,6 +182,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
 
 def build_server_app(plan: FederationPlan) -> ServerApp:
     """A ServerApp bound to a validated plan (what `fedsim run` launches)."""
+    if plan.config.secagg:
+        return build_secagg_server_app(plan)
     server_app = ServerApp()
 
     @server_app.main()
@@ -205,4 +208,8 @@ def flwr_main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(values, source="run config")
     config = config.replace(name=f"{config.name}-{context.run_id}")
     validate_plan(config)
-    run_federation(grid, FederationPlan(config, RunStore.create(runs_dir, config, metric_names(config))))
+    plan = FederationPlan(config, RunStore.create(runs_dir, config, metric_names(config)))
+    if config.secagg:
+        run_secagg_federation(grid, context, plan)
+    else:
+        run_federation(grid, plan)

@@ -12,6 +12,7 @@ from flwr.simulation import run_simulation
 
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation.client_app import build_client_app
+from fedsim.federation.secagg_client import route_secagg
 from fedsim.federation.server_app import FederationPlan, build_server_app
 from fedsim.strategy.validation import DIVERGED
 
@@ -68,7 +69,8 @@ def simulate(
     try:
         run_simulation(
             server_app=build_server_app(plan),
-            client_app=client_app or build_client_app(share_truth=True),
+            client_app=client_app
+            or build_client_app(share_truth=True, mods=[route_secagg] if plan.config.secagg else []),
             num_supernodes=plan.config.num_clients,
             backend_config=backend_config(cpus, cpus_per_client, ray_address),
             verbose_logging=verbose,

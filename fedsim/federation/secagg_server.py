@@ -1,0 +1,213 @@
+"""The ServerApp of `--secagg` runs: Flower's SecAgg+ on its legacy API, in fedsim's run.
+
+Flower 1.42 offers SecAgg+ only as a legacy workflow (`SecAggPlusWorkflow` inside
+`DefaultWorkflow`, a `LegacyContext` and a legacy strategy), so this ServerApp drives that instead
+of a Message API strategy chain. The run is otherwise the same: the same partitions, model,
+seeded local training and sampling, the global model scored on the test split after every round,
+and the same run store (metrics.csv, checkpoints/round-NNNN.safetensors, audit.csv). A round is
+still committed by its checkpoint, written last, after federated evaluation; resume is exact
+(no strategy state, and the clients seed Flower's stochastic rounding).
+
+What differs, by construction of SecAgg+: the server receives no client's update, only the
+unmasked, quantised, example-weighted average (`fedsim.strategy.secagg_fedavg`); reply
+validation and auditing therefore work on the aggregate (`fedsim.strategy.aggregate_audit`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.default_workflows import default_evaluate_workflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.data.clients import dataset_for
+from fedsim.errors import RunFailedError, UserInputError
+from fedsim.federation import wire
+from fedsim.federation.secagg_client import NON_FINITE_UPDATE
+from fedsim.federation.secagg_plan import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, max_weight
+from fedsim.store.plots import plot_metrics
+from fedsim.store.run_store import PLOT_FILE, RunStore
+from fedsim.strategy.aggregate_audit import AggregateAuditor
+from fedsim.strategy.secagg_fedavg import ClientResult, SecAggFedAvg, failure_reason
+from fedsim.strategy.validation import DIVERGED
+from fedsim.training.local import evaluate, model_for
+from models import ZooModel
+
+if TYPE_CHECKING:  # server_app imports this module
+    from fedsim.federation.server_app import FederationPlan
+
+
+class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with fedsim's settings, which stops the run when a stage halts:
+    Flower only logs "Secure aggregation halted" and the round would go on with the old model."""
+
+    def __init__(self, shares: int, threshold: int, max_weight: float, round_offset: int = 0) -> None:
+        super().__init__(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            max_weight=max_weight,
+            clipping_range=CLIPPING_RANGE,
+            quantization_range=QUANTIZATION_RANGE,
+            modulus_range=MODULUS_RANGE,
+        )
+        self.round_offset = round_offset
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._checked("setup", super().setup_stage(grid, context, state), context, state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._checked("share-keys", super().share_keys_stage(grid, context, state), context, state)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        return self._checked("collect-masked-vectors", ok, context, state)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._checked("unmask", super().unmask_stage(grid, context, state), context, state)
+
+    def _checked(self, stage: str, ok: bool, context: LegacyContext, state: WorkflowState) -> bool:
+        if ok:
+            return True
+        current = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        reasons = [failure_reason(failure) for failure in state.failures]
+        cause = f"; first client error: {reasons[0]}" if reasons else ""
+        if any(NON_FINITE_UPDATE in reason for reason in reasons):
+            cause += f"; {DIVERGED}"
+        raise RunFailedError(
+            f"round {current + self.round_offset}: secure aggregation stopped at its {stage} stage "
+            f"({len(state.active_node_ids)} of {len(state.sampled_node_ids)} sampled clients still "
+            f"answering, reconstruction threshold {state.threshold}){cause}"
+        )
+
+
+def _eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """eval-<name> keys as the run store's eval_<name> columns."""
+    prefix = wire.EVAL_PREFIX
+    return {f"eval_{key[len(prefix) :]}": value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def client_rows(server_round: int, stage: str, clients: list[ClientResult]) -> list[dict[str, object]]:
+    """metrics.csv rows of the clients' clear-text metrics (SecAgg+ masks only parameters)."""
+    return [
+        {
+            "round": server_round,
+            "partition_id": client.partition_id,
+            "stage": stage,
+            "train_loss": client.metrics.get(wire.TRAIN_LOSS),
+            **_eval_columns(client.metrics),
+            "num_examples": client.num_examples,
+            "seconds": client.metrics.get(wire.SECONDS),
+        }
+        for client in clients
+    ]
+
+
+class RoundCommitter:
+    """Scores the global model on the test split, writes the round's server row, then its
+    checkpoint (last: the commit marker of the round)."""
+
+    def __init__(self, store: RunStore, model: ZooModel, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+        self.store = store
+        self.model = model
+        self.x_test, self.y_test = x_test, y_test
+        self.round_started = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        weights = {name: torch.from_numpy(np.array(array)) for name, array in arrays.items()}
+        self.model.load_state_dict(weights)
+        result = evaluate(self.model, self.x_test, self.y_test)
+        seconds = time.perf_counter() - self.round_started
+        self.round_started = time.perf_counter()
+        scores = wire.eval_metrics(result.loss, result.metrics)
+        row = {"round": server_round, "stage": "server", **_eval_columns(scores)}
+        self.store.append_rows([{**row, "num_examples": result.num_examples, "seconds": seconds}])
+        if not math.isfinite(result.loss):
+            raise RunFailedError(
+                f"round {server_round}: the global model's test loss is {result.loss}; {DIVERGED}"
+            )
+        self.store.save_checkpoint(server_round, weights, {})
+
+
+def _evaluate_then_commit(
+    strategy: SecAggFedAvg, commit: Callable[[int, Mapping[str, np.ndarray]], None]
+) -> Callable[[Grid, Context], None]:
+    """DefaultWorkflow's evaluate step: Flower's federated evaluation, then the round's commit."""
+
+    def workflow(grid: Grid, context: Context) -> None:
+        default_evaluate_workflow(grid, context)
+        current = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        commit(current + strategy.round_offset, strategy.global_arrays)
+
+    return workflow
+
+
+def _starting_weights(
+    store: RunStore, model: ZooModel, auditor: AggregateAuditor | None
+) -> dict[str, np.ndarray]:
+    """The initial model, or on resume the newest checkpoint, the interrupted round's rows dropped."""
+    done = store.last_complete_round()
+    if done is None:
+        return {name: tensor.numpy() for name, tensor in model.state_dict().items()}
+    weights, server_state = store.load_checkpoint(done)
+    if server_state:
+        raise UserInputError(
+            f"{store.checkpoint_path(done, 'strategy')} holds strategy state, which a --secagg run never "
+            "writes; delete it or start again"
+        )
+    store.roll_back_to(done)
+    if auditor is not None:
+        auditor.drop_rounds_after(done)
+    return {name: weights[name].numpy() for name in model.state_dict()}
+
+
+def run_secagg_federation(grid: Grid, context: Context, plan: FederationPlan) -> None:
+    """Run (or continue) a `--secagg` federation up to `plan.last_round()`, committing every round."""
+    config, store = plan.config, plan.store
+    data = dataset_for(config)
+    model = model_for(config, data)
+    done = store.last_complete_round()
+    auditor = AggregateAuditor(config, store.path) if config.audit else None
+    initial = _starting_weights(store, model, auditor)
+    commit = RoundCommitter(store, model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    strategy = SecAggFedAvg(
+        config,
+        grid,
+        initial,
+        round_offset=done or 0,
+        on_results=[lambda rnd, stage, clients: store.append_rows(client_rows(rnd, stage, clients))],
+        on_aggregate=[auditor] if auditor is not None else [],
+    )
+    if done is None:
+        commit(0, initial)
+    remaining = plan.last_round() - (done or 0)
+    if remaining > 0:
+        workflow = DefaultWorkflow(
+            fit_workflow=CheckedSecAggPlusWorkflow(
+                config.secagg_shares, config.secagg_threshold, float(max_weight(config)), done or 0
+            ),
+            evaluate_workflow=_evaluate_then_commit(strategy, commit),
+        )
+        workflow(grid, LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy))
+    plot_metrics(store.metrics_path, store.path / PLOT_FILE)
+
+
+def build_secagg_server_app(plan: FederationPlan) -> ServerApp:
+    """A ServerApp bound to a validated `--secagg` plan (what `fedsim run --secagg` launches)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_secagg_federation(grid, context, plan)
+
+    return server_app
