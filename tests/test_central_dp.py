@@ -23,10 +23,11 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from opacus.accountants import RDPAccountant
 
 from fedsim.config.run_config import RunConfig
+from fedsim.errors import UserInputError
 from fedsim.federation import wire
 from fedsim.strategy.auditing import AuditingStrategy
 from fedsim.strategy.central_dp import CentralPrivacy
-from fedsim.strategy.chain import StrategyChain, build_chain, state_shapes_after_a_round
+from fedsim.strategy.chain import StrategyChain, build_chain, checkpoint_state_shapes
 from fedsim.strategy.ordering import ReproducibleStrategy
 from fedsim.strategy.privacy_ledger import PRIVACY_FILE, PrivacyLedger
 from fedsim.strategy.validation import ValidatingStrategy
@@ -160,7 +161,7 @@ def test_a_resumed_chain_reports_the_same_epsilon_and_weights(tmp_path: Path) ->
     straight = build_chain(config, model_dtypes=DTYPES, output_dir=tmp_path / "a")
     after_one = play_round(straight, 1, GLOBAL, seed=1, spends=spends)
     state = straight.state_dict()
-    expected_keys = state_shapes_after_a_round(config, {k: v.shape for k, v in GLOBAL.items()})
+    expected_keys = checkpoint_state_shapes(config, {k: v.shape for k, v in GLOBAL.items()}, 1)
     assert set(state) == set(expected_keys) == {
         "central-dp/clipping-norm", "central-dp/accountant", "privacy-ledger/history",
     }  # fmt: skip
@@ -223,3 +224,20 @@ def test_audit_rows_name_central_dp_and_where_it_acts(tmp_path: Path) -> None:
         config = CENTRAL.replace(central_dp=where, audit=True)
         chain = build_chain(config, audit=auditing_wrapper(config, tmp_path), output_dir=tmp_path)
         assert chain.find(AuditingStrategy).server_defences == label
+
+
+def test_a_run_killed_in_round_1_resumes_from_its_round_0_ledger_and_accountant(tmp_path: Path) -> None:
+    """Round 0's checkpoint already holds central DP's and the ledger's (empty) state; a run killed
+    before round 1 completed must resume from it, and a later round's file must hold it too."""
+    from fedsim.store.resume_check import open_for_resume
+    from fedsim.store.run_store import RunStore
+    from fedsim.training.local import model_for
+
+    config = CENTRAL.replace(name="killed", defence="dp-sgd")
+    store = RunStore.create(tmp_path, config, ("accuracy",))
+    chain = build_chain(config, model_dtypes=DTYPES, output_dir=store.path)
+    store.save_checkpoint(0, model_for(config).state_dict(), chain.state_dict())
+    assert open_for_resume(store.path).last_complete_round() == 0
+    store.save_checkpoint(1, model_for(config).state_dict(), {})  # a round-1 file without the state
+    with pytest.raises(UserInputError, match="does not hold the fedavg strategy's state"):
+        open_for_resume(store.path)
