@@ -53,6 +53,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/sim_overhead.py
 	$(PY) benchmarks/inversion.py
+	$(PY) benchmarks/defences.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -261,3 +261,20 @@ def test_fedsim_warnings_reach_the_user_without_verbose(
         handle.write("ne\n")
     api._forward_log(log, offset, everything=True)
     assert capsys.readouterr().err == "half a line\n"
+
+
+def test_a_run_result_carries_its_privacy_ledger(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path, RunConfig(name="private", defence="dp-sgd"), ("accuracy",))
+    assert api.RunResult.load(store.path).privacy is None
+    from fedsim.federation import wire
+    from fedsim.strategy.privacy_ledger import PrivacyBook
+    from fedsim.training.transforms import PrivacySpend
+
+    book = PrivacyBook(store.path, 1e-5)
+    spend = PrivacySpend("dp-sgd", 0.4, 1e-5, 1.1, 1.0, 0.05, 20, "poisson")
+    book.append(book.client_rows(1, 3, wire.encode_privacy(("dp-sgd(z=1.1,C=1)",), (spend,))))
+    ledger = api.RunResult.load(store.path).privacy
+    assert list(ledger[["round", "partition_id", "mechanism"]].itertuples(index=False, name=None)) == [
+        (1, 3, "dp-sgd")
+    ]
+    assert ledger["epsilon"].iloc[0] == pytest.approx(book.client_epsilon(3))

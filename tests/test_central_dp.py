@@ -21,14 +21,13 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from opacus.accountants import RDPAccountant
-from typer.testing import CliRunner
 
-from fedsim.cli import cli
 from fedsim.config.run_config import RunConfig
+from fedsim.errors import UserInputError
 from fedsim.federation import wire
 from fedsim.strategy.auditing import AuditingStrategy
 from fedsim.strategy.central_dp import CentralPrivacy
-from fedsim.strategy.chain import StrategyChain, build_chain, state_shapes_after_a_round
+from fedsim.strategy.chain import StrategyChain, build_chain, checkpoint_state_shapes
 from fedsim.strategy.ordering import ReproducibleStrategy
 from fedsim.strategy.privacy_ledger import PRIVACY_FILE, PrivacyLedger
 from fedsim.strategy.validation import ValidatingStrategy
@@ -162,7 +161,7 @@ def test_a_resumed_chain_reports_the_same_epsilon_and_weights(tmp_path: Path) ->
     straight = build_chain(config, model_dtypes=DTYPES, output_dir=tmp_path / "a")
     after_one = play_round(straight, 1, GLOBAL, seed=1, spends=spends)
     state = straight.state_dict()
-    expected_keys = state_shapes_after_a_round(config, {k: v.shape for k, v in GLOBAL.items()})
+    expected_keys = checkpoint_state_shapes(config, {k: v.shape for k, v in GLOBAL.items()}, 1)
     assert set(state) == set(expected_keys) == {
         "central-dp/clipping-norm", "central-dp/accountant", "privacy-ledger/history",
     }  # fmt: skip
@@ -227,28 +226,18 @@ def test_audit_rows_name_central_dp_and_where_it_acts(tmp_path: Path) -> None:
         assert chain.find(AuditingStrategy).server_defences == label
 
 
-BAD = [
-    (["--central-dp", "server", "--strategy", "krum"], "central DP needs plain FedAvg aggregation"),
-    (["--central-dp", "client", "--strategy", "fedadam"], "not fedadam; pass --strategy fedavg"),
-    (["--central-dp", "server", "--noise-multiplier", "0"], "central DP with --noise-multiplier 0"),
-    (
-        ["--central-dp", "server", "--adaptive-clipping", "--clients", "5", "--noise-multiplier", "1"],
-        "adaptive clipping with 5 clients per round cannot reach noise multiplier 1",
-    ),
-    (["--central-dp", "everywhere"], "unknown central-dp 'everywhere'; choose one of: off, server, client"),
-    (["--target-delta", "1"], "target-delta must be in (0, 1) (got 1.0)"),
-    (["--target-delta", "0"], "target-delta must be in (0, 1) (got 0.0)"),
-    (["--target-epsilon", "-1"], "target-epsilon must be at least 0 (got -1.0)"),
-    (["--clipping-norm", "0"], "clipping-norm must be > 0 (got 0.0)"),
-    (["--noise-multiplier", "-1"], "noise-multiplier must be at least 0 (got -1.0)"),
-    (["--keep", "0"], "keep must be in (0, 1] (got 0.0)"),
-]
+def test_a_run_killed_in_round_1_resumes_from_its_round_0_ledger_and_accountant(tmp_path: Path) -> None:
+    """Round 0's checkpoint already holds central DP's and the ledger's (empty) state; a run killed
+    before round 1 completed must resume from it, and a later round's file must hold it too."""
+    from fedsim.store.resume_check import open_for_resume
+    from fedsim.store.run_store import RunStore
+    from fedsim.training.local import model_for
 
-
-@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_defence_settings_are_one_line_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["run", "--runs-dir", str(tmp_path / "runs"), *args])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    config = CENTRAL.replace(name="killed", defence="dp-sgd")
+    store = RunStore.create(tmp_path, config, ("accuracy",))
+    chain = build_chain(config, model_dtypes=DTYPES, output_dir=store.path)
+    store.save_checkpoint(0, model_for(config).state_dict(), chain.state_dict())
+    assert open_for_resume(store.path).last_complete_round() == 0
+    store.save_checkpoint(1, model_for(config).state_dict(), {})  # a round-1 file without the state
+    with pytest.raises(UserInputError, match="does not hold the fedavg strategy's state"):
+        open_for_resume(store.path)

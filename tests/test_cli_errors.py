@@ -64,6 +64,21 @@ CASES = [
     (["--audit-attacks", "layerwise\tdlg"], "audit-attacks 'layerwise\\tdlg' contains the control character"),
     (["--name", ""], "name is empty; pass a non-empty value"),
     (["--name", "../up"], "run name '../up' is not a plain folder name"),
+    # defences: Flower's constraints on central DP, and the privacy knobs' ranges
+    (["--central-dp", "server", "--strategy", "krum"], "central DP needs plain FedAvg aggregation"),
+    (["--central-dp", "client", "--strategy", "fedadam"], "not fedadam; pass --strategy fedavg"),
+    (["--central-dp", "server", "--noise-multiplier", "0"], "central DP with --noise-multiplier 0"),
+    (
+        ["--central-dp", "server", "--adaptive-clipping", "--clients", "5", "--noise-multiplier", "1"],
+        "adaptive clipping with 5 clients per round cannot reach noise multiplier 1",
+    ),
+    (["--central-dp", "everywhere"], "unknown central-dp 'everywhere'; choose one of: off, server, client"),
+    (["--target-delta", "1"], "target-delta must be in (0, 1) (got 1.0)"),
+    (["--target-delta", "0"], "target-delta must be in (0, 1) (got 0.0)"),
+    (["--target-epsilon", "-1"], "target-epsilon must be at least 0 (got -1.0)"),
+    (["--clipping-norm", "0"], "clipping-norm must be > 0 (got 0.0)"),
+    (["--noise-multiplier", "-1"], "noise-multiplier must be at least 0 (got -1.0)"),
+    (["--keep", "0"], "keep must be in (0, 1] (got 0.0)"),
 ]
 
 

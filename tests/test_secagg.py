@@ -8,6 +8,7 @@ federations (each in its own process) and check the aggregate against plain FedA
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from flwr.server import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -180,7 +182,8 @@ def test_aggregate_auditor_attacks_the_sum_as_one_batch_and_says_why(tmp_path: P
     config = RunConfig(secagg=True, num_clients=3, audit=True, learning_rate=0.1)
     before = {k: v.numpy() for k, v in model_for(config).state_dict().items()}
     after = {k: v - 0.01 for k, v in before.items()}
-    clients = [ClientResult(p, 100 + p, {wire.LOCAL_STEPS: 4, wire.DEFENCES: "topk(0.1)"}) for p in range(3)]
+    metrics = {wire.LOCAL_STEPS: 4, **wire.privacy_metrics(("topk(0.1)",), ())}
+    clients = [ClientResult(p, 100 + p, metrics) for p in range(3)]
     AggregateAuditor(config, tmp_path)(AggregateRound(7, before, after, clients))
     (row,) = _audit_rows(tmp_path)
     assert row["round"] == "7" and row["partition_id"] == "" and row["batch_size"] == "303"
@@ -358,3 +361,29 @@ def test_secagg_recovers_a_client_that_drops_out_and_sums_the_others(tmp_path: P
     assert trained == {(str(rnd), str(pid)) for rnd in (1, 2) for pid in (0, 2, 3)}
     error, bound = _fedavg_error(run, 1)
     assert 0 < error <= bound, (error, bound)
+
+
+@pytest.mark.slow
+def test_dp_sgd_under_secagg_keeps_its_ledger_across_a_resume(tmp_path: Path) -> None:
+    """Clients report their DP-SGD spend in clear beside the masked update; the server's ledger
+    composes it (Opacus RDP) and checkpoints its history, so the resumed round 2 is cumulative."""
+    args = ["--name", "private", "--dataset", "digits", "--model", "mlp", "--clients", "3", "--rounds", "2",
+            "--local-epochs", "1", "--batch-size", "32", "--secagg", "--defence", "dp-sgd"]  # fmt: skip
+    _run([*args, "--stop-after", "1"], tmp_path)
+    run = tmp_path / "runs" / "private"
+    _run(["--resume", str(run)], tmp_path)
+    with open(run / "privacy.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["round"], r["partition_id"]) for r in rows] == [
+        (str(n), str(p)) for n in (1, 2) for p in range(3)
+    ]
+    config = RunConfig.from_file(run / "config.json")
+    for row in rows:
+        batches = math.ceil(len(client_data(config, int(row["partition_id"])).y_train) / 32)
+        accountant = RDPAccountant()
+        accountant.history = [(1.0, 1 / batches, batches)] * int(row["round"])
+        assert float(row["epsilon"]) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    server = [r for r in read_metrics(run) if r["stage"] == "server"]
+    assert float(server[-1]["epsilon_client_max"]) == max(
+        float(r["epsilon"]) for r in rows if r["round"] == "2"
+    )

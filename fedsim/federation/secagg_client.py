@@ -101,7 +101,7 @@ class SecAggClient(NumPyClient):
             wire.LOCAL_STEPS: result.steps,
             wire.SECONDS: result.seconds,
             wire.PARTITION_ID: self.partition_id,
-            wire.DEFENCES: " ".join(result.defences),
+            **wire.privacy_metrics(result.defences, result.privacy),
         }
         return list(update.values()), result.num_examples, metrics
 

@@ -39,6 +39,8 @@ from fedsim.federation.secagg_plan import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZ
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.aggregate_audit import AggregateAuditor
+from fedsim.strategy.chain import keeps_privacy_ledger
+from fedsim.strategy.privacy_ledger import PrivacyBook, PrivacyLedger
 from fedsim.strategy.secagg_fedavg import ClientResult, SecAggFedAvg, failure_reason
 from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, model_for
@@ -113,11 +115,31 @@ def client_rows(server_round: int, stage: str, clients: list[ClientResult]) -> l
     ]
 
 
+def ledger_rows(book: PrivacyBook, server_round: int, clients: list[ClientResult]) -> list[dict[str, object]]:
+    """privacy.csv rows of the spends the clients reported in clear beside their masked updates."""
+    return [
+        row
+        for client in clients
+        if client.partition_id is not None
+        for row in book.client_rows(
+            server_round, client.partition_id, wire.privacy_from_metrics(client.metrics)
+        )
+    ]
+
+
 class RoundCommitter:
     """Scores the global model on the test split, writes the round's server row, then its
-    checkpoint (last: the commit marker of the round)."""
+    checkpoint (last: the commit marker of the round) with the privacy ledger's state."""
 
-    def __init__(self, store: RunStore, model: ZooModel, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        model: ZooModel,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        book: PrivacyBook | None = None,
+    ) -> None:
+        self.book = book
         self.store = store
         self.model = model
         self.x_test, self.y_test = x_test, y_test
@@ -131,12 +153,15 @@ class RoundCommitter:
         self.round_started = time.perf_counter()
         scores = wire.eval_metrics(result.loss, result.metrics)
         row = {"round": server_round, "stage": "server", **_eval_columns(scores)}
-        self.store.append_rows([{**row, "num_examples": result.num_examples, "seconds": seconds}])
+        epsilon = self.book.max_client_epsilon() if self.book is not None else None
+        self.store.append_rows(
+            [{**row, "num_examples": result.num_examples, "seconds": seconds, "epsilon_client_max": epsilon}]
+        )
         if not math.isfinite(result.loss):
             raise RunFailedError(
                 f"round {server_round}: the global model's test loss is {result.loss}; {DIVERGED}"
             )
-        self.store.save_checkpoint(server_round, weights, {})
+        self.store.save_checkpoint(server_round, weights, ledger_state(self.book))
 
 
 def _evaluate_then_commit(
@@ -152,22 +177,35 @@ def _evaluate_then_commit(
     return workflow
 
 
+def ledger_state(book: PrivacyBook | None) -> dict[str, np.ndarray]:
+    """The checkpoint's strategy state of a --secagg run: the privacy ledger's, under the key the
+    Message-API chain uses (so one resume check covers both), or nothing."""
+    if book is None:
+        return {}
+    return {f"{PrivacyLedger.state_prefix}/{key}": value for key, value in book.state_dict().items()}
+
+
 def _starting_weights(
-    store: RunStore, model: ZooModel, auditor: AggregateAuditor | None
+    store: RunStore, model: ZooModel, auditor: AggregateAuditor | None, book: PrivacyBook | None
 ) -> dict[str, np.ndarray]:
-    """The initial model, or on resume the newest checkpoint, the interrupted round's rows dropped."""
+    """The initial model, or on resume the newest checkpoint (and the ledger's state), the
+    interrupted round's rows dropped."""
     done = store.last_complete_round()
     if done is None:
         return {name: tensor.numpy() for name, tensor in model.state_dict().items()}
     weights, server_state = store.load_checkpoint(done)
-    if server_state:
+    if set(server_state) != set(ledger_state(book)):
         raise UserInputError(
-            f"{store.checkpoint_path(done, 'strategy')} holds strategy state, which a --secagg run never "
-            "writes; delete it or start again"
+            f"{store.checkpoint_path(done, 'strategy')} does not hold this --secagg run's state "
+            f"({sorted(ledger_state(book)) or 'none'}); delete the run and start again"
         )
+    prefix = f"{PrivacyLedger.state_prefix}/"
+    if book is not None:
+        book.load_state_dict({key.removeprefix(prefix): value for key, value in server_state.items()})
     store.roll_back_to(done)
-    if auditor is not None:
-        auditor.drop_rounds_after(done)
+    for logger in (auditor, book):
+        if logger is not None:
+            logger.drop_rounds_after(done)
     return {name: weights[name].numpy() for name in model.state_dict()}
 
 
@@ -178,14 +216,23 @@ def run_secagg_federation(grid: Grid, context: Context, plan: FederationPlan) ->
     model = model_for(config, data)
     done = store.last_complete_round()
     auditor = AggregateAuditor(config, store.path) if config.audit else None
-    initial = _starting_weights(store, model, auditor)
-    commit = RoundCommitter(store, model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    book = PrivacyBook(store.path, config.target_delta) if keeps_privacy_ledger(config) else None
+    initial = _starting_weights(store, model, auditor, book)
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    commit = RoundCommitter(store, model, x_test, y_test, book)
+    observers = [lambda rnd, stage, clients: store.append_rows(client_rows(rnd, stage, clients))]
+    if book is not None:
+        observers.append(
+            lambda rnd, stage, clients: book.append(
+                ledger_rows(book, rnd, clients) if stage == "train" else []
+            )
+        )
     strategy = SecAggFedAvg(
         config,
         grid,
         initial,
         round_offset=done or 0,
-        on_results=[lambda rnd, stage, clients: store.append_rows(client_rows(rnd, stage, clients))],
+        on_results=observers,
         on_aggregate=[auditor] if auditor is not None else [],
     )
     if done is None:

@@ -151,3 +151,15 @@ def decode_privacy(record: Mapping[str, Any]) -> tuple[str, list[PrivacySpend]]:
                 values[spec.name] = record[f"{mechanism}.{spec.name}"]
         spends.append(PrivacySpend(**values))
     return str(record.get(DEFENCES, "")), spends
+
+
+def privacy_metrics(defences: tuple[str, ...], spends: tuple[PrivacySpend, ...]) -> dict[str, Any]:
+    """The privacy record as clear-text metrics, `privacy.<key>`: a SecAgg+ reply is a legacy
+    FitRes, whose only side channel next to the masked update is its metrics."""
+    return {f"{PRIVACY}.{key}": value for key, value in encode_privacy(defences, spends).items()}
+
+
+def privacy_from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `privacy_metrics` (empty when the client reported none)."""
+    prefix = f"{PRIVACY}."
+    return {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}

@@ -47,7 +47,7 @@ from fedsim.store.run_store import (
     RunStore,
     state_fit_problems,
 )
-from fedsim.strategy.chain import state_shapes_after_a_round
+from fedsim.strategy.chain import checkpoint_state_shapes
 from fedsim.strategy.privacy_ledger import PRIVACY_COLUMNS, PRIVACY_FILE
 from fedsim.training.local import model_for
 
@@ -160,10 +160,8 @@ def _check_strategy_state(
     """The strategy chain's state (e.g. FedAdam's moments): present when the chain keeps any,
     with exactly its keys and shapes, finite. A missing file would resume with fresh moments
     and drift from a straight run; wrong shapes would crash a round later."""
-    expected = state_shapes_after_a_round(config, {n: tuple(t.shape) for n, t in model_state.items()})
+    expected = checkpoint_state_shapes(config, {n: tuple(t.shape) for n, t in model_state.items()}, newest)
     state = _read_safetensors(file, load_numpy, fix) if file.exists() else {}
-    if newest == 0 or not expected:
-        expected = {}
     found = {key: tuple(array.shape) for key, array in state.items()}
     # A None shape grows with the rounds (a ledger, an accountant's JSON): only its key is checked.
     mismatched = [k for k in found if k in expected and expected[k] is not None and found[k] != expected[k]]

@@ -83,7 +83,10 @@ class AggregateAuditor:
         after = {n: torch.from_numpy(np.array(aggregate.after[n])) for n in names}
         batch = max(aggregate.total_examples, 1)
         steps = _mean_steps(aggregate)
-        reported = (str(c.metrics.get(wire.DEFENCES, "")).split() for c in aggregate.clients)
+        reported = (
+            str(wire.privacy_from_metrics(c.metrics).get(wire.DEFENCES, "")).split()
+            for c in aggregate.clients
+        )
         defences = list(dict.fromkeys(label for labels in reported for label in labels))
         threat = aggregate_threat(len(aggregate.clients), batch, steps)
         context = AuditContext(

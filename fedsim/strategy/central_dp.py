@@ -16,7 +16,8 @@ Accounting (fixed clipping only): `RdpAccountant` over client-level neighbouring
 or remove one client), without amplification by sampling, as Flower's fixed-clipping wrappers
 require; adaptive clipping has no accountant in Flower, and rows say so. Flower also requires the
 plain FedAvg aggregation (FedAvg or FedProx here) and that every sampled client replies: a round
-with a rejected or failed client is skipped, costing no budget (`skipped_rounds`).
+with a failed client (or, with the accountant, a rejected one) is skipped, costing no budget
+(`skipped_rounds`).
 """
 
 from __future__ import annotations
@@ -158,13 +159,16 @@ class CentralPrivacy(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [_with_weight(reply) for reply in replies]
-        usable = sum(not reply.has_error() for reply in replies)
-        if usable != self.sampled:
+        failed = sum(reply.has_error() for reply in replies)
+        usable = len(replies) - failed
+        # Flower's wrappers skip a round with any failed client, and with the accountant also one
+        # with fewer usable updates than sampled (validation may have rejected some).
+        if failed or (self.accountant is not None and usable != self.sampled):
             self.skipped_rounds.append(server_round)
             log.warning(
-                "round %d: central DP skips the round (%d of %d sampled clients usable; Flower's DP "
-                "wrappers need every one); the global model stays, no budget is spent",
-                server_round, usable, self.sampled,
+                "round %d: central DP skips the round (%d of %d sampled clients usable, %d failed; Flower's "
+                "DP wrappers need every one); the global model stays, no budget is spent",
+                server_round, usable, self.sampled, failed,
             )  # fmt: skip
         clipping_norm = float(self.dp.clipping_norm)  # before an adaptive update
         np.random.seed(_noise_seed(self.config.seed, server_round))  # Flower draws from np.random

@@ -101,17 +101,19 @@ def keeps_privacy_ledger(config: RunConfig) -> bool:
     return "dp-sgd" in config.transformation_names() or config.central_dp != central_dp.OFF
 
 
-def state_shapes_after_a_round(
-    config: RunConfig, array_shapes: Mapping[str, tuple[int, ...]]
+def checkpoint_state_shapes(
+    config: RunConfig, array_shapes: Mapping[str, tuple[int, ...]], server_round: int
 ) -> dict[str, tuple[int, ...] | None]:
-    """What a checkpoint of this config's chain holds after round 1, key by key, so resume can
-    check a strategy file before anything runs: the aggregator's moments, central DP's state and
-    the privacy ledger's (None: an array whose length grows with the rounds)."""
-    moments = AggregatorState(build_strategy(config)).state_shapes(array_shapes)
-    shapes: dict[str, tuple[int, ...] | None] = {f"{AGGREGATOR}/{k}": v for k, v in moments.items()}
-    shapes |= central_dp.state_shapes(config)
+    """What the checkpoint of this config's chain holds after `server_round`, key by key, so
+    resume can check a strategy file before anything runs: central DP's state and the privacy
+    ledger's from round 0 on (None: an array whose length grows with the rounds), the
+    aggregator's moments once it has aggregated (round 1 on)."""
+    shapes: dict[str, tuple[int, ...] | None] = dict(central_dp.state_shapes(config))
     if keeps_privacy_ledger(config):
         shapes |= privacy_ledger.state_shapes()
+    if server_round >= 1:
+        moments = AggregatorState(build_strategy(config)).state_shapes(array_shapes)
+        shapes |= {f"{AGGREGATOR}/{k}": v for k, v in moments.items()}
     return shapes
 
 

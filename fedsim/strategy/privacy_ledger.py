@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -57,43 +58,26 @@ PRIVACY_COLUMNS = (
 HISTORY_FIELDS = 5
 
 
-class PrivacyLedger(StrategyWrapper):
-    """Logs client spends and central DP's, keeps each client's DP-SGD history for composition."""
+class PrivacyBook:
+    """The ledger itself, apart from any strategy: `privacy.csv` and each client's DP-SGD
+    history. The Message-API chain keeps it in `PrivacyLedger`; a `--secagg` run, whose clients
+    report their spend in clear beside the masked update, keeps it directly."""
 
-    state_prefix = "privacy-ledger"
+    STATE_KEY = "history"
 
-    def __init__(
-        self, inner: Strategy, output_dir: Path, delta: float, central: CentralPrivacy | None = None
-    ) -> None:
-        super().__init__(inner)
+    def __init__(self, output_dir: Path, delta: float) -> None:
         self.log = CsvLog(output_dir / PRIVACY_FILE, PRIVACY_COLUMNS)
         self.delta = delta
-        self.central = central
         self.history: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
         self._events: list[tuple[int, int, float, float, int]] = []
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        rows = [
-            row
-            for reply in replies
-            if not reply.has_error()
-            for row in self._client_rows(server_round, reply)
-        ]
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if self.central is not None and self.central.last_spend is not None and arrays is not None:
-            rows.append(self._central_row(server_round))
-        self.log.append(rows)
-        return arrays, metrics
-
-    def _client_rows(self, server_round: int, reply: Message) -> list[dict[str, object]]:
-        if wire.PRIVACY not in reply.content.config_records:
-            return []
-        partition = partition_of(reply)
+    def client_rows(
+        self, server_round: int, partition: int, record: Mapping[str, Any]
+    ) -> list[dict[str, object]]:
+        """Rows for the spends in one client's privacy record (`wire.encode_privacy`); a record
+        that cannot be read is logged as a warning and left out."""
         try:
-            _, spends = wire.decode_privacy(reply.content.config_records[wire.PRIVACY])
+            _, spends = wire.decode_privacy(record)
             return [self._record(server_round, partition, spend) for spend in spends]
         except (KeyError, TypeError, ValueError) as err:
             log.warning(
@@ -119,20 +103,8 @@ class PrivacyLedger(StrategyWrapper):
             "sampling": spend.sampling,
         }
 
-    def _central_row(self, server_round: int) -> dict[str, object]:
-        spend = self.central.last_spend
-        return {
-            "round": server_round,
-            "partition_id": None,
-            "mechanism": f"central-dp({self.central.config.central_dp})",
-            "epsilon": spend.epsilon,
-            "delta": spend.delta,
-            "noise_multiplier": spend.noise_multiplier,
-            "clip_norm": spend.clipping_norm,
-            "sample_rate": spend.sample_rate,
-            "steps": spend.releases,
-            "sampling": "adaptive" if spend.epsilon is None else "no-amplification",
-        }
+    def append(self, rows: Iterable[Mapping[str, object]]) -> None:
+        self.log.append(rows)
 
     def client_epsilon(self, partition: int) -> float:
         """The client's cumulative DP-SGD ε at the run's δ (Opacus RDP over its rounds)."""
@@ -149,23 +121,79 @@ class PrivacyLedger(StrategyWrapper):
         self.log.drop_rows_after(last_round)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"history": np.array(self._events, dtype=np.float64).reshape(-1, HISTORY_FIELDS)}
+        return {self.STATE_KEY: np.array(self._events, dtype=np.float64).reshape(-1, HISTORY_FIELDS)}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if (
-            set(state) != {"history"}
-            or state["history"].ndim != 2
-            or state["history"].shape[1] != HISTORY_FIELDS
-        ):
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        history = state.get(self.STATE_KEY)
+        if set(state) != {self.STATE_KEY} or history.ndim != 2 or history.shape[1] != HISTORY_FIELDS:
             raise ValueError(f"privacy ledger state must be one (n, {HISTORY_FIELDS}) history array")
         self.history.clear()
         self._events = []
-        for server_round, partition, z, q, steps in state["history"].tolist():
+        for server_round, partition, z, q, steps in history.tolist():
             event = (float(z), float(q), int(steps))
             self.history[int(partition)].append(event)
             self._events.append((int(server_round), int(partition), *event))
 
 
+class PrivacyLedger(StrategyWrapper):
+    """The book in the strategy chain: client spends from each accepted reply's privacy record,
+    central DP's after each aggregation."""
+
+    state_prefix = "privacy-ledger"
+
+    def __init__(
+        self, inner: Strategy, output_dir: Path, delta: float, central: CentralPrivacy | None = None
+    ) -> None:
+        super().__init__(inner)
+        self.book = PrivacyBook(output_dir, delta)
+        self.central = central
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rows = [
+            row
+            for reply in replies
+            if not reply.has_error() and wire.PRIVACY in reply.content.config_records
+            for row in self.book.client_rows(
+                server_round, partition_of(reply), reply.content.config_records[wire.PRIVACY]
+            )
+        ]
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if self.central is not None and self.central.last_spend is not None and arrays is not None:
+            rows.append(self._central_row(server_round))
+        self.book.append(rows)
+        return arrays, metrics
+
+    def _central_row(self, server_round: int) -> dict[str, object]:
+        spend = self.central.last_spend
+        return {
+            "round": server_round,
+            "partition_id": None,
+            "mechanism": f"central-dp({self.central.config.central_dp})",
+            "epsilon": spend.epsilon,
+            "delta": spend.delta,
+            "noise_multiplier": spend.noise_multiplier,
+            "clip_norm": spend.clipping_norm,
+            "sample_rate": spend.sample_rate,
+            "steps": spend.releases,
+            "sampling": "adaptive" if spend.epsilon is None else "no-amplification",
+        }
+
+    def max_client_epsilon(self) -> float | None:
+        return self.book.max_client_epsilon()
+
+    def drop_rounds_after(self, last_round: int) -> None:
+        self.book.drop_rounds_after(last_round)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.book.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.book.load_state_dict(state)
+
+
 def state_shapes() -> dict[str, tuple[int, ...] | None]:
     """The ledger's checkpoint keys; the history's length varies (None)."""
-    return {f"{PrivacyLedger.state_prefix}/history": None}
+    return {f"{PrivacyLedger.state_prefix}/{PrivacyBook.STATE_KEY}": None}
