@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -93,12 +93,6 @@ class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):
         )
 
 
-def _eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """eval-<name> keys as the run store's eval_<name> columns."""
-    prefix = wire.EVAL_PREFIX
-    return {f"eval_{key[len(prefix) :]}": value for key, value in metrics.items() if key.startswith(prefix)}
-
-
 def client_rows(server_round: int, stage: str, clients: list[ClientResult]) -> list[dict[str, object]]:
     """metrics.csv rows of the clients' clear-text metrics (SecAgg+ masks only parameters)."""
     return [
@@ -107,7 +101,7 @@ def client_rows(server_round: int, stage: str, clients: list[ClientResult]) -> l
             "partition_id": client.partition_id,
             "stage": stage,
             "train_loss": client.metrics.get(wire.TRAIN_LOSS),
-            **_eval_columns(client.metrics),
+            **wire.eval_columns(client.metrics),
             "num_examples": client.num_examples,
             "seconds": client.metrics.get(wire.SECONDS),
         }
@@ -152,7 +146,7 @@ class RoundCommitter:
         seconds = time.perf_counter() - self.round_started
         self.round_started = time.perf_counter()
         scores = wire.eval_metrics(result.loss, result.metrics)
-        row = {"round": server_round, "stage": "server", **_eval_columns(scores)}
+        row = {"round": server_round, "stage": "server", **wire.eval_columns(scores)}
         epsilon = self.book.max_client_epsilon() if self.book is not None else None
         self.store.append_rows(
             [{**row, "num_examples": result.num_examples, "seconds": seconds, "epsilon_client_max": epsilon}]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
@@ -61,18 +59,12 @@ def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[
                 "partition_id": partition_of(reply),
                 "stage": stage,
                 "train_loss": metrics.get(wire.TRAIN_LOSS),
-                **_eval_columns(metrics),
+                **wire.eval_columns(metrics),
                 "num_examples": _count(metrics.get(wire.NUM_EXAMPLES)),
                 "seconds": metrics.get(wire.SECONDS),
             }
         )
     return rows
-
-
-def _eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """eval-<name> reply keys as the run store's eval_<name> columns (loss and model metrics)."""
-    prefix = wire.EVAL_PREFIX
-    return {f"eval_{key[len(prefix) :]}": value for key, value in metrics.items() if key.startswith(prefix)}
 
 
 def _count(value: object) -> int | None:
@@ -152,7 +144,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
                 {
                     "round": absolute,
                     "stage": "server",
-                    **_eval_columns(scores),
+                    **wire.eval_columns(scores),
                     "num_examples": result.num_examples,
                     "seconds": seconds,
                     **_privacy_budget(chain),

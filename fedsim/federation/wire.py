@@ -110,6 +110,15 @@ def eval_metrics(loss: float, metrics: Mapping[str, float]) -> dict[str, float]:
     return {EVAL_LOSS: loss, **{f"{EVAL_PREFIX}{name}": value for name, value in metrics.items()}}
 
 
+def eval_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """eval-<name> reply keys as the run store's eval_<name> columns (loss and model metrics)."""
+    return {
+        f"eval_{key[len(EVAL_PREFIX) :]}": value
+        for key, value in metrics.items()
+        if key.startswith(EVAL_PREFIX)
+    }
+
+
 def encode_extra(payload: Mapping[str, float | int | np.ndarray]) -> ConfigRecord:
     """Scalars as they are, arrays as .npy bytes (dtype and shape inside, no pickle)."""
     record: dict[str, Any] = {}

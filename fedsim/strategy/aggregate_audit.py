@@ -25,7 +25,7 @@ from fedsim.config.run_config import RunConfig
 from fedsim.federation import wire
 from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
-from fedsim.strategy.auditing import GRID_FOLDER
+from fedsim.strategy.auditing import GRID_FOLDER, drop_grids_after
 from fedsim.strategy.secagg_fedavg import AggregateRound
 from fedsim.training.local import model_for
 
@@ -70,10 +70,7 @@ class AggregateAuditor:
     def drop_rounds_after(self, last_round: int) -> None:
         """On resume: forget the rows and grids of rounds after the last complete one."""
         self.log.drop_rows_after(last_round)
-        for grid in self.grid_dir.glob("round-*.png"):
-            number = grid.stem.removeprefix("round-")
-            if number.isdigit() and int(number) > last_round:
-                grid.unlink()
+        drop_grids_after(self.grid_dir, last_round)
 
     def _audit(self, aggregate: AggregateRound) -> None:
         model = model_for(self.config)

@@ -104,12 +104,7 @@ class AuditingStrategy(StrategyWrapper):
     def drop_rounds_after(self, last_round: int) -> None:
         """On resume: forget the rows and grids of rounds after the last complete one."""
         self.log.drop_rows_after(last_round)
-        for grid in self.grid_dir.glob("round-*.png"):
-            if (
-                grid.stem.removeprefix("round-").isdigit()
-                and int(grid.stem.removeprefix("round-")) > last_round
-            ):
-                grid.unlink()
+        drop_grids_after(self.grid_dir, last_round)
 
     def _audit_round(self, server_round: int, replies: list[Message]) -> None:
         model = self.make_model()
@@ -159,6 +154,14 @@ class AuditingStrategy(StrategyWrapper):
             model, {n: self._global[n] for n in names}, {n: local[n] for n in names},
             self.learning_rate, steps, tuple(model.spec.shape), model.spec.num_classes, batch,
         )  # fmt: skip
+
+
+def drop_grids_after(grid_dir: Path, last_round: int) -> None:
+    """Delete the `round-NNNN.png` audit grids of rounds after `last_round` (resume)."""
+    for grid in grid_dir.glob("round-*.png"):
+        number = grid.stem.removeprefix("round-")
+        if number.isdigit() and int(number) > last_round:
+            grid.unlink()
 
 
 def _client_defences(reply: Message) -> str:

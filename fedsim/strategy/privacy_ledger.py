@@ -70,6 +70,7 @@ class PrivacyBook:
         self.delta = delta
         self.history: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
         self._events: list[tuple[int, int, float, float, int]] = []
+        self._epsilon: dict[int, float] = {}  # each client's cumulative ε, updated per spend
 
     def client_rows(
         self, server_round: int, partition: int, record: Mapping[str, Any]
@@ -87,13 +88,12 @@ class PrivacyBook:
 
     def _record(self, server_round: int, partition: int, spend: PrivacySpend) -> dict[str, object]:
         event = (float(spend.noise_multiplier), float(spend.sample_rate), int(spend.steps))
-        self.history[partition].append(event)
-        self._events.append((server_round, partition, *event))
+        self._add(server_round, partition, event)
         return {
             "round": server_round,
             "partition_id": partition,
             "mechanism": spend.mechanism,
-            "epsilon": self.client_epsilon(partition),
+            "epsilon": self._epsilon[partition],
             "epsilon_round": float(spend.epsilon),
             "delta": self.delta,
             "noise_multiplier": event[0],
@@ -106,6 +106,11 @@ class PrivacyBook:
     def append(self, rows: Iterable[Mapping[str, object]]) -> None:
         self.log.append(rows)
 
+    def _add(self, server_round: int, partition: int, event: tuple[float, float, int]) -> None:
+        self.history[partition].append(event)
+        self._events.append((server_round, partition, *event))
+        self._epsilon[partition] = self.client_epsilon(partition)
+
     def client_epsilon(self, partition: int) -> float:
         """The client's cumulative DP-SGD ε at the run's δ (Opacus RDP over its rounds)."""
         accountant = RDPAccountant()
@@ -114,7 +119,7 @@ class PrivacyBook:
 
     def max_client_epsilon(self) -> float | None:
         """The largest cumulative DP-SGD ε of any client so far (None: no DP-SGD spend yet)."""
-        return max((self.client_epsilon(p) for p in self.history), default=None)
+        return max(self._epsilon.values(), default=None)
 
     def drop_rounds_after(self, last_round: int) -> None:
         """On resume: forget the rows of an interrupted round (the history comes from the checkpoint)."""
@@ -129,10 +134,11 @@ class PrivacyBook:
             raise ValueError(f"privacy ledger state must be one (n, {HISTORY_FIELDS}) history array")
         self.history.clear()
         self._events = []
+        self._epsilon = {}
         for server_round, partition, z, q, steps in history.tolist():
-            event = (float(z), float(q), int(steps))
-            self.history[int(partition)].append(event)
-            self._events.append((int(server_round), int(partition), *event))
+            self.history[int(partition)].append((float(z), float(q), int(steps)))
+            self._events.append((int(server_round), int(partition), float(z), float(q), int(steps)))
+        self._epsilon = {partition: self.client_epsilon(partition) for partition in self.history}
 
 
 class PrivacyLedger(StrategyWrapper):
