@@ -11,6 +11,7 @@ from typing import Any
 
 from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputError, ZooModel
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
+from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -19,6 +20,10 @@ MODELS: dict[str, ModelBuilder] = {
     "lenet": lenet,
     "cnn6": cnn6,
     "cnn6-d": cnn6_d,
+    "cnn6-relu": cnn6_relu,
+    "convnet-bn": convnet_bn,
+    "convnet-maxpool": convnet_maxpool,
+    "resnet-mini": resnet_mini,
 }
 
 

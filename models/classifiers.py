@@ -47,7 +47,7 @@ def _check_head(head: str) -> None:
         raise ValueError(f"unknown head {head!r}; use 'ce' (softmax, with bias) or 'logistic' (one logit)")
 
 
-def _head(in_features: int, spec: InputSpec, head: str) -> nn.Linear:
+def classifier_head(in_features: int, spec: InputSpec, head: str) -> nn.Linear:
     _check_head(head)
     if head == "logistic":
         return nn.Linear(in_features, 1, bias=False)
@@ -63,11 +63,11 @@ def mlp(spec: InputSpec, hidden: int = 128, depth: int = 2, head: str = "ce") ->
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
         width = hidden
-    layers.append(_head(width, spec, head))
+    layers.append(classifier_head(width, spec, head))
     return SequentialClassifier(nn.Sequential(*layers), spec, head)
 
 
-def _conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
@@ -83,9 +83,9 @@ def lenet(spec: InputSpec, activation: str = "sigmoid", head: str = "ce") -> Seq
     for stride in (2, 2, 1):
         layers += [nn.Conv2d(channels, 12, kernel_size=5, stride=stride, padding=2), act()]
         channels = 12
-        height = _conv_output_size(height, 5, stride, 2)
-        width = _conv_output_size(width, 5, stride, 2)
-    layers += [nn.Flatten(), _head(12 * height * width, spec, head)]
+        height = conv_output_size(height, 5, stride, 2)
+        width = conv_output_size(width, 5, stride, 2)
+    layers += [nn.Flatten(), classifier_head(12 * height * width, spec, head)]
     return SequentialClassifier(nn.Sequential(*layers), spec, head)
 
 
@@ -114,9 +114,9 @@ def _bias_free_convnet(
             nn.LeakyReLU(0.2),
         ]
         channels = out_channels
-        height = _conv_output_size(height, kernel, stride, padding)
-        width = _conv_output_size(width, kernel, stride, padding)
-    layers += [nn.Flatten(), _head(channels * height * width, spec, head)]
+        height = conv_output_size(height, kernel, stride, padding)
+        width = conv_output_size(width, kernel, stride, padding)
+    layers += [nn.Flatten(), classifier_head(channels * height * width, spec, head)]
     return SequentialClassifier(nn.Sequential(*layers), spec, head)
 
 
