@@ -35,7 +35,7 @@ class UntreatedModule:
 
     @property
     def message(self) -> str:
-        return f"layer {self.index} ({self.kind}): not treated layer-wise ({self.reason}) — {E2E_POINTER}"
+        return f"layer {self.index} ({self.kind}): not treated layer-wise — {E2E_POINTER} ({self.reason})"
 
 
 @dataclass(frozen=True)
