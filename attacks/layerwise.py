@@ -2,21 +2,29 @@
 
 For one sample (batch size 1) the attack walks the network from the output to the input. The
 head gives the label, k = dL/dlogits and the head's input (`attacks.layerwise_head`). Then, for
-each Linear/Conv2d layer from the top down, it
+each layer from the top down (`attacks.network_plan`: Linear, Conv1d/2d/3d, an Embedding at the
+input), it
 
-1. inverts the activation on the reconstruction above: z = sigma^{-1}(x_next),
-2. backpropagates k: k = (W_next^T k_next) on unpadded positions * sigma'(z) (a Linear layer with
-   bias uses its observed bias gradient, which *is* k; a conv bias gradient, sum of k over
-   positions, is reported as a check),
-3. solves the stacked system [K; W; P] x = [vec(dL/dW); z - b; 0] in the least-squares sense
-   (`attacks.layerwise_systems`: structured normal equations in float64, padding eliminated).
+1. pulls the reconstruction above back through the ops in between (`attacks.layer_ops`):
+   activations are inverted, z = sigma^{-1}(x_next), and k = (W_next^T k_next) * sigma'(z); a
+   ReLU keeps the weight constraints of its positive outputs only and zeroes k elsewhere;
+   BatchNorm (eval) is inverted; average pooling gives linear constraints T z = r. A Linear
+   layer with bias uses its observed bias gradient, which *is* k; a conv bias gradient, sum of k
+   over positions, is reported as a check. What the server cannot know - max-pool winners, a
+   ReLU pattern under pooling, train-mode batch statistics - and modules without a pull-back
+   (residual blocks, ...) make the attack decline with an AttackError naming the layer;
+2. solves the stacked system [K; W; P] x = [vec(dL/dW); z - b; 0] (only the known rows of W, or
+   T W, when the ops hide some) in the least-squares sense: plain Conv2d / Linear layers use the
+   structured normal equations of `attacks.layerwise_systems` (float64, padding eliminated),
+   every other case the autograd-built systems of `attacks.generic_systems`.
    With `system="auto"` (default) a layer whose gradient constraints alone determine x with
    good conditioning is solved from them alone - one small system shared by all input channels,
    as R-GAP does for FC layers - and the weight constraints are reported as a residual check.
    On CNN6 that is the four deeper convs; the first two need the stacked system.
-4. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): an entry
+3. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): an entry
    whose flip explains a significant part of the gradient residual is flipped and the layer
    re-solved (`LayerwiseInversion._fix_signs`; stacked layers re-solve by preconditioned CG).
+   ReLU zeros are read with a noise-aware threshold instead (`attacks.layer_ops`).
 
 Every layer's rank, deficit, residual and extreme singular values are reported: a rank-deficient
 layer (e.g. CNN6-d's second conv) means the data is not determined by the gradient, and the

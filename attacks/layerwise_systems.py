@@ -16,7 +16,10 @@ A^T A of the weighted interior system A = [alpha K; W] is assembled from its str
 * W^T W is a sum, over pairs of kernel offsets (a, b), of the (C_in x C_in) matrix
   w[:, :, a]^T w[:, :, b] placed at the pixel pairs that one output position sees through a and b.
 
-A Linear layer is the special case of a 1x1 conv on a 1x1 image with C_in = in_features.
+A Linear layer is the special case of a 1x1 conv on a 1x1 image with C_in = in_features. When
+only some weight constraints are known (a ReLU above hides the rows at zero), `weight_rows`
+masks them: W^T D W is assembled from the same offset pairs, weighted per output position.
+Other layers and other constraints (pooling) use `attacks.generic_systems` (autograd).
 The normal matrix is factorised in float64: Cholesky plus Lanczos estimates of the extreme
 eigenvalues certify full rank; otherwise a pivoted Cholesky gives the numerical rank. The attack
 and `audits.security_metric` both use this module, so they report the same ranks.

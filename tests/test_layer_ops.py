@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from attacks.base import AttackError, ObservedUpdate, observe_gradient
-from attacks.generic_systems import OutputConstraints, bilinear_layer_of, constrained_rank, constrained_solve
+from attacks.generic_systems import (
+    OutputConstraints,
+    bilinear_layer_of,
+    constrained_rank,
+    constrained_solve,
+    gradient_matrix,
+    projection,
+)
 from attacks.layerwise import LayerwiseInversion
 from attacks.layerwise_systems import RANK_RTOL, build_system, geometry_of, solve_normal
 from audits.security_metric import security_report
@@ -281,8 +288,9 @@ def _dense_rank(
         (nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), (4, 6, 6)),
         (nn.Conv1d(3, 2, 3, stride=2, padding=1, bias=False), (3, 11)),
         (nn.Conv1d(2, 1, 2, padding=1, padding_mode="circular", bias=False), (2, 8)),
+        (nn.Linear(4, 3, bias=False), (5, 4)),
     ],
-    ids=["dilated-conv2d", "grouped-conv2d", "strided-conv1d", "circular-conv1d"],
+    ids=["dilated-conv2d", "grouped-conv2d", "strided-conv1d", "circular-conv1d", "linear-on-a-sequence"],
 )
 def test_generic_rank_matches_a_dense_reference(module: nn.Module, in_shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -298,6 +306,22 @@ def test_generic_rank_matches_a_dense_reference(module: nn.Module, in_shape: tup
         assert info.rank == reference and info.unknowns == unknowns
         ranks.append(info.rank)
     assert ranks[1] < layer.unknowns
+
+
+def test_attention_input_projection_is_a_sequence_linear() -> None:
+    """The q/k/v projection of attention: dL/dW = sum_t k_t x_t^T, built from the weight alone."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(4, 2)
+    layer = projection(attention.in_proj_weight, (5, 4))
+    linear = nn.Linear(4, 12, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(attention.in_proj_weight)
+    reference = bilinear_layer_of(linear, (5, 4), 0)
+    k = np.random.default_rng(0).standard_normal(layer.out_shape)
+    cons = OutputConstraints.full(np.zeros(layer.out_size))
+    assert layer.out_shape == (5, 12)
+    assert (gradient_matrix(layer, k) != gradient_matrix(reference, k)).nnz == 0
+    assert constrained_rank(layer, None, k, cons)[0].rank == 20
 
 
 def test_embedding_tokens_are_recovered() -> None:
