@@ -2,21 +2,29 @@
 
 For one sample (batch size 1) the attack walks the network from the output to the input. The
 head gives the label, k = dL/dlogits and the head's input (`attacks.layerwise_head`). Then, for
-each Linear/Conv2d layer from the top down, it
+each layer from the top down (`attacks.network_plan`: Linear, Conv1d/2d/3d, an Embedding at the
+input), it
 
-1. inverts the activation on the reconstruction above: z = sigma^{-1}(x_next),
-2. backpropagates k: k = (W_next^T k_next) on unpadded positions * sigma'(z) (a Linear layer with
-   bias uses its observed bias gradient, which *is* k; a conv bias gradient, sum of k over
-   positions, is reported as a check),
-3. solves the stacked system [K; W; P] x = [vec(dL/dW); z - b; 0] in the least-squares sense
-   (`attacks.layerwise_systems`: structured normal equations in float64, padding eliminated).
+1. pulls the reconstruction above back through the ops in between (`attacks.layer_ops`):
+   activations are inverted, z = sigma^{-1}(x_next), and k = (W_next^T k_next) * sigma'(z); a
+   ReLU keeps the weight constraints of its positive outputs only and zeroes k elsewhere;
+   BatchNorm (eval) is inverted; average pooling gives linear constraints T z = r. A Linear
+   layer with bias uses its observed bias gradient, which *is* k; a conv bias gradient, sum of k
+   over positions, is reported as a check. What the server cannot know - max-pool winners, a
+   ReLU pattern under pooling, train-mode batch statistics - and modules without a pull-back
+   (residual blocks, ...) make the attack decline with an AttackError naming the layer;
+2. solves the stacked system [K; W; P] x = [vec(dL/dW); z - b; 0] (only the known rows of W, or
+   T W, when the ops hide some) in the least-squares sense: plain Conv2d / Linear layers use the
+   structured normal equations of `attacks.layerwise_systems` (float64, padding eliminated),
+   every other case the autograd-built systems of `attacks.generic_systems`.
    With `system="auto"` (default) a layer whose gradient constraints alone determine x with
    good conditioning is solved from them alone - one small system shared by all input channels,
    as R-GAP does for FC layers - and the weight constraints are reported as a residual check.
    On CNN6 that is the four deeper convs; the first two need the stacked system.
-4. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): an entry
+3. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): an entry
    whose flip explains a significant part of the gradient residual is flipped and the layer
    re-solved (`LayerwiseInversion._fix_signs`; stacked layers re-solve by preconditioned CG).
+   ReLU zeros are read with a noise-aware threshold instead (`attacks.layer_ops`).
 
 Every layer's rank, deficit, residual and extreme singular values are reported: a rank-deficient
 layer (e.g. CNN6-d's second conv) means the data is not determined by the gradient, and the
@@ -41,31 +49,28 @@ import torch
 from torch import nn
 
 from attacks.base import AttackError, ObservedUpdate, Reconstruction
+from attacks.generic_systems import bias_vector, constrained_residuals, constrained_solve
+from attacks.layer_ops import RELU_ZERO_RTOL, pull_back
 from attacks.layerwise_head import HeadHypothesis, cross_entropy_head, logistic_head
 from attacks.layerwise_hybrid import HybridConfig, refine_layer
 from attacks.layerwise_systems import (
     DEFAULT_BLAS_THREADS,
     RANK_RTOL,
     ConvGeometry,
-    NetworkPlan,
-    PlannedLayer,
     RankInfo,
     Resolver,
-    activation_derivative,
     apply_gradient,
     apply_weight,
     backprop_input,
     balance,
     blas_threads,
     build_system,
-    invert_activation,
     output_gradient_fit,
-    plan_network,
     residuals,
     solve_gradient_only,
     solve_normal,
-    weight_of,
 )
+from attacks.network_plan import NetworkPlan, PlannedLayer, plan_network, weight_of
 from models.base import ZooModel
 
 
@@ -101,6 +106,8 @@ class LayerwiseInversion:
         signs flipped by noise (`_fix_signs`; 0 iterations turns it off). Noisy gradients, such as
         the weight deltas a federated server sees (float32 rounding / lr), need it: without it
         CNN6 at lr 0.1 fell to 8-28 dB on some crops.
+    relu_zero_rtol: a reconstructed ReLU output counts as zero (no weight equation, dL/dz = 0)
+        when <= relu_zero_rtol x the largest output of that tensor (`attacks.layer_ops`).
     """
 
     def __init__(
@@ -117,6 +124,7 @@ class LayerwiseInversion:
         sign_window: float = 0.2,
         sign_kappa: float = 4.0,
         sign_min_gain: float = 1e-3,
+        relu_zero_rtol: float = RELU_ZERO_RTOL,
     ) -> None:
         if system not in ("auto", "stacked"):
             raise ValueError(f"system must be 'auto' or 'stacked', got {system!r}")
@@ -131,6 +139,7 @@ class LayerwiseInversion:
         self.sign_window = sign_window
         self.sign_kappa = sign_kappa
         self.sign_min_gain = sign_min_gain
+        self.relu_zero_rtol = relu_zero_rtol
         self._resolver: Resolver | None = None  # the last stacked solve, for cheap re-solves
         self.name = "layerwise-hybrid" if hybrid else "layerwise"
 
@@ -148,6 +157,9 @@ class LayerwiseInversion:
         start = time.perf_counter()
         model = update.model
         plan = plan_network(model, tuple(update.input_shape))
+        if plan.untreated:
+            names = "; ".join(u.message for u in plan.untreated)
+            raise AttackError(f"{names}; use an optimisation attack for this model")
         grads = {name: g.detach().double().cpu().numpy() for name, g in update.gradients.items()}
         known = None
         if update.known_labels is not None:
@@ -170,7 +182,12 @@ class LayerwiseInversion:
         }
         if model.head == "logistic":
             diagnostics["label_kind"] = "binary target t = label % 2 of the logistic head"
-        x = torch.from_numpy(inputs.reshape(1, *update.input_shape)).float()
+        if isinstance(plan.layers[0].module, nn.Embedding) and not plan.pre:
+            # the solved unknown is the one-hot token matrix: read the tokens off it
+            tokens = inputs.reshape(*plan.layers[0].bilinear.in_shape).argmax(axis=-1)
+            x = torch.from_numpy(tokens.reshape(1, *update.input_shape))
+        else:
+            x = torch.from_numpy(inputs.reshape(1, *update.input_shape)).float()
         return Reconstruction(x, torch.tensor([chosen.label]), seconds, diagnostics)
 
     # ----------------------------------------------------------------------------------------
@@ -179,6 +196,8 @@ class LayerwiseInversion:
     ) -> list[_Hypothesis]:
         start = time.perf_counter()
         head = plan.head
+        if head.geometry is None:
+            raise AttackError(f"layer {head.module_index} (Linear head) must take a feature vector")
         weight = weight_of(head)
         grad_w = grads[head.weight_name]
         grad_b = grads[head.bias_name] if head.bias_name else None
@@ -224,37 +243,55 @@ class LayerwiseInversion:
         grads: dict[str, np.ndarray],
     ) -> _Hypothesis:
         start = time.perf_counter()
-        z, k, c, act = _undo_ops_split(layer.post, branch.y, branch.g)
+        pulled = pull_back(layer.post, branch.y, branch.g, zero_rtol=self.relu_zero_rtol)
+        k, cons = pulled.k.reshape(layer.out_shape), pulled.constraints
         weight = weight_of(layer)
         geom = layer.geometry
         grad_w = grads[layer.weight_name]
         extra: dict[str, Any] = {}
-        pre = z
+        if pulled.treatment:
+            extra["treatment"] = pulled.treatment
+        pre = cons.values.reshape(layer.out_shape)
         k_observed = False
         if layer.bias_name is not None:
             grad_b = grads[layer.bias_name]
             bias = layer.module.bias.detach().double().numpy()
-            k, extra["bias_check"] = _use_bias_gradient(geom.is_linear, k, grad_b)
-            k_observed = geom.is_linear
-            z = z - (bias if geom.is_linear else bias[:, None, None])
-        x, info = self._solve(geom, weight, k, grad_w, z)
-        if isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0:
-            x, k, info, extra["sign_flips"] = self._fix_signs(
-                geom, weight, grad_w, pre, c, k, z, x, info, float(act.negative_slope)
-            )
-        alpha = balance(geom, weight, k)
-        res = residuals(geom, alpha, weight, k, grad_w, z, x)
-        if self.hybrid and info.deficit > 0:
-            x, extra["hybrid"] = refine_layer(
-                model, layer, x, k, z, alpha, grads, branch.label, self.hybrid_config
-            )
-            extra["residual_before_hybrid"] = res.stacked
+            k_observed = geom is not None and geom.is_linear
+            k, extra["bias_check"] = _use_bias_gradient(k_observed, k, grad_b, layer.channels_first)
+            cons = cons.minus(bias_vector(bias, layer.out_shape, layer.channels_first))
+        structured = geom is not None and cons.selection_only
+        full = structured and bool(cons.rows.all())
+        if structured:
+            z = cons.values.reshape(layer.out_shape)
+            rows = None if full else cons.rows.reshape(layer.out_shape)
+            x, info = self._solve(geom, weight, k, grad_w, z, weight_rows=rows)
+            act = pulled.activation
+            if full and isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0:
+                c = np.reshape(pulled.activation_grad, k.shape)
+                x, k, info, extra["sign_flips"] = self._fix_signs(
+                    geom, weight, grad_w, pre, c, k, z, x, info, float(act.negative_slope)
+                )
+            alpha = balance(geom, weight, k, rows)
+        else:
+            x, info, alpha = constrained_solve(layer.bilinear, geom, k, cons, grad_w, self.rank_rtol)
+        if full:
             res = residuals(geom, alpha, weight, k, grad_w, z, x)
-        padded = geom.padding_unknowns
+        else:
+            res = constrained_residuals(layer.bilinear, k, cons, grad_w, x, alpha)
+        if self.hybrid and info.deficit > 0:
+            if full:
+                x, extra["hybrid"] = refine_layer(
+                    model, layer, x, k, z, alpha, grads, branch.label, self.hybrid_config
+                )
+                extra["residual_before_hybrid"] = res.stacked
+                res = residuals(geom, alpha, weight, k, grad_w, z, x)
+            else:
+                extra["hybrid"] = "skipped: refinement needs every weight constraint of the layer"
+        padded = layer.padding_unknowns
         diag = _layer_diag(
             layer,
             info.method,
-            geom.padded_unknowns,
+            layer.unknowns,
             info.rank + padded,
             res.stacked,
             info.sigma_min,
@@ -262,10 +299,14 @@ class LayerwiseInversion:
             time.perf_counter() - start,
         )
         diag.update(gradient_residual=res.gradient, weight_residual=res.weight, **extra)
+        if geom is not None:
+            below = backprop_input(geom, weight, k)
+        else:
+            below = layer.bilinear.adjoint(np.ravel(k)[None])[0]
         return _Hypothesis(
             branch.label,
-            x.reshape(layer.in_shape),
-            backprop_input(geom, weight, k).reshape(layer.in_shape),
+            x.reshape(layer.bilinear.in_shape),
+            below.reshape(layer.bilinear.in_shape),
             branch.family,
             [*branch.layers, diag],
         )
@@ -353,14 +394,21 @@ class LayerwiseInversion:
         return x, k, info, total
 
     def _solve(
-        self, geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, grad_w: np.ndarray, z: np.ndarray
+        self,
+        geom: ConvGeometry,
+        weight: np.ndarray,
+        k: np.ndarray,
+        grad_w: np.ndarray,
+        z: np.ndarray,
+        weight_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, RankInfo]:
-        """Gradient constraints alone when they determine the layer well ("auto"), else [K; W; P]."""
+        """Gradient constraints alone when they determine the layer well ("auto"), else [K; W; P]
+        (`weight_rows`: the weight constraints that are known, e.g. where a ReLU output is > 0)."""
         self._resolver = None
         solved = solve_gradient_only(geom, k, grad_w) if self.system == "auto" else None
         if solved is not None:
             return solved
-        system = build_system(geom, weight, k, grad_w, z)
+        system = build_system(geom, weight, k, grad_w, z, weight_rows=weight_rows)
         keep: dict[str, Any] = {}
         x, info = solve_normal(system, self.rank_rtol, keep)
         assert x is not None
@@ -381,7 +429,7 @@ class LayerwiseInversion:
         """Undo the ops before the first layer, then pick among surviving candidates (module doc)."""
         candidates = []
         for branch in branches:
-            base, _ = _undo_ops(plan.pre, branch.y, branch.g)
+            base = _input_from(plan, branch)
             candidates += [(scale * base, branch, (scale, head)) for scale, head in branch.family]
         summary = [
             {"label": b.label, "scale": s, "mu": h.get("mu"), "range_violation": self._violation(x)}
@@ -409,28 +457,18 @@ class LayerwiseInversion:
 # ---------------------------------------------------------------------------------------------
 
 
-def _undo_ops(
-    ops: tuple[tuple[int, nn.Module, tuple[int, ...]], ...], y: np.ndarray, g: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Walk back through reshapes and activations: y <- sigma^{-1}(y), g <- g * sigma'(z)."""
-    y, g, _, _ = _undo_ops_split(ops, y, g)
-    return y, g
-
-
-def _undo_ops_split(
-    ops: tuple[tuple[int, nn.Module, tuple[int, ...]], ...], y: np.ndarray, g: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, nn.Module | None]:
-    """`_undo_ops`, also returning the innermost activation and dL/d(its output) `c` (so that
-    g = c * sigma'(z) can be recomputed with other derivative choices)."""
-    c, act = g, None
-    for _, op, in_shape in reversed(ops):
-        y = y.reshape(in_shape)
-        g = g.reshape(in_shape)
-        if not isinstance(op, nn.Flatten):
-            y = invert_activation(op, y)
-            c, act = g, op
-            g = g * activation_derivative(op, y)
-    return y, g, np.reshape(c, np.shape(g)), act
+def _input_from(plan: NetworkPlan, branch: _Hypothesis) -> np.ndarray:
+    """Undo the ops before the first layer (they must determine their input entry by entry)."""
+    if not plan.pre:
+        return branch.y
+    pulled = pull_back(plan.pre, branch.y, branch.g)
+    cons = pulled.constraints
+    if not cons.is_full:
+        index, op, _ = plan.pre[0]
+        raise AttackError(
+            f"layer {index} ({type(op).__name__}) before the first layer hides part of the input"
+        )
+    return cons.values.reshape(plan.input_shape)
 
 
 def _separated(
@@ -452,20 +490,31 @@ def _separated(
     return np.asarray(taken, dtype=np.int64)
 
 
-def _use_bias_gradient(is_linear: bool, k: np.ndarray, grad_b: np.ndarray) -> tuple[np.ndarray, float]:
-    """A Linear bias gradient is k itself (observed, so used); a conv one is k summed over positions."""
+def _use_bias_gradient(
+    is_linear: bool, k: np.ndarray, grad_b: np.ndarray, channels_first: bool = True
+) -> tuple[np.ndarray, float]:
+    """A Linear bias gradient (on a vector) is k itself (observed, so used); otherwise it is k summed
+    over positions (conv: all axes but the channel axis 0; Linear on a sequence: all but the last)."""
     scale = max(float(np.linalg.norm(grad_b)), 1e-300)
     if is_linear:
         check = float(np.linalg.norm(k.ravel() - grad_b) / scale)
         return np.asarray(grad_b, dtype=np.float64).reshape(k.shape), check
-    return k, float(np.linalg.norm(k.reshape(k.shape[0], -1).sum(1) - grad_b) / scale)
+    summed = k.reshape(k.shape[0], -1).sum(1) if channels_first else k.reshape(-1, k.shape[-1]).sum(0)
+    return k, float(np.linalg.norm(summed - np.ravel(grad_b)) / scale)
+
+
+# Ops that keep the sign of their input's entries (so a positive range survives them).
+_SIGN_KEEPING = (nn.Flatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d, nn.Dropout)
+# Ops that commute with multiplying their input by a positive scalar.
+_SCALABLE = (*_SIGN_KEEPING, nn.LeakyReLU, nn.ReLU)
 
 
 def _positive_head_input(plan: NetworkPlan) -> bool:
-    """True when the op feeding the head has a positive range (sigmoid), so sign(dL/dW) = sign(k)."""
+    """True when the op feeding the head has a positive range (sigmoid; ReLU: non-negative, and
+    >0 somewhere), so sign(dL/dW) = sign(k)."""
     ops = plan.layers[-2].post if len(plan.layers) > 1 else plan.pre
-    acts = [op for _, op, _ in ops if not isinstance(op, nn.Flatten)]
-    return bool(acts) and isinstance(acts[-1], nn.Sigmoid)
+    acts = [op for _, op, _ in ops if not isinstance(op, _SIGN_KEEPING)]
+    return bool(acts) and isinstance(acts[-1], (nn.Sigmoid, nn.ReLU))
 
 
 def _positively_homogeneous_below(plan: NetworkPlan, index: int) -> bool:
@@ -473,7 +522,7 @@ def _positively_homogeneous_below(plan: NetworkPlan, index: int) -> bool:
     ops = list(plan.pre)
     for layer in plan.layers[:index]:
         ops += list(layer.post)
-    scalable = all(isinstance(op, (nn.Flatten, nn.LeakyReLU, nn.Identity)) for _, op, _ in ops)
+    scalable = all(isinstance(op, _SCALABLE) for _, op, _ in ops)
     return scalable and all(layer.bias_name is None for layer in plan.layers[:index])
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attacks.layerwise_systems import PlannedLayer
+from attacks.network_plan import PlannedLayer
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ A^T A of the weighted interior system A = [alpha K; W] is assembled from its str
 * W^T W is a sum, over pairs of kernel offsets (a, b), of the (C_in x C_in) matrix
   w[:, :, a]^T w[:, :, b] placed at the pixel pairs that one output position sees through a and b.
 
-A Linear layer is the special case of a 1x1 conv on a 1x1 image with C_in = in_features.
+A Linear layer is the special case of a 1x1 conv on a 1x1 image with C_in = in_features. When
+only some weight constraints are known (a ReLU above hides the rows at zero), `weight_rows`
+masks them: W^T D W is assembled from the same offset pairs, weighted per output position.
+Other layers and other constraints (pooling) use `attacks.generic_systems` (autograd).
 The normal matrix is factorised in float64: Cholesky plus Lanczos estimates of the extreme
 eigenvalues certify full rank; otherwise a pivoted Cholesky gives the numerical rank. The attack
 and `audits.security_metric` both use this module, so they report the same ranks.
@@ -41,8 +44,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.nn import functional as F
 
-from attacks.base import AttackError, parameter_layers
-from models.base import ZooModel
+from attacks.base import AttackError
 
 # Relative tolerance on singular values of the weighted interior system A = [alpha K; W]:
 # sigma_i counts towards the rank when sigma_i > RANK_RTOL * sigma_max (i.e. lambda_i > 1e-10 *
@@ -54,9 +56,6 @@ RANK_RTOL = 1e-5
 # Clipping before inverting saturating activations (COPA clips tanh inputs to +-0.9999).
 TANH_CLIP = 0.9999
 SIGMOID_CLIP = 1e-4
-
-INVERTIBLE_ACTIVATIONS = (nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
-RESHAPES = (nn.Flatten,)
 
 # A layer is solved from its gradient constraints alone when their per-channel block has
 # sigma_min / sigma_max above this (CNN6's deeper convs: 0.18-0.58; the stacked systems of its
@@ -237,6 +236,29 @@ def weight_gram(geom: ConvGeometry, weight: np.ndarray) -> np.ndarray:
     return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
 
 
+def masked_weight_gram(geom: ConvGeometry, weight: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """W^T D W for a 0/1 (or non-negative) weight m per output entry (C_out, out pixels): the
+    weight constraints of the rows known after a ReLU (see `weight_gram` for the offset pairs)."""
+    n_in = geom.in_channels
+    w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, n_in, geom.offsets)
+    m = np.asarray(rows, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
+    if geom.is_linear:
+        flat = w[:, :, 0]
+        return (flat * m).T @ flat
+    gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
+    positions = np.full((geom.offsets, geom.out_pixels), -1)
+    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
+        positions[a, out_idx] = in_idx
+    for a in range(geom.offsets):
+        for b in range(geom.offsets):
+            both = np.flatnonzero((positions[a] >= 0) & (positions[b] >= 0))
+            # sum_o m[o, p] w[o, :, a]^T w[o, :, b] for each output position p seen through a and b
+            mw = m[:, both, None] * w[:, None, :, a]  # (o, p, c)
+            pair = np.tensordot(mw, w[:, :, b], axes=([0], [0]))  # (p, c, d)
+            gram[positions[a, both], positions[b, both]] += pair
+    return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
+
+
 @dataclass(frozen=True)
 class RankInfo:
     """Numerical rank of the interior system and its extreme singular values."""
@@ -257,7 +279,7 @@ class RankInfo:
 class LayerSystem:
     """Normal equations (A^T A) x = A^T b of the weighted interior system A = [alpha K; W]."""
 
-    geometry: ConvGeometry
+    geometry: ConvGeometry | None  # None for systems assembled by autograd (attacks.generic_systems)
     gram: np.ndarray
     rhs: np.ndarray | None
     alpha: float
@@ -269,17 +291,25 @@ def build_system(
     k: np.ndarray,
     grad: np.ndarray | None = None,
     z: np.ndarray | None = None,
+    weight_rows: np.ndarray | None = None,
 ) -> LayerSystem:
     """Assemble the normal equations; `grad` (dL/dW) and `z` (output minus bias) give the rhs.
 
     alpha balances the two blocks (equal trace in A^T A) so that the rank tolerance and the
     least-squares weighting do not depend on the arbitrary scale of k relative to W.
+    weight_rows: a 0/1 mask over the output (C_out, H_o, W_o): only those weight constraints are
+    known (a ReLU above hides the rest); entries of z outside it are ignored.
     """
     weight = np.asarray(weight, dtype=np.float64)
     kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
     q = kblock.T @ kblock
-    gram = weight_gram(geom, weight)
-    alpha2 = balance(geom, weight, k) ** 2
+    if weight_rows is None:
+        gram = weight_gram(geom, weight)
+    else:
+        gram = masked_weight_gram(geom, weight, weight_rows)
+        if z is not None:
+            z = np.where(np.reshape(weight_rows, np.shape(z)), z, 0.0)
+    alpha2 = balance(geom, weight, k, weight_rows) ** 2
     n = geom.pixels
     for c in range(geom.in_channels):
         gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += alpha2 * q
@@ -289,13 +319,21 @@ def build_system(
     return LayerSystem(geom, gram, rhs, float(np.sqrt(alpha2)))
 
 
-def balance(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> float:
-    """alpha with tr(alpha^2 K^T K) = tr(W^T W): both blocks weigh the same in the least squares."""
+def balance(
+    geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, weight_rows: np.ndarray | None = None
+) -> float:
+    """alpha with tr(alpha^2 K^T K) = tr(W^T W): both blocks weigh the same in the least squares
+    (W: the known weight constraints, `weight_rows` of them when given)."""
     w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, geom.in_channels, geom.offsets)
     k = np.asarray(k, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
     maps = offset_maps(geom)
-    hits = np.array([out_idx.size for out_idx, _ in maps], dtype=np.float64)
-    w_trace = float(((w**2).sum(axis=(0, 1)) * hits).sum())
+    if weight_rows is None:
+        hits = np.array([out_idx.size for out_idx, _ in maps], dtype=np.float64)
+        w_trace = float(((w**2).sum(axis=(0, 1)) * hits).sum())
+    else:
+        m = np.asarray(weight_rows, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
+        hits_o = np.stack([m[:, out_idx].sum(axis=1) for out_idx, _ in maps], axis=1)  # (o, a)
+        w_trace = float(((w**2).sum(axis=1) * hits_o).sum())
     k_trace = geom.in_channels * sum(float((k[:, out_idx] ** 2).sum()) for out_idx, _ in maps)
     return float(np.sqrt(w_trace / k_trace)) if k_trace > 0 and w_trace > 0 else 1.0
 
@@ -608,15 +646,6 @@ def _solve_eigen(system: LayerSystem, rtol: float) -> tuple[np.ndarray | None, R
 # ---------------------------------------------------------------------------------------------
 
 
-def check_activation(module: nn.Module, index: int) -> None:
-    """Raise AttackError unless `module` is an activation we can invert exactly."""
-    if isinstance(module, nn.LeakyReLU) and module.negative_slope <= 0:
-        raise AttackError(
-            f"layer {index} (LeakyReLU with slope {module.negative_slope}) is not invertible; layer-wise "
-            "inversion cannot invert it (use an optimisation attack)"
-        )
-
-
 def invert_activation(module: nn.Module, y: np.ndarray) -> np.ndarray:
     """z = sigma^{-1}(y); tanh / sigmoid outputs are clipped first (saturation loses information)."""
     if isinstance(module, nn.LeakyReLU):
@@ -639,93 +668,3 @@ def activation_derivative(module: nn.Module, z: np.ndarray) -> np.ndarray:
         s = 1.0 / (1.0 + np.exp(-z))
         return s * (1.0 - s)
     return np.ones_like(z)
-
-
-# ---------------------------------------------------------------------------------------------
-# Walking the network
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedLayer:
-    """One Linear/Conv2d layer and the invertible ops that follow it up to the next one."""
-
-    index: int  # position among linear layers, 0 = closest to the input
-    module_index: int  # index in model.layers
-    module: nn.Module
-    geometry: ConvGeometry
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    post: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]  # (module index, op, op input shape)
-    weight_name: str
-    bias_name: str | None
-
-    @property
-    def kind(self) -> str:
-        return type(self.module).__name__
-
-
-@dataclass(frozen=True)
-class NetworkPlan:
-    """The network as a chain of linear layers separated by invertible elementwise ops/reshapes."""
-
-    input_shape: tuple[int, ...]
-    pre: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]
-    layers: tuple[PlannedLayer, ...]
-
-    @property
-    def head(self) -> PlannedLayer:
-        return self.layers[-1]
-
-
-def _unsupported(index: int, module: nn.Module) -> AttackError:
-    return AttackError(
-        f"layer {index} ({type(module).__name__}) cannot be inverted by layer-wise (R-GAP/COPA) inversion: "
-        "only Linear, Conv2d, Flatten and invertible activations (LeakyReLU, Tanh, Sigmoid, Identity) are "
-        "supported; use an optimisation attack for this model"
-    )
-
-
-def plan_network(model: ZooModel, input_shape: tuple[int, ...]) -> NetworkPlan:
-    """Validate `model.layers` and record each module's input shape (one dummy forward pass)."""
-    modules = parameter_layers(model)
-    shapes: list[tuple[int, ...]] = []
-    x = torch.zeros((1, *input_shape), dtype=next(model.parameters()).dtype)
-    with torch.no_grad():
-        for index, (_, module) in enumerate(modules):
-            if not isinstance(module, (nn.Linear, nn.Conv2d, *RESHAPES, *INVERTIBLE_ACTIVATIONS)):
-                raise _unsupported(index, module)
-            if isinstance(module, nn.Flatten) and (module.start_dim != 1 or module.end_dim != -1):
-                raise _unsupported(index, module)
-            check_activation(module, index)
-            shapes.append(tuple(x.shape[1:]))
-            x = module(x)
-    linear_at = [i for i, (_, m) in enumerate(modules) if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if not linear_at or linear_at[-1] != len(modules) - 1 or not isinstance(modules[-1][1], nn.Linear):
-        raise AttackError("layer-wise inversion needs the network to end in a Linear head (logits)")
-    pre = tuple((i, modules[i][1], shapes[i]) for i in range(linear_at[0]))
-    layers = []
-    for li, mi in enumerate(linear_at):
-        prefix, module = modules[mi]
-        end = linear_at[li + 1] if li + 1 < len(linear_at) else len(modules)
-        post = tuple((j, modules[j][1], shapes[j]) for j in range(mi + 1, end))
-        out_shape = shapes[mi + 1] if mi + 1 < len(shapes) else tuple(x.shape[1:])
-        layers.append(
-            PlannedLayer(
-                index=li,
-                module_index=mi,
-                module=module,
-                geometry=geometry_of(module, shapes[mi], mi),
-                in_shape=shapes[mi],
-                out_shape=out_shape,
-                post=post,
-                weight_name=f"{prefix}.weight",
-                bias_name=f"{prefix}.bias" if module.bias is not None else None,
-            )
-        )
-    return NetworkPlan(tuple(input_shape), pre, tuple(layers))
-
-
-def weight_of(layer: PlannedLayer) -> np.ndarray:
-    """The layer's weight as float64, conv-shaped (C_out, C_in, kh, kw) or (out, in) for Linear."""
-    return layer.module.weight.detach().double().cpu().numpy()

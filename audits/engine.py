@@ -132,14 +132,18 @@ class SecurityMeasure:
 
     @property
     def score(self) -> float | None:
-        return None if self.report is None else float(self.report.score)
+        """COPA's score; None without a report or for a partial one (untreated modules would
+        otherwise count as attackable)."""
+        return None if self.report is None or not self.report.complete else float(self.report.score)
 
 
 def measure_security(model: torch.nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> SecurityMeasure:
     """The metric where layer-wise inversion applies; a note (never an exception) elsewhere, so
     e.g. non-finite global weights cannot stop a federation from inside its auditor."""
     try:
-        return SecurityMeasure(security_report(model, input_shape, seed=seed))
+        report = security_report(model, input_shape, seed=seed)
+        partial = "; ".join(part.note for part in report.untreated)
+        return SecurityMeasure(report, f"partial: {partial}" if partial else "")
     except AttackError as err:
         return SecurityMeasure(None, f"not applicable: {err}")
     except Exception as err:  # an audit reports failures, it does not raise them

@@ -18,27 +18,41 @@ conv has more equations than unknowns yet rank 4,052 of 4,332. So this audit mea
   invertible by layer-wise attacks (it says nothing about optimisation attacks);
 * ra_index = E2EGI's count-based RA-i (max over layers of n_x - n_w - n_z - n_v, unpadded,
   n_w counting weights and biases), for comparison: <= 0 predicts "attackable".
+
+Beyond Linear / Conv2d with invertible activations (R-GAP's setting), each layer's system comes
+from `attacks.network_plan` and `attacks.layer_ops`, exactly as the attack builds it:
+
+* the ops above a layer are pulled back from the values of a probe forward pass (a seeded random
+  input unless `probe` is given): ReLU zeros drop weight equations and zero k; BatchNorm (eval)
+  is affine; average pooling gives linear constraints; k is the draw pulled back through the ops;
+* what the server cannot know is taken from the probe and the row says so (`upper_bound`: the
+  rank then bounds leakage from above): max-pool winners, ReLU patterns under pooling, GELU/SiLU
+  branches. Train-mode BatchNorm adds the batch's per-channel scale and mean as extra unknowns
+  (`extra_unknowns`; the system is homogeneous, so the deficit is at least 1: the scale);
+* layers other than plain Conv2d / Linear (dilated or grouped convs, Conv1d, Embedding, ...) use
+  the autograd-built systems of `attacks.generic_systems`;
+* modules that cannot be treated (residual blocks, attention, ...) and the layers whose output
+  passes through them are listed in `untreated` instead of raising: the report is then partial
+  (`complete` is False) and points to the end-to-end identifiability.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import nn
 
-from attacks.layerwise_systems import (
-    DEFAULT_BLAS_THREADS,
-    RANK_RTOL,
-    PlannedLayer,
-    blas_threads,
-    layer_rank,
-    plan_network,
-    weight_of,
-)
+from attacks.base import AttackError
+from attacks.generic_systems import constrained_rank
+from attacks.layer_ops import pull_back
+from attacks.layerwise_systems import DEFAULT_BLAS_THREADS, RANK_RTOL, blas_threads, layer_rank
+from attacks.network_plan import NetworkPlan, PlannedLayer, plan_network, weight_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,6 +77,18 @@ class LayerRank:
     sigma_max: float
     method: str
     seconds: float
+    treatment: str = ""  # how the ops above were pulled back (empty: invertible activations only)
+    upper_bound: bool = False  # the rank assumes hidden quantities known: leakage bounded from above
+    extra_unknowns: int = 0  # batch statistics of a train-mode BatchNorm, counted in `unknowns`
+
+
+@dataclass(frozen=True)
+class UntreatedPart:
+    """A module, or a layer, the layer-wise analysis could not treat, and why."""
+
+    module: int  # index in model.layers
+    kind: str
+    note: str
 
 
 @dataclass
@@ -78,21 +104,35 @@ class SecurityReport:
     tolerance_rule: str = TOLERANCE_RULE
     seed: int | None = 0
     seconds: float = 0.0
+    untreated: list[UntreatedPart] = field(default_factory=list)
 
     @property
     def deficient_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.deficit > 0]
 
     @property
+    def complete(self) -> bool:
+        """False when some module or layer could not be treated layer-wise (see `untreated`)."""
+        return not self.untreated
+
+    @property
+    def upper_bound(self) -> bool:
+        """True when some row's rank assumes hidden quantities known (max-pool winners, ...)."""
+        return any(layer.upper_bound for layer in self.layers)
+
+    @property
     def invertible(self) -> bool:
-        """True when every layer's system has full rank (layer-wise inversion is well-posed)."""
-        return not self.deficient_layers
+        """True when every layer was treated and its system has full rank (layer-wise inversion
+        is well-posed, given what `upper_bound` rows assume)."""
+        return self.complete and not self.deficient_layers
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["input_shape"] = list(self.input_shape)
         out["deficient_layers"] = self.deficient_layers
         out["invertible"] = self.invertible
+        out["complete"] = self.complete
+        out["upper_bound"] = self.upper_bound
         return out
 
     def to_frame(self) -> pd.DataFrame:
@@ -112,12 +152,30 @@ class SecurityReport:
             f"RA-i (E2EGI, counts) = {self.ra_index}; "
             f"tolerance: {self.tolerance_rule}, rtol = {self.tolerance:g}"
         )
+        lines += [
+            f"layer {r.index} ({r.kind}, module {r.module}): {r.treatment}"
+            for r in self.layers
+            if r.treatment
+        ]
+        if self.upper_bound:
+            lines.append(
+                "* rank assumes hidden quantities known: an upper bound on leakage (lower bound on deficit)"
+            )
+        lines += [part.note for part in self.untreated]
         return "\n".join(lines)
 
 
 def _row(r: LayerRank) -> tuple[str, ...]:
     ratio = f"{r.sigma_min / r.sigma_max:.2e}" if r.sigma_max > 0 else "-"
-    values = (r.index, r.kind, r.unknowns, r.equations, r.rank, r.deficit, r.ra)
+    values = (
+        r.index,
+        r.kind,
+        r.unknowns,
+        r.equations,
+        f"{r.rank}{'*' if r.upper_bound else ''}",
+        r.deficit,
+        r.ra,
+    )
     return (*(str(v) for v in values), ratio, f"{r.seconds:.2f}")
 
 
@@ -134,8 +192,8 @@ def ra_counts(layers: list[PlannedLayer]) -> list[int]:
     n_v = 0
     out = []
     for layer in layers:
-        n_x = int(np.prod(layer.in_shape))
-        n_z = int(np.prod(_linear_out_shape(layer)))
+        n_x = layer.bilinear.unknowns
+        n_z = int(np.prod(layer.out_shape))
         n_w = sum(p.numel() for p in layer.module.parameters() if p.requires_grad)
         ra = n_x - n_w - n_z
         out.append(ra - n_v)
@@ -143,33 +201,114 @@ def ra_counts(layers: list[PlannedLayer]) -> list[int]:
     return out
 
 
-def _linear_out_shape(layer: PlannedLayer) -> tuple[int, ...]:
-    geom = layer.geometry
-    if geom.is_linear:
-        return (geom.out_channels,)
-    return (geom.out_channels, geom.out_height, geom.out_width)
+def _rank_row(
+    layer: PlannedLayer, ra: int, draw: np.ndarray, k: np.ndarray | None, probe: _Probe, rtol: float
+) -> LayerRank:
+    """Rank of one layer's system, counted on the padded unknowns as R-GAP and COPA report it.
 
-
-def _rank_row(layer: PlannedLayer, ra: int, k: np.ndarray, rtol: float) -> LayerRank:
-    """Rank of one layer's [K; W; P], counted on the padded unknowns as R-GAP and COPA report it."""
+    `draw` is a standard-normal dL/d(input of the next layer), pulled back through the ops above
+    with the probe's values; `k` (observed dL/dz) replaces the pulled-back gradient when given.
+    """
     start = time.perf_counter()
+    ops = layer.post
+    oracle = [probe.inputs[i] for i, _, _ in ops] + [probe.top(layer)]
+    pulled = pull_back(ops, oracle[-1], draw, oracle=oracle)
+    k = pulled.k if k is None else np.asarray(k, dtype=np.float64)
+    cons = pulled.constraints
     geom = layer.geometry
-    info = layer_rank(geom, weight_of(layer), k, rtol)
+    if geom is not None and cons.is_full:
+        info = layer_rank(geom, weight_of(layer), k, rtol)
+        equations = geom.weight_count + geom.out_size
+    else:
+        x = probe.layer_input(layer)
+        grad_w = layer.bilinear.weight_gradient(k, x[None])[0] if cons.extra_count else None
+        info, parts = constrained_rank(layer.bilinear, geom, k, cons, grad_w, rtol)
+        equations = parts.equations
+    padding = layer.padding_unknowns
     return LayerRank(
         index=layer.index,
         module=layer.module_index,
         kind=layer.kind,
-        unknowns=geom.padded_unknowns,
-        interior_unknowns=geom.unknowns,
-        equations=geom.weight_count + geom.out_size + geom.padding_unknowns,
-        rank=info.rank + geom.padding_unknowns,
+        unknowns=layer.unknowns + cons.extra_count,
+        interior_unknowns=layer.bilinear.unknowns,
+        equations=equations + padding,
+        rank=info.rank + padding,
         deficit=info.deficit,
         ra=ra,
         sigma_min=info.sigma_min,
         sigma_max=info.sigma_max,
         method=info.method,
         seconds=time.perf_counter() - start,
+        treatment=pulled.treatment,
+        upper_bound=pulled.upper_bound,
+        extra_unknowns=cons.extra_count,
     )
+
+
+@dataclass
+class _Probe:
+    """The input of every module of `model.layers` (and the output) on one probe sample."""
+
+    inputs: list[np.ndarray]
+    plan: NetworkPlan
+
+    def top(self, layer: PlannedLayer) -> np.ndarray:
+        """The tensor the ops above `layer` produce: the next layer's input (or the logits)."""
+        end = layer.post[-1][0] + 1 if layer.post else layer.module_index + 1
+        return self.inputs[end]
+
+    def layer_input(self, layer: PlannedLayer) -> np.ndarray:
+        x = self.inputs[layer.module_index]
+        if isinstance(layer.module, nn.Embedding):  # the unknown is the one-hot token matrix
+            return np.eye(layer.module.num_embeddings)[x.astype(np.int64)].ravel()
+        return x.ravel()
+
+
+def _probe_input(model: nn.Module, plan: NetworkPlan, seed: int | None) -> torch.Tensor:
+    """A seeded random sample: token ids, or uniform in the model's value range (else N(0, 1))."""
+    rng = np.random.default_rng(None if seed is None else [seed, 1])
+    shape = (1, *plan.input_shape)
+    first = plan.layers[0].module if not plan.pre else None
+    if isinstance(first, nn.Embedding):
+        return torch.from_numpy(rng.integers(0, first.num_embeddings, size=shape))
+    spec = getattr(model, "spec", None)
+    value_range = getattr(spec, "value_range", None)
+    dtype = next(model.parameters()).dtype
+    if value_range is None:
+        return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+    return torch.from_numpy(rng.uniform(value_range[0], value_range[1], size=shape)).to(dtype)
+
+
+def _run_probe(model: nn.Module, plan: NetworkPlan, probe: Any, seed: int | None) -> _Probe:
+    """One batch-1 forward pass on a copy, in the model's own modes (train-mode BatchNorm uses the
+    probe's statistics, as a client's batch-1 gradient does); the model itself is untouched."""
+    x = _probe_input(model, plan, seed) if probe is None else torch.as_tensor(np.asarray(probe))
+    x = x.reshape(1, *plan.input_shape)
+    if x.is_floating_point():
+        x = x.to(next(model.parameters()).dtype)
+    twin = copy.deepcopy(model)
+    inputs = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        for index, module in enumerate(twin.layers):
+            inputs.append(x[0].double().numpy())
+            try:
+                x = module(x)
+            except Exception as err:
+                raise AttackError(
+                    f"layer {index} ({type(module).__name__}) fails on a batch-1 probe: {err}"
+                ) from err
+    inputs.append(x[0].double().numpy())
+    return _Probe(inputs, plan)
+
+
+def _top_shape(plan: NetworkPlan, layer: PlannedLayer) -> tuple[int, ...]:
+    """Shape of dL/d(next layer's input), where the standard-normal draw is made (for R-GAP's
+    nets the layer's own output, reshaped: the draws are the same numbers as before pooling,
+    ReLU and BatchNorm were treated)."""
+    if layer.index + 1 < len(plan.layers):
+        return plan.layers[layer.index + 1].in_shape
+    return layer.out_shape
 
 
 def security_report(
@@ -179,16 +318,21 @@ def security_report(
     ks: Mapping[int, np.ndarray] | None = None,
     rtol: float = RANK_RTOL,
     threads: int | None = DEFAULT_BLAS_THREADS,
+    probe: Any = None,
 ) -> SecurityReport:
     """Audit `model` (flat `model.layers`) on inputs of `input_shape` (no batch dimension).
 
     ks: optional observed output gradients per layer index (counted from the input); layers
-    without one get a standard-normal k from `np.random.default_rng(seed)`.
+    without one get a standard-normal draw from `np.random.default_rng(seed)`, pulled back
+    through the ops above the layer.
     threads: BLAS threads while factorising (None leaves the process setting alone).
-    Raises attacks.base.AttackError for layers layer-wise inversion cannot handle.
+    probe: one input sample (no batch dim) whose forward pass fixes ReLU patterns, pooling
+    winners and batch statistics; default a seeded random sample.
+    Modules the analysis cannot treat are listed in `untreated` (a partial report); raises
+    attacks.base.AttackError only when the model is no chain of layers ending in a Linear head.
     """
     with blas_threads(threads):
-        return _report(model, tuple(input_shape), seed, ks, rtol)
+        return _report(model, tuple(input_shape), seed, ks, rtol, probe)
 
 
 def _report(
@@ -197,23 +341,41 @@ def _report(
     seed: int | None,
     ks: Mapping[int, np.ndarray] | None,
     rtol: float,
+    probe: Any,
 ) -> SecurityReport:
     start = time.perf_counter()
     plan = plan_network(model, tuple(input_shape))
+    values = _run_probe(model, plan, probe, seed)
     rng = np.random.default_rng(seed)
     ras = ra_counts(list(plan.layers))
-    rows = []
+    rows: list[LayerRank] = []
+    untreated = [UntreatedPart(u.index, u.kind, u.message) for u in plan.untreated]
     for layer, ra in zip(plan.layers, ras, strict=True):
-        draw = rng.standard_normal(_linear_out_shape(layer))  # drawn for every layer: seeds stay aligned
-        k = np.asarray(ks[layer.index], dtype=np.float64) if ks and layer.index in ks else draw
-        rows.append(_rank_row(layer, ra, k, rtol))
+        draw = rng.standard_normal(_top_shape(plan, layer))  # drawn for every layer: seeds stay aligned
+        if layer.untreated is not None:
+            untreated.append(
+                UntreatedPart(
+                    layer.module_index,
+                    layer.kind,
+                    f"layer {layer.module_index} ({layer.kind}): {layer.untreated}",
+                )
+            )
+            continue
+        k = ks.get(layer.index) if ks else None
+        try:
+            rows.append(_rank_row(layer, ra, draw, k, values, rtol))
+        except AttackError as err:
+            note = f"layer {layer.module_index} ({layer.kind}): not treated layer-wise: {err}"
+            untreated.append(UntreatedPart(layer.module_index, layer.kind, note))
+    deficits = {r.index: r.deficit for r in rows}
     return SecurityReport(
         model=str(getattr(model, "name", type(model).__name__)),
         input_shape=tuple(input_shape),
         layers=rows,
-        score=copa_score([r.deficit for r in rows]),
+        score=copa_score([deficits.get(layer.index, 0) for layer in plan.layers]),
         ra_index=max(ras),
         tolerance=rtol,
         seed=seed,
         seconds=time.perf_counter() - start,
+        untreated=sorted(untreated, key=lambda part: part.module),
     )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacks.base import AttackError
-from attacks.layerwise_systems import plan_network
+from attacks.network_plan import plan_network
 from audits.security_metric import SecurityReport, copa_score, ra_counts, security_report
 from models import InputSpec, build_model
 from models.classifiers import SequentialClassifier
@@ -87,7 +87,16 @@ def test_copa_score_weights_layers_near_the_input_most() -> None:
     assert copa_score([5]) == 0
 
 
-def test_unsupported_architecture_raises() -> None:
+def test_max_pooling_is_named_as_an_upper_bound() -> None:
+    """The server does not know the max-pool winners: the row assumes them and says so."""
     layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 15 * 15, 10))
-    with pytest.raises(AttackError, match=r"layer 1 \(MaxPool2d\)"):
+    report = security_report(SequentialClassifier(layers, SPEC), SHAPE)
+    assert report.layers[0].upper_bound and report.upper_bound and report.complete
+    assert "MaxPool2d: winners assumed known (upper bound on leakage)" in report.layers[0].treatment
+    assert "upper bound" in report.to_table()
+
+
+def test_a_network_without_linear_head_raises() -> None:
+    layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(AttackError, match="Linear head"):
         security_report(SequentialClassifier(layers, SPEC), SHAPE)
