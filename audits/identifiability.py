@@ -1,0 +1,419 @@
+"""End-to-end identifiability: which input directions the observed gradient sees, for any model.
+
+The server observes h(x) = vec(∇θ L(x, y)), the gradient of every trainable parameter at the
+client's sample(s), possibly clipped to norm C and, when its noise is known per coordinate,
+whitened by it. The Jacobian J = ∂h/∂x (#gradient coordinates P × #inputs D) says what a
+gradient-matching attacker can see to first order: directions in its null space are invisible,
+so its numerical rank deficit counts them, and its singular values feed the Cramér–Rao bound of
+`audits.leakage_bound`. Unlike the layer-wise metric (`audits.security_metric`) this needs no
+flat layer list: residual blocks, BatchNorm, pooling and gates are differentiated through as
+they are. Token models are differentiated with respect to their embedded input
+(`ZooModel.embed` / `forward_embedded`).
+
+Three ways to get the spectrum (`method="auto"` picks by size):
+
+* "dense": J formed chunk by chunk from vmapped forward-over-reverse products (jvp of the
+  gradient), then its SVD. Needs P·D float64 numbers in memory.
+* "gram": JᵀJ (D × D) assembled column by column from vmapped products Jᵀ(J v), a jvp then a
+  vjp of the same gradient map; J itself is never held. Then a float64 eigendecomposition.
+* "randomized": block subspace iteration on JᵀJ (Halko, Martinsson & Tropp 2011, algorithms 4.4
+  and 5.3) with k random start vectors: the k largest singular values, a Hutchinson estimate of
+  ‖J‖_F², and the exact count of inputs whose column of J is zero. It does not estimate the rank:
+  certifying that the smallest singular value is not zero costs as much as the Gram.
+
+The Gram's numerical rank uses a tolerance read off the Gram itself: JᵀJ is symmetric, so the
+asymmetry ‖G − Gᵀ‖_F of the assembled G measures the rounding in its products.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from models.base import ZooModel
+
+METHODS = ("auto", "dense", "gram", "randomized")
+# "auto" forms J densely while it takes at most this many bytes in float64 ...
+MAX_DENSE_BYTES = 256 * 2**20
+# ... assembles the Gram while D stays below this (a 8192² float64 Gram is 512 MiB) and P·D below
+# GRAM_WORK (a proxy for the products' cost: CNN6 at 32×32 is 4.7e8; a ResNet-18 at 32×32, 3.4e10,
+# would take hours on two cores) ...
+MAX_GRAM_INPUTS = 8192
+GRAM_WORK = 4e9
+# ... and otherwise estimates the top of the spectrum with this many random vectors and power steps.
+RANDOMIZED_RANK = 64
+POWER_STEPS = 2
+# Tangents per vmapped product: as many as keep one chunk of J's columns within this many bytes
+# (larger chunks amortise the per-op overhead: CNN6's products take 2-4x less time per column in
+# chunks of 512 than of 64), but at least MIN_CHUNK.
+CHUNK_BYTES = 512 * 2**20
+MIN_CHUNK = 16
+
+DENSE_RULE = "s_i > max(P, D) * eps * s_max (numpy's matrix_rank rule, eps of the product dtype)"
+# The Gram's rounding error, estimated from its asymmetry, is multiplied by this margin: measured
+# on CNN6, LeNet and resnet-mini (float32 products against float64 ones), the error of the
+# symmetrised Gram was 0.5 to 2 times the spectral norm of its asymmetry.
+ASYMMETRY_MARGIN = 4.0
+GRAM_RULE = (
+    f"s_i^2 > max({ASYMMETRY_MARGIN:g} * ||G - G^T||_2, D * eps64 * s_max^2) on the assembled Gram "
+    "G = J^T J (its asymmetry measures the rounding in its products)"
+)
+RANDOMIZED_RULE = "rank not estimated; unseen inputs: rows of J^T J Omega that are exactly zero"
+
+
+@dataclass(frozen=True)
+class Identifiability:
+    """The spectrum of J = d vec(observed gradient) / d input at one batch of samples.
+
+    unknowns: D, the input coordinates (embedded coordinates for token models), over the batch.
+    parameters: P, the observed gradient coordinates (trainable parameters).
+    rank, deficit: numerical rank of J and D − rank; None where the method cannot certify it.
+    unseen_inputs: inputs whose column of J is exactly zero (no gradient coordinate depends on
+        them; a lower bound on the deficit that every method counts exactly).
+    singular_values: descending, float64; all D of them when `complete`, else the top k.
+    frobenius_sq: ‖J‖_F² = tr(JᵀJ) (a Hutchinson estimate when not `complete`).
+    tolerance: the absolute threshold on singular values that gave the rank (0 where none).
+    whitened: J was scaled row by row by 1 / (known noise std) before the analysis.
+    clip_norm: J is that of the gradient clipped to this L2 norm (None: not clipped).
+    """
+
+    model: str
+    input_shape: tuple[int, ...]
+    batch_size: int
+    unknowns: int
+    parameters: int
+    rank: int | None
+    deficit: int | None
+    unseen_inputs: int
+    singular_values: np.ndarray
+    complete: bool
+    frobenius_sq: float
+    tolerance: float
+    tolerance_rule: str
+    method: str
+    dtype: str
+    whitened: bool
+    clip_norm: float | None
+    seconds: float
+    cost: str
+
+    @property
+    def identified(self) -> np.ndarray:
+        """The singular values above the tolerance (the top k for the randomized method)."""
+        return self.singular_values[self.singular_values > self.tolerance]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["input_shape"] = list(self.input_shape)
+        out["singular_values"] = [float(s) for s in self.singular_values]
+        return out
+
+    def summary(self) -> str:
+        """One line: what J is, its rank and how it was found."""
+        values = self.singular_values
+        spread = f"s_max {values[0]:.3g}" if len(values) else "no singular values"
+        if self.complete and self.rank:
+            spread += f", s_min(identified) {self.identified[-1]:.3g}"
+        rank = (
+            f"rank {self.rank} of {self.unknowns} (deficit {self.deficit})"
+            if self.rank is not None
+            else f"rank not estimated ({self.unseen_inputs} of {self.unknowns} inputs unseen)"
+        )
+        shape = f"{self.parameters} x {self.unknowns}"
+        return f"end-to-end J ({shape}): {rank}, {spread}; {self.method}, {self.cost}"
+
+
+def identifiability(
+    model: ZooModel,
+    inputs: Tensor,
+    labels: Tensor,
+    method: str = "auto",
+    *,
+    noise_std: Mapping[str, Tensor] | None = None,
+    clip_norm: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+    top_k: int = RANDOMIZED_RANK,
+    power_steps: int = POWER_STEPS,
+    threads: int | None = None,
+    seed: int = 0,
+) -> Identifiability:
+    """The rank and singular spectrum of d vec(grad_theta L(x, y)) / dx at `inputs` (B, *shape).
+
+    labels: dataset labels (the model's `targets` turns them into what the loss takes).
+    noise_std: per-parameter std of the observed gradient's noise (e.g.
+        `ObservedUpdate.gradient_noise`); J's rows are divided by it (the whitened Jacobian
+        Σ^{-1/2} J, whose JᵀJ is the Fisher information under that noise).
+    clip_norm: analyse the gradient clipped to this L2 norm, g · min(1, C / ‖g‖), as update
+        clipping (and DP-SGD's per-sample clipping at batch 1) sends it.
+    dtype: precision of the products (float64 unless speed matters more than the smallest
+        resolvable singular value, about sqrt(eps) · s_max for the Gram).
+    chunk: tangents per vmapped product (None: sized by CHUNK_BYTES).
+    threads: torch threads while computing (None: leave the process setting).
+    The model's mode is kept (a BatchNorm in training mode normalises with the batch's
+    statistics, as a client's training step does); the model itself is not modified.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if (chunk is not None and chunk < 1) or top_k < 1 or power_steps < 0:
+        raise ValueError("chunk and top_k must be at least 1 and power_steps at least 0")
+    with _torch_threads(threads):
+        start = time.perf_counter()
+        observed = _ObservedGradient(model, inputs, labels, dtype, noise_std, clip_norm)
+        size, params = observed.unknowns, observed.parameters
+        chosen = method if method != "auto" else _auto_method(size, params)
+        itemsize = torch.finfo(dtype).bits // 8
+        chunk = chunk or min(size, max(MIN_CHUNK, CHUNK_BYTES // (params * itemsize)))
+        if chosen == "dense":
+            values, rule, tol, unseen, cost = _dense(observed, chunk)
+        elif chosen == "gram":
+            values, rule, tol, unseen, cost = _gram(observed, chunk)
+        else:
+            values, rule, tol, unseen, cost = _randomized(
+                observed, min(top_k, size), power_steps, seed, chunk
+            )
+        complete = chosen != "randomized"
+        rank = int((values > tol).sum()) if complete else None
+        frobenius = float((values**2).sum()) if complete else observed.trace_estimate
+        return Identifiability(
+            model=str(getattr(model, "name", type(model).__name__)),
+            input_shape=tuple(int(d) for d in inputs.shape[1:]),
+            batch_size=int(inputs.shape[0]),
+            unknowns=size,
+            parameters=params,
+            rank=rank,
+            deficit=None if rank is None else size - rank,
+            unseen_inputs=unseen,
+            singular_values=values,
+            complete=complete,
+            frobenius_sq=frobenius,
+            tolerance=tol,
+            tolerance_rule=rule,
+            method=chosen,
+            dtype=str(dtype).removeprefix("torch."),
+            whitened=noise_std is not None,
+            clip_norm=clip_norm,
+            seconds=time.perf_counter() - start,
+            cost=cost,
+        )
+
+
+def _auto_method(size: int, params: int) -> str:
+    if size * params * 8 <= MAX_DENSE_BYTES:
+        return "dense"
+    if size <= MAX_GRAM_INPUTS and size * params <= GRAM_WORK:
+        return "gram"
+    return "randomized"
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _LossOfEmbedded(nn.Module):
+    """model.loss(model.forward_embedded(model.embed(raw) + delta), targets): the loss as a
+    function of a perturbation `delta` of the embedded input, so that parameters used by `embed`
+    (an embedding table) keep their gradient while the derivative is taken at the embedding."""
+
+    def __init__(self, model: ZooModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, delta: Tensor, raw: Tensor, targets: Tensor) -> Tensor:
+        embedded = self.model.embed(raw)
+        return self.model.loss(self.model.forward_embedded(embedded + delta), targets)
+
+
+class _ObservedGradient:
+    """h(delta): the flat observed gradient at the embedded input plus `delta`, with J v, Jᵀ u
+    and JᵀJ v products on it (delta = 0 is the client's sample)."""
+
+    def __init__(
+        self,
+        model: ZooModel,
+        inputs: Tensor,
+        labels: Tensor,
+        dtype: torch.dtype,
+        noise_std: Mapping[str, Tensor] | None,
+        clip_norm: float | None,
+    ) -> None:
+        net = _functional_copy(model, dtype)
+        self.loss_module = _LossOfEmbedded(net)
+        self.raw = inputs.detach().to(dtype) if inputs.is_floating_point() else inputs.detach()
+        self.targets = model.targets(labels.detach())
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = {f"model.{n}": p.detach() for n, p in named}
+        with torch.no_grad():
+            embedded = net.embed(self.raw)
+        if not embedded.is_floating_point():
+            raise ValueError(
+                f"{type(model).__name__}.embed returned {embedded.dtype}; a model with discrete "
+                "inputs must override embed/forward_embedded to expose a continuous input"
+            )
+        self.zero = torch.zeros_like(embedded, dtype=dtype)
+        self.unknowns = int(self.zero.numel())
+        self.parameters = sum(p.numel() for _, p in named)
+        self.clip_norm = clip_norm
+        self.row_scale = None if noise_std is None else _inverse_std(noise_std, named, dtype)
+        self.trace_estimate = float("nan")
+        self._vjp: Callable[[Tensor], tuple[Tensor]] | None = None
+
+    def __call__(self, delta: Tensor) -> Tensor:
+        def loss(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(self.loss_module, params, (delta, self.raw, self.targets))
+
+        grads = grad(loss)(self.params)
+        flat = torch.cat([grads[f"model.{n}"].reshape(-1) for n in self.names])
+        if self.clip_norm is not None:
+            flat = flat * torch.clamp(self.clip_norm / flat.norm(), max=1.0)
+        if self.row_scale is not None:
+            flat = flat * self.row_scale
+        return flat
+
+    def jacobian_columns(self, tangents: Tensor) -> Tensor:
+        """J V for V = tangents (k, D): (k, P)."""
+
+        def column(v: Tensor) -> Tensor:
+            return jvp(self, (self.zero,), (v.view_as(self.zero),))[1]
+
+        return vmap(column, randomness="same")(tangents)
+
+    def gram_columns(self, tangents: Tensor) -> Tensor:
+        """JᵀJ V for V = tangents (k, D): (k, D)."""
+        if self._vjp is None:
+            _, self._vjp = vjp(self, self.zero)
+        back = self._vjp
+        columns = self.jacobian_columns(tangents)
+        return vmap(lambda u: back(u)[0].reshape(-1), randomness="same")(columns)
+
+
+def _functional_copy(model: ZooModel, dtype: torch.dtype) -> ZooModel:
+    """A copy in `dtype` that torch.func can differentiate: a BatchNorm in training mode keeps
+    normalising with the batch's statistics but no longer writes running statistics (an in-place
+    update of a shared buffer cannot be batched by vmap)."""
+    net = copy.deepcopy(model).to(dtype)
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+    return net
+
+
+def _inverse_std(
+    noise_std: Mapping[str, Tensor], named: list[tuple[str, nn.Parameter]], dtype: torch.dtype
+) -> Tensor:
+    missing = [n for n, _ in named if n not in noise_std]
+    if missing:
+        raise ValueError(f"noise_std lacks parameters {missing[:3]}; give one std tensor per parameter")
+    stds = []
+    for name, param in named:
+        std = torch.as_tensor(noise_std[name]).to(dtype)
+        if std.shape != param.shape or not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
+            raise ValueError(
+                f"noise_std[{name!r}] must be positive and finite, shaped like the parameter "
+                f"{tuple(param.shape)}"
+            )
+        stds.append(std.reshape(-1))
+    return 1.0 / torch.cat(stds)
+
+
+def _basis_chunks(size: int, chunk: int, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
+    for begin in range(0, size, chunk):
+        end = min(begin + chunk, size)
+        basis = torch.zeros(end - begin, size, dtype=dtype)
+        basis[torch.arange(end - begin), torch.arange(begin, end)] = 1.0
+        yield begin, basis
+
+
+def _dense(observed: _ObservedGradient, chunk: int) -> tuple[np.ndarray, str, float, int, str]:
+    size, params = observed.unknowns, observed.parameters
+    dtype = observed.zero.dtype
+    jac = torch.empty(params, size, dtype=torch.float64)
+    for begin, basis in _basis_chunks(size, chunk, dtype):
+        jac[:, begin : begin + len(basis)] = observed.jacobian_columns(basis).T.double()
+    values = torch.linalg.svdvals(jac).numpy()
+    unseen = int((jac == 0).all(dim=0).sum())
+    eps = float(torch.finfo(dtype).eps)
+    tol = max(params, size) * eps * float(values[0]) if len(values) else 0.0
+    cost = f"{size} Jv products (jvp of the gradient) in chunks of {chunk}, SVD of a {params} x {size} J"
+    return values.astype(np.float64), DENSE_RULE, tol, unseen, cost
+
+
+def _gram(observed: _ObservedGradient, chunk: int) -> tuple[np.ndarray, str, float, int, str]:
+    size = observed.unknowns
+    dtype = observed.zero.dtype
+    gram = torch.empty(size, size, dtype=torch.float64)
+    for begin, basis in _basis_chunks(size, chunk, dtype):
+        gram[begin : begin + len(basis)] = observed.gram_columns(basis).double()
+    asymmetry = _spectral_norm(gram - gram.T)
+    unseen = int((gram == 0).all(dim=1).sum())
+    eigen = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp(min=0.0).numpy()
+    eps = float(torch.finfo(torch.float64).eps)
+    floor = max(ASYMMETRY_MARGIN * asymmetry, size * eps * float(eigen[0])) if len(eigen) else 0.0
+    cost = (
+        f"{size} J^T J v products (jvp then vjp of the gradient) in chunks of {chunk}, "
+        f"eigvalsh of a {size} x {size} Gram"
+    )
+    return np.sqrt(eigen).astype(np.float64), GRAM_RULE, float(np.sqrt(floor)), unseen, cost
+
+
+def _gram_rows(observed: _ObservedGradient, vectors: Tensor, chunk: int) -> Tensor:
+    """(JᵀJ V)ᵀ for the rows V of `vectors`, `chunk` at a time, in float64."""
+    dtype = observed.zero.dtype
+    return torch.cat([observed.gram_columns(part.to(dtype)).double() for part in vectors.split(chunk)])
+
+
+def _spectral_norm(matrix: Tensor, steps: int = 30) -> float:
+    """‖A‖_2 by power iteration on AᵀA (seeded; D² work per step instead of an SVD's D³)."""
+    if not bool(matrix.any()):
+        return 0.0
+    vector = torch.randn(matrix.shape[1], generator=torch.Generator().manual_seed(0), dtype=matrix.dtype)
+    for _ in range(steps):
+        vector = matrix.T @ (matrix @ vector)
+        vector = vector / vector.norm()
+    return float((matrix @ vector).norm())
+
+
+def _randomized(
+    observed: _ObservedGradient, rank: int, power_steps: int, seed: int, chunk: int
+) -> tuple[np.ndarray, str, float, int, str]:
+    size = observed.unknowns
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(rank, size, generator=generator, dtype=torch.float64)
+    image = _gram_rows(observed, omega, chunk)  # rows: (JᵀJ ω_j)ᵀ
+    # E[ωᵀ JᵀJ ω] = tr(JᵀJ) for standard-normal ω (Hutchinson).
+    observed.trace_estimate = float((omega * image).sum(dim=1).mean())
+    # A row of JᵀJ is zero exactly when that input's column of J is; for a Gaussian Ω a non-zero
+    # row gives a zero in every column of JᵀJΩ with probability 0.
+    unseen = int((image == 0).all(dim=0).sum())
+    for _ in range(power_steps):
+        basis = torch.linalg.qr(image.T).Q.T
+        image = _gram_rows(observed, basis, chunk)
+    basis = torch.linalg.qr(image.T).Q.T
+    projected = basis @ _gram_rows(observed, basis, chunk).T
+    eigen = torch.linalg.eigvalsh((projected + projected.T) / 2).flip(0).clamp(min=0.0).numpy()
+    products = rank * (power_steps + 2)
+    cost = (
+        f"{products} J^T J v products ({rank} random vectors, {power_steps} power steps, "
+        f"Rayleigh-Ritz): top-{rank} singular values, Hutchinson estimate of ||J||_F^2"
+    )
+    return np.sqrt(eigen).astype(np.float64), RANDOMIZED_RULE, 0.0, unseen, cost
