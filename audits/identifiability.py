@@ -67,6 +67,11 @@ GRAM_RULE = (
     f"s_i^2 > max({ASYMMETRY_MARGIN:g} * ||G - G^T||_2, D * eps64 * s_max^2) on the assembled Gram "
     "G = J^T J (its asymmetry measures the rounding in its products)"
 )
+REFINED_RULE = (
+    "float32 Gram G; its eigenvalues below {margin:g} * ||G - G^T||_2 ({count} of them) recomputed by "
+    "float64 Rayleigh-Ritz on their eigenvectors (B = V^T J^T J V); s_i^2 > max({margin:g} * "
+    "||B - B^T||_2, D * eps64 * s_max^2)"
+)
 RANDOMIZED_RULE = "rank not estimated; unseen inputs: rows of J^T J Omega that are exactly zero"
 
 
@@ -140,7 +145,7 @@ def identifiability(
     *,
     noise_std: Mapping[str, Tensor] | None = None,
     clip_norm: float | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
     chunk: int | None = None,
     top_k: int = RANDOMIZED_RANK,
     power_steps: int = POWER_STEPS,
@@ -155,8 +160,10 @@ def identifiability(
         Σ^{-1/2} J, whose JᵀJ is the Fisher information under that noise).
     clip_norm: analyse the gradient clipped to this L2 norm, g · min(1, C / ‖g‖), as update
         clipping (and DP-SGD's per-sample clipping at batch 1) sends it.
-    dtype: precision of the products (float64 unless speed matters more than the smallest
-        resolvable singular value, about sqrt(eps) · s_max for the Gram).
+    dtype: precision of the products. None: float64 for "dense"; float32 for "gram", whose
+        uncertain bottom eigenvalues are then recomputed with float64 products (three times
+        slower on CPU, where float64 convolutions have no oneDNN kernels); float32 for
+        "randomized". float64 for "gram" makes every product float64.
     chunk: tangents per vmapped product (None: sized by CHUNK_BYTES).
     threads: torch threads while computing (None: leave the process setting).
     The model's mode is kept (a BatchNorm in training mode normalises with the batch's
@@ -168,15 +175,23 @@ def identifiability(
         raise ValueError("chunk and top_k must be at least 1 and power_steps at least 0")
     with _torch_threads(threads):
         start = time.perf_counter()
-        observed = _ObservedGradient(model, inputs, labels, dtype, noise_std, clip_norm)
+
+        def observed_in(precision: torch.dtype) -> _ObservedGradient:
+            return _ObservedGradient(model, inputs, labels, precision, noise_std, clip_norm)
+
+        observed = observed_in(torch.float32)
         size, params = observed.unknowns, observed.parameters
         chosen = method if method != "auto" else _auto_method(size, params)
+        dtype = dtype or (torch.float64 if chosen == "dense" else torch.float32)
+        if dtype != torch.float32:
+            observed = observed_in(dtype)
         itemsize = torch.finfo(dtype).bits // 8
         chunk = chunk or min(size, max(MIN_CHUNK, CHUNK_BYTES // (params * itemsize)))
         if chosen == "dense":
             values, rule, tol, unseen, cost = _dense(observed, chunk)
         elif chosen == "gram":
-            values, rule, tol, unseen, cost = _gram(observed, chunk)
+            exact = None if dtype == torch.float64 else (lambda: observed_in(torch.float64))
+            values, rule, tol, unseen, cost = _gram(observed, chunk, exact)
         else:
             values, rule, tol, unseen, cost = _randomized(
                 observed, min(top_k, size), power_steps, seed, chunk
@@ -358,22 +373,42 @@ def _dense(observed: _ObservedGradient, chunk: int) -> tuple[np.ndarray, str, fl
     return values.astype(np.float64), DENSE_RULE, tol, unseen, cost
 
 
-def _gram(observed: _ObservedGradient, chunk: int) -> tuple[np.ndarray, str, float, int, str]:
+def _gram(
+    observed: _ObservedGradient, chunk: int, exact: Callable[[], _ObservedGradient] | None
+) -> tuple[np.ndarray, str, float, int, str]:
+    """Eigenvalues of the assembled JᵀJ; with `exact` (a float64 gradient map), those that the
+    products' rounding leaves uncertain are recomputed in float64 on their eigenvectors."""
     size = observed.unknowns
     dtype = observed.zero.dtype
     gram = torch.empty(size, size, dtype=torch.float64)
     for begin, basis in _basis_chunks(size, chunk, dtype):
         gram[begin : begin + len(basis)] = observed.gram_columns(basis).double()
-    asymmetry = _spectral_norm(gram - gram.T)
-    unseen = int((gram == 0).all(dim=1).sum())
-    eigen = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp(min=0.0).numpy()
+    error = ASYMMETRY_MARGIN * _spectral_norm(gram - gram.T)
+    # Inputs no gradient coordinate depends on have exactly zero rows and columns: they are
+    # null directions as they stand, and the eigenproblem is solved on the others.
+    seen = ~(gram == 0).all(dim=1)
+    unseen = size - int(seen.sum())
+    inner = ((gram + gram.T) / 2)[seen][:, seen]
+    cost = f"{size} J^T J v products (jvp then vjp of the gradient) in chunks of {chunk}"
+    if exact is None or not len(inner):
+        eigen = torch.linalg.eigvalsh(inner)
+        rule = GRAM_RULE
+    else:
+        eigen, vectors = torch.linalg.eigh(inner)
+        uncertain = int((eigen < error).sum())
+        rule = REFINED_RULE.format(margin=ASYMMETRY_MARGIN, count=uncertain)
+        if uncertain:
+            basis = torch.zeros(uncertain, size, dtype=torch.float64)
+            basis[:, seen] = vectors[:, :uncertain].T
+            projected = basis @ _gram_rows(exact(), basis, chunk).T
+            error = ASYMMETRY_MARGIN * _spectral_norm(projected - projected.T)
+            eigen[:uncertain] = torch.linalg.eigvalsh((projected + projected.T) / 2)
+            cost += f", {uncertain} float64 products to recompute the uncertain eigenvalues"
+    eigen = torch.cat([eigen.flip(0).clamp(min=0.0), torch.zeros(unseen, dtype=torch.float64)]).numpy()
+    cost += f", eigendecomposition of a {len(inner)} x {len(inner)} Gram"
     eps = float(torch.finfo(torch.float64).eps)
-    floor = max(ASYMMETRY_MARGIN * asymmetry, size * eps * float(eigen[0])) if len(eigen) else 0.0
-    cost = (
-        f"{size} J^T J v products (jvp then vjp of the gradient) in chunks of {chunk}, "
-        f"eigvalsh of a {size} x {size} Gram"
-    )
-    return np.sqrt(eigen).astype(np.float64), GRAM_RULE, float(np.sqrt(floor)), unseen, cost
+    floor = max(error, size * eps * float(eigen[0])) if len(eigen) else 0.0
+    return np.sqrt(eigen).astype(np.float64), rule, float(np.sqrt(floor)), unseen, cost
 
 
 def _gram_rows(observed: _ObservedGradient, vectors: Tensor, chunk: int) -> Tensor:
