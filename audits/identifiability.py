@@ -52,6 +52,7 @@ GRAM_WORK = 4e9
 # ... and otherwise estimates the top of the spectrum with this many random vectors and power steps.
 RANDOMIZED_RANK = 64
 POWER_STEPS = 2
+OVERSAMPLE = 8  # extra random vectors beyond the k reported (Halko et al.'s p)
 # Tangents per vmapped product: as many as keep one chunk of J's columns within this many bytes
 # (larger chunks amortise the per-op overhead: CNN6's products take 2-4x less time per column in
 # chunks of 512 than of 64), but at least MIN_CHUNK.
@@ -222,6 +223,22 @@ def identifiability(
         )
 
 
+def observed_jacobian(
+    model: ZooModel,
+    inputs: Tensor,
+    labels: Tensor,
+    *,
+    noise_std: Mapping[str, Tensor] | None = None,
+    clip_norm: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int = 256,
+) -> Tensor:
+    """J itself, (P, D): what the "dense" method decomposes, for small models and checks. Rows
+    follow `model.named_parameters()` (trainable ones, each flattened), columns the embedded input."""
+    observed = _ObservedGradient(model, inputs, labels, dtype, noise_std, clip_norm)
+    return _jacobian(observed, chunk)
+
+
 def _auto_method(size: int, params: int) -> str:
     if size * params * 8 <= MAX_DENSE_BYTES:
         return "dense"
@@ -359,12 +376,17 @@ def _basis_chunks(size: int, chunk: int, dtype: torch.dtype) -> Iterator[tuple[i
         yield begin, basis
 
 
+def _jacobian(observed: _ObservedGradient, chunk: int) -> Tensor:
+    jac = torch.empty(observed.parameters, observed.unknowns, dtype=torch.float64)
+    for begin, basis in _basis_chunks(observed.unknowns, chunk, observed.zero.dtype):
+        jac[:, begin : begin + len(basis)] = observed.jacobian_columns(basis).T.double()
+    return jac
+
+
 def _dense(observed: _ObservedGradient, chunk: int) -> tuple[np.ndarray, str, float, int, str]:
     size, params = observed.unknowns, observed.parameters
     dtype = observed.zero.dtype
-    jac = torch.empty(params, size, dtype=torch.float64)
-    for begin, basis in _basis_chunks(size, chunk, dtype):
-        jac[:, begin : begin + len(basis)] = observed.jacobian_columns(basis).T.double()
+    jac = _jacobian(observed, chunk)
     values = torch.linalg.svdvals(jac).numpy()
     unseen = int((jac == 0).all(dim=0).sum())
     eps = float(torch.finfo(dtype).eps)
@@ -432,8 +454,9 @@ def _randomized(
     observed: _ObservedGradient, rank: int, power_steps: int, seed: int, chunk: int
 ) -> tuple[np.ndarray, str, float, int, str]:
     size = observed.unknowns
+    vectors = min(size, rank + OVERSAMPLE)
     generator = torch.Generator().manual_seed(seed)
-    omega = torch.randn(rank, size, generator=generator, dtype=torch.float64)
+    omega = torch.randn(vectors, size, generator=generator, dtype=torch.float64)
     image = _gram_rows(observed, omega, chunk)  # rows: (JᵀJ ω_j)ᵀ
     # E[ωᵀ JᵀJ ω] = tr(JᵀJ) for standard-normal ω (Hutchinson).
     observed.trace_estimate = float((omega * image).sum(dim=1).mean())
@@ -445,10 +468,10 @@ def _randomized(
         image = _gram_rows(observed, basis, chunk)
     basis = torch.linalg.qr(image.T).Q.T
     projected = basis @ _gram_rows(observed, basis, chunk).T
-    eigen = torch.linalg.eigvalsh((projected + projected.T) / 2).flip(0).clamp(min=0.0).numpy()
-    products = rank * (power_steps + 2)
+    eigen = torch.linalg.eigvalsh((projected + projected.T) / 2).flip(0).clamp(min=0.0).numpy()[:rank]
     cost = (
-        f"{products} J^T J v products ({rank} random vectors, {power_steps} power steps, "
-        f"Rayleigh-Ritz): top-{rank} singular values, Hutchinson estimate of ||J||_F^2"
+        f"{vectors * (power_steps + 2)} J^T J v products ({vectors} random vectors, {power_steps} "
+        f"power steps, Rayleigh-Ritz): top-{rank} singular values (Ritz values, each at most the "
+        "true one), Hutchinson estimate of ||J||_F^2"
     )
     return np.sqrt(eigen).astype(np.float64), RANDOMIZED_RULE, 0.0, unseen, cost
