@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -325,7 +326,10 @@ class _ObservedGradient:
         def column(v: Tensor) -> Tensor:
             return jvp(self, (self.zero,), (v.view_as(self.zero),))[1]
 
-        return vmap(column, randomness="same")(tangents)
+        with warnings.catch_warnings():
+            # torch loads its forward-mode decompositions with torch.jit.script on first use.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+            return vmap(column, randomness="same")(tangents)
 
     def gram_columns(self, tangents: Tensor) -> Tensor:
         """JᵀJ V for V = tangents (k, D): (k, D)."""
