@@ -194,3 +194,20 @@ def test_whitening_divides_rows_and_batchnorm_buffers_stay_untouched() -> None:
     assert net.training
     with pytest.raises(ValueError, match="positive and finite"):
         observed_jacobian(net, x, y, noise_std={n: torch.zeros_like(p) for n, p in net.named_parameters()})
+
+
+def test_gram_products_match_the_dense_jacobian_with_clipping_and_whitening() -> None:
+    """J^T J v from the two product paths equals J^T (J v) from J itself."""
+    from audits.identifiability import _ObservedGradient
+
+    net = _seeded(_tiny_tanh_net)
+    x = torch.rand(1, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([2])
+    g = _flat_gradient(net, x, y).detach()
+    stds = {n: torch.rand(p.shape, dtype=torch.float64) + 0.5 for n, p in net.named_parameters()}
+    for clip in (None, 0.3 * float(g.norm())):
+        jac = observed_jacobian(net, x, y, noise_std=stds, clip_norm=clip)
+        observed = _ObservedGradient(net, x, y, torch.float64, stds, clip)
+        vectors = torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        expected = (jac.T @ (jac @ vectors.T)).T
+        assert torch.allclose(observed.gram_columns(vectors), expected, rtol=1e-9, atol=1e-12)
