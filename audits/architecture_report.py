@@ -8,8 +8,12 @@ Three predictions, each honest about where it stops:
 * end-to-end identifiability (`audits.identifiability`) at one attacked sample: the rank deficit
   of d gradient / d input, for any differentiable model;
 * the Cramér–Rao PSNR ceiling (`audits.leakage_bound`) at the noise the attacks faced: Gaussian
-  noise of std σ on the exact gradient, or, for an exact gradient, the float32 rounding of a
-  one-step weight delta at ROUNDING_LEARNING_RATE (the least noise a FedAvg server sees).
+  noise of std σ on the exact gradient, or, for an exact gradient, noise of the power of the
+  float32 rounding of a one-step weight delta at ROUNDING_LEARNING_RATE (the least noise a FedAvg
+  server sees): uniform, at the RMS of its per-entry stds. The exact per-entry version (the
+  whitened J, `leakage_bound` with `identifiability(noise_std=...)`) spans so many decades (the
+  ulp of a weight near zero is tiny) that its Gram needs float64 products throughout, several
+  times the cost; the uniform one shares the unwhitened J with the deficit.
 
 Beside them, each attack's PSNR on that sample and its mean over all samples. The ceiling holds
 for unbiased attackers only; an attack with an image prior that beats it is flagged, not hidden.
@@ -62,7 +66,10 @@ class ObservationNoise:
     def bound_at(self) -> str:
         if self.sigma > 0:
             return f"Gaussian sigma = {self.sigma:g} per gradient entry"
-        return f"float32 rounding of a one-step weight delta at lr {self.rounding_learning_rate:g}"
+        return (
+            f"the power of float32 rounding of a one-step weight delta at lr {self.rounding_learning_rate:g} "
+            "(uniform sigma = RMS of its per-entry stds)"
+        )
 
 
 @dataclass(frozen=True)
@@ -203,15 +210,14 @@ def _end_to_end(
     method: str,
     seed: int,
 ) -> tuple[Identifiability, LeakageBound]:
-    peak = _peak(model)
-    if noise.sigma > 0:
-        ident = identifiability(model, inputs, labels, method, seed=seed)
-        return ident, leakage_bound(ident, noise.sigma, noise.bound_at, peak)
-    if gradients is None:  # on a copy: a BatchNorm in training mode would update its statistics
-        gradients = observe_gradient(copy.deepcopy(model), inputs, labels).gradients
-    stds = weight_delta_rounding_std(model, gradients, noise.rounding_learning_rate)
-    ident = identifiability(model, inputs, labels, method, noise_std=stds, seed=seed)
-    return ident, leakage_bound(ident, 1.0, noise.bound_at, peak)
+    ident = identifiability(model, inputs, labels, method, seed=seed)
+    sigma = noise.sigma
+    if sigma == 0:
+        if gradients is None:  # on a copy: a BatchNorm in training mode would update its statistics
+            gradients = observe_gradient(copy.deepcopy(model), inputs, labels).gradients
+        stds = weight_delta_rounding_std(model, gradients, noise.rounding_learning_rate)
+        sigma = float(torch.cat([s.reshape(-1) for s in stds.values()]).square().mean().sqrt())
+    return ident, leakage_bound(ident, sigma, noise.bound_at, _peak(model))
 
 
 def _peak(model: ZooModel) -> float | None:
@@ -276,8 +282,9 @@ def _bound_line(report: ArchitectureReport) -> str:
         f"({bound.unidentifiable_fraction:.1%}), not counted in the floor"
     )
     kind = "" if bound.exact else " (lower estimate from a partial spectrum)"
+    at = report.noise.bound_at if report.noise.sigma > 0 else f"{report.noise.bound_at} = {bound.sigma:.3g}"
     return (
-        f"{saw}; Cramer-Rao at {report.noise.bound_at}: per-input MSE >= {bound.mse_floor:.3g}{kind}, "
+        f"{saw}; Cramer-Rao at {at}: per-input MSE >= {bound.mse_floor:.3g}{kind}, "
         f"PSNR ceiling {ceiling} for unbiased attackers{share}"
     )
 

@@ -481,7 +481,12 @@ def _gram(
     if exact is not None and uncertain:
         # Rayleigh-Ritz in float64 on (a slightly larger) subspace of the uncertain eigenvectors:
         # its Ritz values bound the bottom eigenvalues from above, accurately when it holds them.
-        vectors = _bottom_subspace(inner, min(2 * uncertain + OVERSAMPLE, len(inner)), 2 * error)
+        width = 2 * uncertain + OVERSAMPLE
+        # Past half the inputs the subspace iteration costs more than the float64 Gram itself.
+        if 2 * width >= len(inner):
+            vectors = torch.eye(len(inner), dtype=torch.float64)
+        else:
+            vectors = _bottom_subspace(inner, width, 2 * error)
         basis = torch.zeros(vectors.shape[1], size, dtype=torch.float64)
         basis[:, seen] = vectors.T
         projected = basis @ _gram_rows(exact(), basis, chunk).T

@@ -86,7 +86,7 @@ def audit_model(
             model, torch.from_numpy(np.ascontiguousarray(x[None])), torch.tensor([int(y)])
         )
         exact_gradients.append(update.gradients)
-        update = _with_noise(update, gradient_noise, seed, sample)
+        update = with_gradient_noise(update, gradient_noise, seed, sample)
         context = AuditContext(threat, sample=sample, rank_score=security.score)
         updates.append(auditor.audit(update, Truth(x[None], np.array([int(y)])), context))
     rows = [row for update in updates for row in update.rows]
@@ -104,7 +104,7 @@ def audit_model(
     return StandaloneAudit(security, updates, architecture, threat)
 
 
-def _with_noise(update: ObservedUpdate, sigma: float, seed: int, sample: int) -> ObservedUpdate:
+def with_gradient_noise(update: ObservedUpdate, sigma: float, seed: int, sample: int) -> ObservedUpdate:
     """The update plus seeded N(0, sigma^2) per gradient entry, its noise recorded for the
     attacks that weight their equations by it."""
     if sigma == 0:
