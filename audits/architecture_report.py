@@ -82,7 +82,8 @@ class AttackOutcome:
     max_psnr: float | None
     reconstructed: int
     updates: int
-    beats_ceiling: bool | None  # psnr > ceiling: possible only for a biased attacker
+    beats_ceiling: bool | None  # psnr > ceiling (possible only for a biased attacker); None when
+    # the attacks saw the exact gradient, i.e. not the noise the ceiling assumes
 
 
 @dataclass
@@ -196,7 +197,8 @@ def architecture_report(
         bound=bound,
         bound_sample=bound_sample,
     )
-    report.attacks = attack_outcomes(rows, bound_sample, report.psnr_ceiling)
+    # The verdict compares like with like: only attacks that faced the bound's noise are judged.
+    report.attacks = attack_outcomes(rows, bound_sample, report.psnr_ceiling if noise.sigma > 0 else None)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -306,8 +308,13 @@ def _attack_table(report: ArchitectureReport) -> str:
             )
         )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if report.noise.sigma == 0:
+        lines.append(
+            "(the attacks saw the exact gradient, not the noise the ceiling assumes: no verdict; "
+            "pass --gradient-noise to compare like with like)"
+        )
     return "\n".join(lines)
 
 

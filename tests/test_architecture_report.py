@@ -52,6 +52,8 @@ def test_noise_the_attacks_face_sets_the_ceiling_and_reaches_the_attacks() -> No
     (outcome,) = noisy.architecture.attacks
     assert outcome.attack == "analytic-fc" and outcome.psnr == noisy.rows[0].psnr
     assert outcome.psnr < quiet.architecture.attacks[0].psnr
+    # Only attacks that faced the ceiling's noise get a verdict.
+    assert outcome.beats_ceiling is not None and quiet.architecture.attacks[0].beats_ceiling is None
     assert noisy.architecture.bound_sample == 10
 
 
