@@ -14,15 +14,19 @@ Three ways to get the spectrum (`method="auto"` picks by size):
 
 * "dense": J formed chunk by chunk from vmapped forward-over-reverse products (jvp of the
   gradient), then its SVD. Needs P·D float64 numbers in memory.
-* "gram": JᵀJ (D × D) assembled column by column from vmapped products Jᵀ(J v), a jvp then a
-  vjp of the same gradient map; J itself is never held. Then a float64 eigendecomposition.
+* "gram": JᵀJ (D × D) assembled column by column from vmapped products Jᵀ(J v): J v by forward
+  over reverse mode (a jvp of the gradient), Jᵀ u by reverse over forward mode (the input gradient
+  of L's derivative along u in parameter space); J itself is never held. Products run in float32;
+  the Gram is accumulated and decomposed in float64.
 * "randomized": block subspace iteration on JᵀJ (Halko, Martinsson & Tropp 2011, algorithms 4.4
   and 5.3) with k random start vectors: the k largest singular values, a Hutchinson estimate of
   ‖J‖_F², and the exact count of inputs whose column of J is zero. It does not estimate the rank:
   certifying that the smallest singular value is not zero costs as much as the Gram.
 
 The Gram's numerical rank uses a tolerance read off the Gram itself: JᵀJ is symmetric, so the
-asymmetry ‖G − Gᵀ‖_F of the assembled G measures the rounding in its products.
+asymmetry ‖G − Gᵀ‖₂ of the assembled G measures the rounding in its products. Eigenvalues below
+it are recomputed from float64 products on a subspace holding their eigenvectors (on CNN6 at
+32×32, 43 of 3,072, which float32 alone would have counted as a deficit).
 """
 
 from __future__ import annotations
@@ -128,20 +132,6 @@ class Identifiability:
         out["singular_values"] = [float(s) for s in self.singular_values]
         return out
 
-    def summary(self) -> str:
-        """One line: what J is, its rank and how it was found."""
-        values = self.singular_values
-        spread = f"s_max {values[0]:.3g}" if len(values) else "no singular values"
-        if self.complete and self.rank:
-            spread += f", s_min(identified) {self.identified[-1]:.3g}"
-        rank = (
-            f"rank {self.rank} of {self.unknowns} (deficit {self.deficit})"
-            if self.rank is not None
-            else f"rank not estimated ({self.unseen_inputs} of {self.unknowns} inputs unseen)"
-        )
-        shape = f"{self.parameters} x {self.unknowns}"
-        return f"end-to-end J ({shape}): {rank}, {spread}; {self.method}, {self.cost}"
-
 
 def identifiability(
     model: ZooModel,
@@ -168,8 +158,9 @@ def identifiability(
         clipping (and DP-SGD's per-sample clipping at batch 1) sends it.
     dtype: precision of the products. None: float64 for "dense"; float32 for "gram", whose
         uncertain bottom eigenvalues are then recomputed with float64 products (three times
-        slower on CPU, where float64 convolutions have no oneDNN kernels); float32 for
-        "randomized". float64 for "gram" makes every product float64.
+        slower on CPU, where float64 convolutions have no oneDNN kernels), except for a whitened
+        J, whose spectrum spans too many decades for float32 (on CNN6 more than half of the
+        eigenvalues came out uncertain): float64 throughout; float32 for "randomized".
     chunk: tangents per vmapped product (None: sized by CHUNK_BYTES).
     threads: torch threads while computing (None: leave the process setting).
     The model's mode is kept (a BatchNorm in training mode normalises with the batch's
@@ -188,7 +179,8 @@ def identifiability(
         observed = observed_in(torch.float32)
         size, params = observed.unknowns, observed.parameters
         chosen = method if method != "auto" else _auto_method(size, params)
-        dtype = dtype or (torch.float64 if chosen == "dense" else torch.float32)
+        whitened_gram = chosen == "gram" and noise_std is not None
+        dtype = dtype or (torch.float64 if chosen == "dense" or whitened_gram else torch.float32)
         if dtype != torch.float32:
             observed = observed_in(dtype)
         chunk = chunk or _even_chunk(size, params * torch.finfo(dtype).bits // 8)
@@ -474,7 +466,7 @@ def _gram(
     seen = ~(gram == 0).all(dim=1)
     unseen = size - int(seen.sum())
     inner = ((gram + gram.T) / 2)[seen][:, seen]
-    cost = f"{size} J^T J v products (jvp then vjp of the gradient) in chunks of {chunk}"
+    cost = f"{size} J^T J v products (forward over reverse, then reverse over forward) in chunks of {chunk}"
     eigen = torch.linalg.eigvalsh(inner)
     rule = GRAM_RULE
     uncertain = int((eigen < error).sum())
