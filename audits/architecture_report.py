@@ -41,6 +41,9 @@ from models.base import ZooModel
 # The learning rate at which an exact-gradient audit states its bound: the float32 rounding of
 # the weights after one SGD step, seen as a gradient, has std ulp(w) / sqrt(12) / lr.
 ROUNDING_LEARNING_RATE = 0.1
+# Torch threads for the end-to-end analysis, as the audit engine runs its attacks: on the 2-core
+# dev machine with the other core busy, CNN6's Gram took 20-26 s on one thread and 51 s on two.
+ANALYSIS_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def _end_to_end(
     method: str,
     seed: int,
 ) -> tuple[Identifiability, LeakageBound]:
-    ident = identifiability(model, inputs, labels, method, seed=seed)
+    ident = identifiability(model, inputs, labels, method, seed=seed, threads=ANALYSIS_THREADS)
     sigma = noise.sigma
     if sigma == 0:
         if gradients is None:  # on a copy: a BatchNorm in training mode would update its statistics

@@ -67,6 +67,11 @@ CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK = 16
 MAX_CHUNK = 512
 
+# Threads for the dense linear algebra (eigvalsh, Cholesky, QR, SVD). Measured on the 2-core dev
+# machine with the other core busy: eigvalsh of a 768 x 768 Gram took 0.07 s on one thread and
+# 4-6 s on two, of a 3072 x 3072 one 1.4 s and 7 s (MKL's threads wait on each other).
+LINALG_THREADS = 1
+
 DENSE_RULE = "s_i > max(P, D) * eps * s_max (numpy's matrix_rank rule, eps of the product dtype)"
 # The Gram's rounding error, estimated from its asymmetry, is multiplied by this margin: measured
 # on CNN6, LeNet and resnet-mini (float32 products against float64 ones), the error of the
@@ -442,7 +447,8 @@ def _dense(observed: _ObservedGradient, chunk: int) -> tuple[np.ndarray, str, fl
     size, params = observed.unknowns, observed.parameters
     dtype = observed.zero.dtype
     jac = _jacobian(observed, chunk)
-    values = torch.linalg.svdvals(jac).numpy()
+    with _torch_threads(LINALG_THREADS):
+        values = torch.linalg.svdvals(jac).numpy()
     unseen = int((jac == 0).all(dim=0).sum())
     eps = float(torch.finfo(dtype).eps)
     tol = max(params, size) * eps * float(values[0]) if len(values) else 0.0
@@ -460,14 +466,15 @@ def _gram(
     gram = torch.empty(size, size, dtype=torch.float64)
     for begin, basis in _basis_chunks(size, chunk, dtype):
         gram[begin : begin + len(basis)] = observed.gram_columns(basis).double()
-    error = ASYMMETRY_MARGIN * _spectral_norm(gram - gram.T)
     # Inputs no gradient coordinate depends on have exactly zero rows and columns: they are
     # null directions as they stand, and the eigenproblem is solved on the others.
     seen = ~(gram == 0).all(dim=1)
     unseen = size - int(seen.sum())
     inner = ((gram + gram.T) / 2)[seen][:, seen]
     cost = f"{size} J^T J v products (forward over reverse, then reverse over forward) in chunks of {chunk}"
-    eigen = torch.linalg.eigvalsh(inner)
+    with _torch_threads(LINALG_THREADS):
+        error = ASYMMETRY_MARGIN * _spectral_norm(gram - gram.T)
+        eigen = torch.linalg.eigvalsh(inner)
     rule = GRAM_RULE
     uncertain = int((eigen < error).sum())
     if exact is not None and uncertain:
@@ -478,12 +485,14 @@ def _gram(
         if 2 * width >= len(inner):
             vectors = torch.eye(len(inner), dtype=torch.float64)
         else:
-            vectors = _bottom_subspace(inner, width, 2 * error)
+            with _torch_threads(LINALG_THREADS):
+                vectors = _bottom_subspace(inner, width, 2 * error)
         basis = torch.zeros(vectors.shape[1], size, dtype=torch.float64)
         basis[:, seen] = vectors.T
         projected = basis @ _gram_rows(exact(), basis, chunk).T
-        error = ASYMMETRY_MARGIN * _spectral_norm(projected - projected.T)
-        ritz = torch.linalg.eigvalsh((projected + projected.T) / 2)
+        with _torch_threads(LINALG_THREADS):
+            error = ASYMMETRY_MARGIN * _spectral_norm(projected - projected.T)
+            ritz = torch.linalg.eigvalsh((projected + projected.T) / 2)
         eigen = torch.sort(torch.cat([ritz[:uncertain], eigen[uncertain:]])).values
         rule = REFINED_RULE.format(margin=ASYMMETRY_MARGIN, count=uncertain)
         cost += f", {len(basis)} float64 products to recompute {uncertain} uncertain eigenvalues"
@@ -519,6 +528,11 @@ def _gram_rows(observed: _ObservedGradient, vectors: Tensor, chunk: int) -> Tens
     return torch.cat([observed.gram_columns(part.to(dtype)).double() for part in vectors.split(chunk)])
 
 
+def _orthonormal_rows(rows: Tensor) -> Tensor:
+    with _torch_threads(LINALG_THREADS):
+        return torch.linalg.qr(rows.T).Q.T
+
+
 def _spectral_norm(matrix: Tensor, steps: int = 30) -> float:
     """‖A‖_2 by power iteration on AᵀA (seeded; D² work per step instead of an SVD's D³)."""
     if not bool(matrix.any()):
@@ -544,11 +558,11 @@ def _randomized(
     # row gives a zero in every column of JᵀJΩ with probability 0.
     unseen = int((image == 0).all(dim=0).sum())
     for _ in range(power_steps):
-        basis = torch.linalg.qr(image.T).Q.T
-        image = _gram_rows(observed, basis, chunk)
-    basis = torch.linalg.qr(image.T).Q.T
+        image = _gram_rows(observed, _orthonormal_rows(image), chunk)
+    basis = _orthonormal_rows(image)
     projected = basis @ _gram_rows(observed, basis, chunk).T
-    eigen = torch.linalg.eigvalsh((projected + projected.T) / 2).flip(0).clamp(min=0.0).numpy()[:rank]
+    with _torch_threads(LINALG_THREADS):
+        eigen = torch.linalg.eigvalsh((projected + projected.T) / 2).flip(0).clamp(min=0.0).numpy()[:rank]
     cost = (
         f"{vectors * (power_steps + 2)} J^T J v products ({vectors} random vectors, {power_steps} "
         f"power steps, Rayleigh-Ritz): top-{rank} singular values (Ritz values, each at most the "

@@ -43,7 +43,9 @@ from models.classifiers import CNN6_CONVS, SequentialClassifier, conv_output_siz
 from models.convnets import ResidualBlock  # noqa: E402
 
 OUTPUT = ROOT / "benchmarks" / "results" / "security_metric.json"
-THREADS = 2
+# One torch thread unless a row says otherwise: on the shared 2-core machine, one thread was two
+# to three times faster than two whenever another process held a core.
+THREADS = 1
 
 
 def resnet18_width(spec: InputSpec) -> SequentialClassifier:
@@ -75,16 +77,20 @@ def scaled_cnn6(spec: InputSpec, width: float) -> SequentialClassifier:
     return SequentialClassifier(nn.Sequential(*layers), spec)
 
 
-def _analyse(label: str, model: nn.Module, size: int, method: str = "auto", **options: Any) -> dict[str, Any]:
+def _analyse(
+    label: str, model: nn.Module, size: int, method: str = "auto", threads: int = THREADS, **options: Any
+) -> dict[str, Any]:
     """One timed end-to-end analysis on a seeded uniform input, with the load around it."""
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     load_before = os.getloadavg()[0]
-    result = identifiability(model, x, torch.tensor([3]), method, threads=THREADS, **options)
+    result = identifiability(model, x, torch.tensor([3]), method, threads=threads, **options)
     row = _row(label, result)
+    row["threads"] = threads
     row["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(
         f"{label:28s} D={result.unknowns:5d} P={result.parameters:9d} {result.method:10s} "
-        f"{result.seconds:8.1f} s  rank {result.rank}  deficit {result.deficit}  load {row['load_average']}"
+        f"{result.seconds:8.1f} s ({threads} thread(s))  rank {result.rank}  deficit {result.deficit}  "
+        f"load {row['load_average']}"
     )
     return row
 
@@ -118,7 +124,7 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 def cost_section(args: argparse.Namespace) -> dict[str, Any]:
     spec = InputSpec((3, 32, 32), 10)
     torch.manual_seed(0)
-    cnn6 = _analyse("cnn6 3x32x32", build_model("cnn6", spec), 32)
+    cnn6 = [_analyse("cnn6 3x32x32", build_model("cnn6", spec), 32, threads=t) for t in (1, 2)]
     torch.manual_seed(0)
     resnet = _analyse(
         "resnet18-width 3x32x32",
