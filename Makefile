@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/sim_overhead.py
 	$(PY) benchmarks/inversion.py
 	$(PY) benchmarks/defences.py
+	$(PY) benchmarks/security_metric.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

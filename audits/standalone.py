@@ -1,8 +1,10 @@
 """`fedsim audit`: the leakage of one model, without a federation.
 
-For N samples it computes the exact gradient a FedSGD client with batch 1 would send, runs the
-configured attacks on it through the same engine as the federated auditor, and scores them; it
-also reports the architecture's security metric.
+For N samples it computes the exact gradient a FedSGD client with batch 1 would send (plus, if
+asked, seeded Gaussian noise of a given std per entry, which the attacks are told about), runs
+the configured attacks on it through the same engine as the federated auditor, and scores them;
+it also reports the architecture's predictions (`audits.architecture_report`): the layer-wise
+metric, the end-to-end rank and the PSNR ceiling at the noise the attacks faced.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attacks.base import Attack, observe_gradient
+from attacks.base import Attack, ObservedUpdate, observe_gradient
+from audits.architecture_report import ArchitectureReport, ObservationNoise, architecture_report
 from audits.engine import (
     AuditContext,
     AuditRow,
@@ -29,12 +32,21 @@ from models import ZooModel
 THREAT = threat_model(1, 1, exact=True)
 
 
+def threat_label(gradient_noise: float) -> str:
+    """What the attacker observed: the exact gradient, or it plus N(0, sigma^2) per entry."""
+    if gradient_noise == 0:
+        return THREAT
+    return f"fedsgd-b1 (exact gradient + N(0, {gradient_noise:g}^2))"
+
+
 @dataclass
 class StandaloneAudit:
-    """The security metric and one `UpdateAudit` per attacked sample."""
+    """The security metric, one `UpdateAudit` per attacked sample, and the architecture report."""
 
     security: SecurityMeasure
     updates: list[UpdateAudit]
+    architecture: ArchitectureReport
+    threat: str = THREAT
 
     @property
     def rows(self) -> list[AuditRow]:
@@ -54,20 +66,60 @@ def audit_model(
     attacks: Sequence[str | Attack],
     seed: int = 0,
     sample_ids: Sequence[int] | None = None,
+    gradient_noise: float = 0.0,
 ) -> StandaloneAudit:
-    """Attack each sample's exact batch-1 gradient; the security metric is computed once.
+    """Attack each sample's batch-1 gradient (exact, or plus N(0, gradient_noise^2) per entry,
+    drawn from `seed` and the sample); the security metric and the end-to-end analysis (at the
+    first sample) are computed once.
 
     `sample_ids` name the samples in the rows (e.g. their test-split indices; default 0..N-1).
     """
+    noise = ObservationNoise(gradient_noise)
     security = measure_security(model, tuple(inputs.shape[1:]), seed=seed)
     auditor = UpdateAuditor(attacks)
     ids = list(range(len(inputs))) if sample_ids is None else [int(i) for i in sample_ids]
-    updates = []
+    threat = threat_label(gradient_noise)
+    updates, exact_gradients = [], []
     for sample, x, y in zip(ids, inputs, labels, strict=True):
         # observe_gradient turns labels into targets itself, as a client's training does.
         update = observe_gradient(
             model, torch.from_numpy(np.ascontiguousarray(x[None])), torch.tensor([int(y)])
         )
-        context = AuditContext(THREAT, sample=sample, rank_score=security.score)
+        exact_gradients.append(update.gradients)
+        update = with_gradient_noise(update, gradient_noise, seed, sample)
+        context = AuditContext(threat, sample=sample, rank_score=security.score)
         updates.append(auditor.audit(update, Truth(x[None], np.array([int(y)])), context))
-    return StandaloneAudit(security, updates)
+    rows = [row for update in updates for row in update.rows]
+    architecture = architecture_report(
+        model,
+        torch.from_numpy(np.ascontiguousarray(inputs[:1])),
+        torch.from_numpy(np.array(labels[:1], dtype=np.int64)),
+        noise,
+        rows=rows,
+        bound_sample=ids[0] if ids else None,
+        security=security,
+        gradients=exact_gradients[0] if exact_gradients else None,
+        seed=seed,
+    )
+    return StandaloneAudit(security, updates, architecture, threat)
+
+
+def with_gradient_noise(update: ObservedUpdate, sigma: float, seed: int, sample: int) -> ObservedUpdate:
+    """The update plus seeded N(0, sigma^2) per gradient entry, its noise recorded for the
+    attacks that weight their equations by it."""
+    if sigma == 0:
+        return update
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + sample)
+    noisy = {
+        name: grad + sigma * torch.randn(grad.shape, generator=generator, dtype=grad.dtype)
+        for name, grad in update.gradients.items()
+    }
+    return ObservedUpdate(
+        model=update.model,
+        gradients=noisy,
+        input_shape=update.input_shape,
+        num_classes=update.num_classes,
+        batch_size=update.batch_size,
+        known_labels=update.known_labels,
+        gradient_noise={name: torch.full_like(grad, sigma) for name, grad in noisy.items()},
+    )

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from audits.architecture_report import ArchitectureReport
 from audits.engine import AUDIT_COLUMNS, AuditRow
 from audits.report import summarise_audit
 from audits.security_metric import SecurityReport
@@ -120,6 +122,7 @@ class AuditResult:
     security: pd.DataFrame | None  # one row per Linear/Conv layer: unknowns, rank, deficit, ...
     security_report: SecurityReport | None  # the same with its score; None when not applicable
     security_error: str | None  # why the security metric does not apply to this model
+    architecture: ArchitectureReport  # layer-wise metric, end-to-end rank, PSNR ceiling vs attacks
     rows: pd.DataFrame  # audit.csv's rows: one per (sample, attack)
     audit_rows: list[AuditRow]  # the same rows as the engine made them
     summary: pd.DataFrame  # one row per attack: mean PSNR / SSIM, label score, seconds
@@ -184,6 +187,7 @@ def audit(
     out: PathLike | None = None,
     image_size: int = 0,
     head: str = "ce",
+    gradient_noise: float = 0.0,
 ) -> AuditResult:
     """Audit one model's leakage without a federation: the security metric (per-layer rank of
     the layer-wise inversion systems) and each attack on the exact batch-1 gradient of
@@ -192,6 +196,9 @@ def audit(
     weights: a .safetensors file (e.g. a run checkpoint) to load; default a seeded initial model.
     out: a new folder to write report.json, audit.csv and reconstructions.png to; None keeps
         everything in memory. head: "ce" (softmax with bias) or "logistic" (R-GAP's one logit).
+    gradient_noise: std of seeded Gaussian noise added to each entry of the gradient the attacks
+        see (0: exact); the PSNR ceiling is computed at it (at 0: at the float32 rounding of a
+        one-step weight delta, see `audits.architecture_report.ROUNDING_LEARNING_RATE`).
     """
     names = [a.strip() for a in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     names = [name for name in names if name]
@@ -200,6 +207,7 @@ def audit(
         RunConfig.knob(key).check(value)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise UserInputError(f"--samples must be at least 1 (got {samples}); pass e.g. --samples 4")
+    _check_gradient_noise(gradient_noise)
     check_model_name(model)
     data = load_dataset(dataset, image_size or None)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
@@ -218,7 +226,9 @@ def audit(
         len(data.y_test), size=min(samples, len(data.y_test)), replace=False
     )
     inputs, labels = data.x_test[chosen], data.y_test[chosen]
-    result = audit_model(net, inputs, labels, names, seed=seed, sample_ids=chosen)
+    result = audit_model(
+        net, inputs, labels, names, seed=seed, sample_ids=chosen, gradient_noise=gradient_noise
+    )
     settings = {
         "model": model,
         "dataset": dataset,
@@ -227,6 +237,7 @@ def audit(
         "seed": seed,
         "weights": str(weights_path) if weights_path else None,
         "samples": [int(i) for i in chosen],
+        "gradient_noise": float(gradient_noise),
     }
     if folder is not None:
         write_audit(folder, result, settings)
@@ -235,6 +246,7 @@ def audit(
         security=report.to_frame() if report is not None else None,
         security_report=report,
         security_error=None if report is not None else result.security.note,
+        architecture=result.architecture,
         rows=pd.DataFrame([row.to_dict() for row in result.rows], columns=list(AUDIT_COLUMNS)),
         audit_rows=result.rows,
         summary=pd.DataFrame(summarise_audit(result.rows)),
@@ -245,6 +257,14 @@ def audit(
         path=folder,
         files=tuple(sorted(folder.iterdir())) if folder is not None else (),
     )
+
+
+def _check_gradient_noise(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+        raise UserInputError(
+            f"--gradient-noise must be a finite number >= 0 (got {value}); pass 0 for the exact "
+            "gradient or a noise std such as 0.001"
+        )
 
 
 def _check_launch(stop_after: int | None, cpus: int | None, ray_address: str | None) -> None:

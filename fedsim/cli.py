@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from attacks.registry import ATTACKS, available_attacks
+from audits.architecture_report import ROUNDING_LEARNING_RATE
 from audits.engine import AuditRow
 from audits.report import summarise_audit
 from fedsim import api
@@ -205,25 +206,31 @@ def audit(
     samples: Annotated[int, Opt(help="Samples to attack (one batch-1 gradient each).")] = 4,
     attacks: Annotated[str, Opt(help="Comma-separated (see `fedsim attacks`).")] = "layerwise",
     seed: Annotated[int, Opt(help="Seed for the initial weights and the sample choice.")] = 0,
+    gradient_noise: Annotated[
+        float,
+        Opt(
+            help="Std of Gaussian noise added to each gradient entry the attacks see; 0 = exact "
+            "(the PSNR ceiling is then at float32 rounding of a one-step weight delta at "
+            f"lr {ROUNDING_LEARNING_RATE:g})."
+        ),
+    ] = 0.0,
     out: Annotated[
         Path | None, Opt(help="Output folder (default runs/audit-<model>-<dataset>-<time>).")
     ] = None,
 ) -> None:
-    """Audit one model's leakage: per-layer rank table, security score, attacks on N samples."""
+    """Audit one model's leakage: per-layer rank table and score, end-to-end rank, PSNR ceiling,
+    attacks on N samples."""
     dataset = data or dataset
     folder = out or RUNS / f"audit-{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = api.audit(
             model=model, dataset=dataset, samples=samples, attacks=attacks, weights=weights, seed=seed,
-            out=folder, image_size=image_size, head=head,
+            out=folder, image_size=image_size, head=head, gradient_noise=gradient_noise,
         )  # fmt: skip
     except UserInputError as err:
         _fail(err)
     out_console = Console()
-    if result.security_report is not None:
-        out_console.print(result.security_report.to_table(), markup=False, highlight=False)
-    else:
-        out_console.print(f"security metric: {result.security_error}", markup=False, highlight=False)
+    out_console.print(result.architecture.to_table(), markup=False, highlight=False, soft_wrap=True)
     _print_audit_summary(result.audit_rows, f"audit of {model} on {dataset}")
     out_console.print(f"wrote {folder}/: {', '.join(p.name for p in result.files)}")
 

@@ -8,6 +8,8 @@ nanoGPT's `configure_optimizers`). A family overrides what it changes; the clien
 evaluator and the run store only ever call these. Two optional hooks let a family act after
 local training (`after_local_training`, e.g. ProtoPNet's prototype push) and send payloads
 beside its weights (`extra_records`, e.g. statistics a server aggregates instead of weights).
+A token family splits its forward at the embedding (`embed`, `forward_embedded`) so that
+end-to-end identifiability can differentiate with respect to the embedded input.
 
 Models never import fedsim: the training settings they need arrive as `TrainingSettings`.
 """
@@ -135,6 +137,19 @@ class ZooModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.layers: nn.Sequential | None = layers
+
+    # --- the continuous input ------------------------------------------------------------------
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The sample as the continuous tensor the network computes on: what end-to-end
+        identifiability differentiates against (a token id has no derivative, its embedding
+        does). Identity for images and features; a token model returns its embedded tokens and
+        overrides `forward_embedded` to match."""
+        return inputs
+
+    def forward_embedded(self, embedded: torch.Tensor) -> torch.Tensor:
+        """`forward` from the output of `embed` on: `self(inputs) == self.forward_embedded(
+        self.embed(inputs))`. The default fits the identity `embed`."""
+        return self(embedded)
 
     # --- targets, loss and metrics ---------------------------------------------------------
     def targets(self, labels: torch.Tensor) -> torch.Tensor:

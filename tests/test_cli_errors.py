@@ -181,3 +181,29 @@ def test_clients_key_in_a_config_file(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text("clients = 4\nrounds = 2\n")
     assert RunConfig.from_file(config).num_clients == 4
+
+
+AUDIT_CASES = [
+    (["--gradient-noise", "-1"], "--gradient-noise must be a finite number >= 0 (got -1.0); pass 0 for"),
+    (["--gradient-noise", "nan"], "--gradient-noise must be a finite number >= 0 (got nan)"),
+    (["--gradient-noise", "inf"], "--gradient-noise must be a finite number >= 0 (got inf)"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), AUDIT_CASES, ids=[" ".join(c[0]) for c in AUDIT_CASES])
+def test_bad_audit_input(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["audit", "--model", "mlp", "--dataset", "digits", *args,
+                                      "--out", str(tmp_path / "audit")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "audit").exists()
+
+
+def test_gradient_noise_that_is_no_number_is_one_line(tmp_path: Path) -> None:
+    result = run_fedsim(["audit", "--gradient-noise", "lots"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(
+        "error: Invalid value for '--gradient-noise': 'lots' is not a valid float"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

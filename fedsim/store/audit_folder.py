@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from audits.engine import AUDIT_COLUMNS
 from audits.report import save_audit_grid, summarise_audit
-from audits.standalone import THREAT, StandaloneAudit
+from audits.standalone import StandaloneAudit
 from fedsim.errors import UserInputError
 from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import staged_folder
@@ -63,13 +63,16 @@ def write_audit(folder: Path, audit: StandaloneAudit, settings: dict[str, Any]) 
         "settings": settings,
         "security": audit.security.report.to_dict() if audit.security.report else None,
         "security_error": audit.security.note or None,
+        # The architecture report repeats "security" as its "layerwise" part, beside the
+        # end-to-end rank, the PSNR ceiling and each attack's PSNR against it.
+        "architecture": audit.architecture.to_dict(),
         "attacks": {s["attack"]: s for s in summarise_audit(audit.rows)},
         "rows": rows,
     }
     title = (
         f"fedsim audit: {settings.get('model')} on {settings.get('dataset')}, "
         f"weights {Path(settings['weights']).name if settings.get('weights') else 'initial (seeded)'}; "
-        f"threat: {THREAT}"
+        f"threat: {audit.threat}"
     )
     column_titles = [
         f"sample {u.rows[0].sample}\nlabel {u.rows[0].true_labels}" if u.rows else "" for u in audit.updates

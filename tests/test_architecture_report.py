@@ -1,0 +1,72 @@
+"""One report per architecture: every registered model gets one, and `fedsim audit` writes it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from audits.architecture_report import ObservationNoise, architecture_report
+from audits.standalone import audit_model
+from fedsim.cli import cli
+from models import InputSpec, available_models, build_model
+
+DIGITS = InputSpec((1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_model_gets_a_report(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, DIGITS)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    report = architecture_report(model, x, torch.tensor([3]), ObservationNoise(1e-3))
+    assert report.identifiability is not None, report.identifiability_note
+    assert report.end_to_end_deficit is not None and report.end_to_end_deficit >= 0
+    assert report.bound is not None and report.psnr_ceiling is not None and math.isfinite(report.psnr_ceiling)
+    assert (report.layerwise is None) == bool(report.layerwise_note)  # a table, or why there is none
+    json.dumps(report.to_dict())  # plain enough for report.json
+    table = report.to_table()
+    assert "end-to-end J" in table and "PSNR ceiling" in table
+
+
+def test_noise_the_attacks_face_sets_the_ceiling_and_reaches_the_attacks() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", DIGITS)
+    rng = np.random.default_rng(0)
+    inputs = rng.random((2, 1, 8, 8)).astype(np.float32)
+    labels = np.array([1, 4])
+    quiet = audit_model(model, inputs, labels, ["analytic-fc"], sample_ids=[10, 11])
+    noisy = audit_model(model, inputs, labels, ["analytic-fc"], sample_ids=[10, 11], gradient_noise=1e-3)
+    again = audit_model(model, inputs, labels, ["analytic-fc"], sample_ids=[10, 11], gradient_noise=1e-3)
+    assert quiet.architecture.noise.sigma == 0 and "float32 rounding" in quiet.architecture.noise.bound_at
+    assert not quiet.architecture.identifiability.whitened  # one J for the deficit and the bound
+    assert 0 < quiet.architecture.bound.sigma < 1e-6  # float32 rounding at lr 0.1, as a uniform RMS
+    assert noisy.architecture.psnr_ceiling < quiet.architecture.psnr_ceiling
+    assert {r.threat for r in noisy.rows} == {"fedsgd-b1 (exact gradient + N(0, 0.001^2))"}
+    assert [r.psnr for r in noisy.rows] == [r.psnr for r in again.rows]  # seeded noise
+    (outcome,) = noisy.architecture.attacks
+    assert outcome.attack == "analytic-fc" and outcome.psnr == noisy.rows[0].psnr
+    assert outcome.psnr < quiet.architecture.attacks[0].psnr
+    # Only attacks that faced the ceiling's noise get a verdict.
+    assert outcome.beats_ceiling is not None and quiet.architecture.attacks[0].beats_ceiling is None
+    assert noisy.architecture.bound_sample == 10
+
+
+def test_fedsim_audit_writes_the_architecture_report(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["audit", "--model", "convnet-maxpool", "--dataset", "digits", "--attacks", "layerwise,analytic-fc",
+         "--samples", "2", "--gradient-noise", "0.01", "--out", str(tmp_path / "a")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    architecture = report["architecture"]
+    assert architecture["noise"]["sigma"] == 0.01 and report["settings"]["gradient_noise"] == 0.01
+    assert architecture["end_to_end_deficit"] == 0 and architecture["psnr_ceiling"] > 0
+    assert [a["attack"] for a in architecture["attacks"]] == ["layerwise", "analytic-fc"]
+    assert "end-to-end J" in result.output and "PSNR ceiling" in result.output
