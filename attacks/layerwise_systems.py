@@ -255,12 +255,20 @@ class RankInfo:
 
 @dataclass
 class LayerSystem:
-    """Normal equations (A^T A) x = A^T b of the weighted interior system A = [alpha K; W]."""
+    """Normal equations (A^T A) x = A^T b of the weighted interior system A = [alpha K; W].
+
+    With a noise model (`build_system(gradient_sigma=..., weight_sigma=...)`) each equation is
+    weighted by its inverse variance instead: `gradient_weights` (1 / sigma^2 of each dL/dW
+    equation, in gradient-block row order (C_out * kh * kw, C_in)) and `row_weights` (1 / tau^2
+    of each weight-constraint row); None means today's alpha^2 and 1.
+    """
 
     geometry: ConvGeometry
     gram: np.ndarray
     rhs: np.ndarray | None
     alpha: float
+    gradient_weights: np.ndarray | None = None
+    row_weights: np.ndarray | None = None
 
 
 def build_system(
@@ -269,24 +277,100 @@ def build_system(
     k: np.ndarray,
     grad: np.ndarray | None = None,
     z: np.ndarray | None = None,
+    gradient_sigma: np.ndarray | None = None,
+    weight_sigma: np.ndarray | None = None,
 ) -> LayerSystem:
     """Assemble the normal equations; `grad` (dL/dW) and `z` (output minus bias) give the rhs.
 
-    alpha balances the two blocks (equal trace in A^T A) so that the rank tolerance and the
-    least-squares weighting do not depend on the arbitrary scale of k relative to W.
+    Without a noise model alpha balances the two blocks (equal trace in A^T A) so that the rank
+    tolerance and the least-squares weighting do not depend on the arbitrary scale of k
+    relative to W.
+
+    Generalised least squares: `gradient_sigma` (shaped like the weight) is the standard
+    deviation of each observed dL/dW entry (`ObservedUpdate.gradient_noise`), `weight_sigma`
+    (shaped like z) that of each weight constraint W x = z. The two blocks err for different
+    reasons: the gradient equations carry the observation noise, the weight constraints carry
+    the reconstruction error of the layer above pulled back through the inverse activation
+    (std = that error / sigma'(z), so LeakyReLU rows at z < 0 weigh slope^2 as much), and k is
+    exact up to sign flips (it comes from the head). Weighting each equation by its inverse
+    variance gives the minimum-variance linear solve and makes A^T A the inverse error
+    covariance of x. When only one block's noise is known the other gets a uniform std whose
+    ratio to the known block's rms std is alpha, i.e. today's balance.
     """
     weight = np.asarray(weight, dtype=np.float64)
     kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
-    q = kblock.T @ kblock
-    gram = weight_gram(geom, weight)
     alpha2 = balance(geom, weight, k) ** 2
     n = geom.pixels
-    for c in range(geom.in_channels):
-        gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += alpha2 * q
+    if gradient_sigma is None and weight_sigma is None:
+        q = kblock.T @ kblock
+        gram = weight_gram(geom, weight)
+        for c in range(geom.in_channels):
+            gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += alpha2 * q
+        rhs = None
+        if grad is not None and z is not None:
+            rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, weight, z)
+        return LayerSystem(geom, gram, rhs, float(np.sqrt(alpha2)))
+    alpha = float(np.sqrt(alpha2))
+    if gradient_sigma is None:
+        tau = np.asarray(weight_sigma, dtype=np.float64)
+        gradient_sigma = np.full(weight.shape, float(np.sqrt(np.mean(tau**2))) / alpha)
+    if weight_sigma is None:
+        sig = np.asarray(gradient_sigma, dtype=np.float64)
+        weight_sigma = np.full(geom.out_size, alpha * float(np.sqrt(np.mean(sig**2))))
+    wg = equation_weights(geom, gradient_sigma)
+    rows = inverse_variance(weight_sigma).ravel()
+    gram = weighted_weight_gram(geom, weight, rows)
+    for c, q in enumerate(channel_grams(kblock, wg)):
+        gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += q
     rhs = None
     if grad is not None and z is not None:
-        rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, weight, z)
-    return LayerSystem(geom, gram, rhs, float(np.sqrt(alpha2)))
+        rhs = _gradient_rhs(geom, kblock, grad, wg) + _weight_rhs(geom, weight, rows * np.ravel(z))
+    return LayerSystem(geom, gram, rhs, alpha, wg, rows)
+
+
+def inverse_variance(sigma: np.ndarray) -> np.ndarray:
+    """1 / sigma^2, with zero (or denormal) sigmas floored at 1e-12 of the largest (no infinities)."""
+    s = np.abs(np.asarray(sigma, dtype=np.float64))
+    top = float(s.max()) if s.size else 0.0
+    if top <= 0:
+        raise ValueError("noise standard deviations must not all be zero; pass None for exact equations")
+    return 1.0 / np.maximum(s, 1e-12 * top) ** 2
+
+
+def equation_weights(geom: ConvGeometry, gradient_sigma: np.ndarray) -> np.ndarray:
+    """1 / sigma^2 of each dL/dW equation in gradient-block row order: (C_out * kh * kw, C_in)."""
+    w = inverse_variance(gradient_sigma).reshape(geom.out_channels, geom.in_channels, geom.offsets)
+    return w.transpose(0, 2, 1).reshape(geom.out_channels * geom.offsets, geom.in_channels)
+
+
+def channel_grams(kblock: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Kblk^T diag(weights[:, c]) Kblk for every input channel c: (C_in, H*W, H*W).
+
+    With non-uniform weights the gradient block is no longer the same for every channel, but it
+    stays block-diagonal over channels (x_c only enters the equations of channel c)."""
+    return np.einsum("ri,rc,rj->cij", kblock, weights, kblock, optimize=True)
+
+
+def weighted_weight_gram(geom: ConvGeometry, weight: np.ndarray, row_weights: np.ndarray) -> np.ndarray:
+    """W^T diag(row_weights) W on the interior unknowns (`weight_gram` with a weight per output
+    entry (o, p), so the offset-pair blocks now depend on the output position)."""
+    n_in = geom.in_channels
+    w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, n_in, geom.offsets)
+    rows = np.asarray(row_weights, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
+    if geom.is_linear:
+        flat = w[:, :, 0]
+        return flat.T @ (rows[:, :1] * flat)
+    gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
+    positions = np.full((geom.offsets, geom.out_pixels), -1)
+    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
+        positions[a, out_idx] = in_idx
+    for a in range(geom.offsets):
+        for b in range(geom.offsets):
+            both = np.flatnonzero((positions[a] >= 0) & (positions[b] >= 0))
+            # rows with the same (a, b) never share a pixel pair (offset maps are injective)
+            wa = rows[:, both, None] * w[:, None, :, a]  # (C_out, P, C_in)
+            gram[positions[a, both], positions[b, both]] += np.einsum("opc,od->pcd", wa, w[:, :, b])
+    return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
 
 
 def balance(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> float:
@@ -301,13 +385,26 @@ def balance(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> float:
 
 
 def solve_gradient_only(
-    geom: ConvGeometry, k: np.ndarray, grad: np.ndarray, min_ratio: float = GRADIENT_ONLY_RATIO
+    geom: ConvGeometry,
+    k: np.ndarray,
+    grad: np.ndarray,
+    min_ratio: float = GRADIENT_ONLY_RATIO,
+    gradient_sigma: np.ndarray | None = None,
+    keep: dict | None = None,
 ) -> tuple[np.ndarray, RankInfo] | None:
     """Solve K x = vec(dL/dW) alone, one small shared system for all input channels.
 
     R-GAP does this for FC layers; it applies to any layer whose per-channel block Kblk has full
     column rank with sigma_min / sigma_max >= `min_ratio` (then the gradient alone determines
     the input, as well conditioned as the stacked system). Returns None when it does not apply.
+
+    With `gradient_sigma` (std of each dL/dW entry, shaped like the weight) the equations are
+    weighted by 1 / sigma^2 (generalised least squares): one small system per input channel,
+    since the weights differ between channels. The applicability test stays on the unweighted
+    block (it is a property of the layer and k, not of the noise). `keep`, when given, receives
+    "inverse" (applies the inverse normal matrix to (n,) or (n, m) arrays), "gradient_weights"
+    (the weight of each equation, gradient-block row order, None when unweighted) and, with a
+    noise model, "variance": the error variance of each unknown, diag((K^T S^-1 K)^-1).
     """
     if geom.out_channels * geom.offsets < geom.pixels:
         return None
@@ -315,15 +412,48 @@ def solve_gradient_only(
     lam, vecs = np.linalg.eigh(kblock.T @ kblock)
     if lam[-1] <= 0 or lam[0] < (min_ratio**2) * lam[-1]:
         return None
-    b = _gradient_rhs(geom, kblock, grad).reshape(geom.in_channels, geom.pixels).T
-    x = vecs @ ((vecs.T @ b) / lam[:, None])
-    n = geom.unknowns
-    return x.T.ravel(), RankInfo(n, n, float(np.sqrt(lam[0])), float(np.sqrt(lam[-1])), "gradient-only")
+    n, n_in, pixels = geom.unknowns, geom.in_channels, geom.pixels
+    info = RankInfo(n, n, float(np.sqrt(lam[0])), float(np.sqrt(lam[-1])), "gradient-only")
+    if gradient_sigma is None:
+        b = _gradient_rhs(geom, kblock, grad).reshape(n_in, pixels).T
+        x = vecs @ ((vecs.T @ b) / lam[:, None])
+        if keep is not None:
+            keep["gradient_weights"] = None
+            keep["inverse"] = _channel_inverse(vecs[None], lam[None], n_in)
+        return x.T.ravel(), info
+    wg = equation_weights(geom, gradient_sigma)
+    lam_c, vecs_c = np.linalg.eigh(channel_grams(kblock, wg))  # (C_in, P), (C_in, P, P)
+    lam_c = np.maximum(lam_c, (RANK_RTOL**2) * lam_c[:, -1:])  # guards round-off only
+    b = _gradient_rhs(geom, kblock, grad, wg).reshape(n_in, pixels)
+    x = np.einsum("cij,cj->ci", vecs_c, np.einsum("cji,cj->ci", vecs_c, b) / lam_c)
+    if keep is not None:
+        keep["gradient_weights"] = wg
+        keep["inverse"] = _channel_inverse(vecs_c, lam_c, n_in)
+        keep["variance"] = np.einsum("cij,cj->ci", vecs_c**2, 1.0 / lam_c).ravel()
+    return x.ravel(), info
 
 
-def _gradient_rhs(geom: ConvGeometry, kblock: np.ndarray, grad: np.ndarray) -> np.ndarray:
+def _channel_inverse(vecs: np.ndarray, lam: np.ndarray, n_in: int):
+    """v -> blockdiag_c(V_c diag(1/lam_c) V_c^T) v for v of shape (C_in * P,) or (C_in * P, m);
+    a single (1, P, P) eigenbasis is shared by every channel."""
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        shaped = np.asarray(v, dtype=np.float64).reshape(n_in, vecs.shape[-1], -1)
+        coef = np.einsum("cji,cjm->cim", np.broadcast_to(vecs, (n_in, *vecs.shape[1:])), shaped)
+        coef /= np.broadcast_to(lam, (n_in, lam.shape[-1]))[:, :, None]
+        out = np.einsum("cij,cjm->cim", np.broadcast_to(vecs, (n_in, *vecs.shape[1:])), coef)
+        return out.reshape(np.shape(v))
+
+    return apply
+
+
+def _gradient_rhs(
+    geom: ConvGeometry, kblock: np.ndarray, grad: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
     g = np.asarray(grad, dtype=np.float64).reshape(geom.out_channels, geom.in_channels, geom.offsets)
     g = g.transpose(0, 2, 1).reshape(geom.out_channels * geom.offsets, geom.in_channels)
+    if weights is not None:
+        g = weights * g
     return (kblock.T @ g).T.ravel()
 
 
@@ -514,8 +644,9 @@ class Resolver:
     """Re-solves a full-rank stacked system after k changed in a few entries (derivative signs).
 
     Only the gradient block depends on k: the new normal matrix is the old one plus
-    alpha^2 (I (x) (Q_new - Q_old)), a low-rank change, so preconditioned conjugate gradients with
-    the old Cholesky factor converge in a few iterations (no new factorisation or weight Gram).
+    K_new^T G K_new - K_old^T G K_old (G: the gradient equations' weights, alpha^2 without a
+    noise model), a low-rank change applied matrix-free, so preconditioned conjugate gradients
+    with the old Cholesky factor converge in a few iterations (no new factorisation or Gram).
     """
 
     def __init__(
@@ -524,20 +655,29 @@ class Resolver:
         self.system = system
         self.factor = factor
         self.weight = np.asarray(weight, dtype=np.float64)
-        kblock = gradient_block(system.geometry, np.asarray(k, dtype=np.float64))
-        self.q = kblock.T @ kblock
+        self.kblock = gradient_block(system.geometry, np.asarray(k, dtype=np.float64))
 
     def solve(
         self, k: np.ndarray, grad: np.ndarray, z: np.ndarray, x0: np.ndarray, rtol: float = 1e-12
     ) -> np.ndarray:
-        geom, alpha2 = self.system.geometry, self.system.alpha**2
+        geom, system = self.system.geometry, self.system
         kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
-        dq = alpha2 * (kblock.T @ kblock - self.q)
-        rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, self.weight, z)
         n_in, n = geom.in_channels, geom.pixels
+        if system.gradient_weights is None:
+            weights: np.ndarray | float = system.alpha**2
+            rhs = system.alpha**2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, self.weight, z)
+        else:
+            weights = system.gradient_weights
+            rows = system.row_weights if system.row_weights is not None else 1.0
+            rhs = _gradient_rhs(geom, kblock, grad, weights) + _weight_rhs(
+                geom, self.weight, rows * np.ravel(z)
+            )
+        old = self.kblock
 
         def apply(v: np.ndarray) -> np.ndarray:
-            return self.system.gram @ v + (v.reshape(n_in, n) @ dq).ravel()
+            cols = v.reshape(n_in, n).T
+            change = kblock.T @ (weights * (kblock @ cols)) - old.T @ (weights * (old @ cols))
+            return system.gram @ v + change.T.ravel()
 
         def precond(v: np.ndarray) -> np.ndarray:
             return sla.cho_solve(self.factor, v, check_finite=False)
@@ -560,6 +700,19 @@ class Resolver:
             p = zv + (rz_new / rz) * p
             rz = rz_new
         return x
+
+
+def factor_variance(
+    factor: tuple[np.ndarray, bool], geom: ConvGeometry, probes: int = 8, seed: int = 0
+) -> np.ndarray:
+    """Per-unknown error variance diag((A^T A)^-1) of a noise-weighted system, estimated per input
+    channel by Hutchinson's estimator (mean of v * (A^T A)^-1 v over Rademacher probes v): the
+    exact diagonal would cost a second factorisation; the layer below needs only its level."""
+    n = geom.unknowns
+    v = np.random.default_rng(seed).choice((-1.0, 1.0), size=(n, probes))
+    est = (v * sla.cho_solve(factor, v, check_finite=False)).mean(axis=1)
+    per_channel = np.maximum(est.reshape(geom.in_channels, geom.pixels).mean(axis=1), 0.0)
+    return np.repeat(per_channel, geom.pixels)
 
 
 def layer_rank(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, rtol: float = RANK_RTOL) -> RankInfo:
