@@ -43,23 +43,32 @@ from torch import nn
 from attacks.base import AttackError, ObservedUpdate, Reconstruction
 from attacks.layerwise_head import HeadHypothesis, cross_entropy_head, logistic_head
 from attacks.layerwise_hybrid import HybridConfig, refine_layer
+from attacks.layerwise_noise import (
+    LayerSolve,
+    choose_flips,
+    flip_statistics,
+    gradient_residual,
+    head_input_variance,
+    objective,
+    pull_back,
+    robust_scale,
+    sign_candidates,
+    solve_variance,
+    weight_consistency,
+)
 from attacks.layerwise_systems import (
     DEFAULT_BLAS_THREADS,
     RANK_RTOL,
     ConvGeometry,
     NetworkPlan,
     PlannedLayer,
-    RankInfo,
     Resolver,
     activation_derivative,
-    apply_gradient,
-    apply_weight,
     backprop_input,
     balance,
     blas_threads,
     build_system,
     invert_activation,
-    output_gradient_fit,
     plan_network,
     residuals,
     solve_gradient_only,
@@ -82,6 +91,7 @@ class _Hypothesis:
     g: np.ndarray
     family: tuple[tuple[float, dict[str, Any]], ...]
     layers: list[dict[str, Any]] = field(default_factory=list)
+    y_variance: np.ndarray | None = None  # predicted error variance of y (with a noise model)
 
 
 class LayerwiseInversion:
@@ -97,10 +107,20 @@ class LayerwiseInversion:
     hybrid, hybrid_steps, hybrid_config: COPA's gradient-matching refinement of rank-deficient
         layers (`attacks.layerwise_hybrid`).
     blas_threads: BLAS threads while solving (see `attacks.layerwise_systems.DEFAULT_BLAS_THREADS`).
-    sign_iterations, sign_window, sign_kappa, sign_min_gain: correction of LeakyReLU derivative
-        signs flipped by noise (`_fix_signs`; 0 iterations turns it off). Noisy gradients, such as
-        the weight deltas a federated server sees (float32 rounding / lr), need it: without it
-        CNN6 at lr 0.1 fell to 8-28 dB on some crops.
+    sign_iterations, sign_window, sign_band, sign_kappa, sign_candidates: correction of LeakyReLU
+        derivative signs flipped by noise (`_fix_signs`; 0 iterations turns it off). Noisy
+        gradients, such as the weight deltas a federated server sees (float32 rounding / lr),
+        need it: without it CNN6 at lr 0.1 fell to 8-28 dB on some crops. An entry is in doubt
+        when |z| <= sign_band predicted stds (with a noise model) or <= sign_window * rms(z)
+        (without); at most sign_candidates of them are tested per layer, and a flip must be
+        sign_kappa standard errors significant.
+    consistency_ratio: with a noise model, a gradient-only solution whose weighted
+        weight-constraint residual exceeds this many times what the noise explains is replaced
+        by the stacked solve (`attacks.layerwise_noise.weight_consistency`).
+
+    When the update carries `gradient_noise` (weight deltas), every layer is solved by
+    generalised least squares and the predicted error is propagated down the layers
+    (`attacks.layerwise_noise`); exact gradients are solved as before.
     """
 
     def __init__(
@@ -115,8 +135,10 @@ class LayerwiseInversion:
         blas_threads: int | None = DEFAULT_BLAS_THREADS,
         sign_iterations: int = 30,
         sign_window: float = 0.2,
+        sign_band: float = 6.0,
         sign_kappa: float = 4.0,
-        sign_min_gain: float = 1e-3,
+        sign_candidates: int = 64,
+        consistency_ratio: float = 4.0,
     ) -> None:
         if system not in ("auto", "stacked"):
             raise ValueError(f"system must be 'auto' or 'stacked', got {system!r}")
@@ -129,9 +151,10 @@ class LayerwiseInversion:
         self.blas_threads = blas_threads
         self.sign_iterations = sign_iterations
         self.sign_window = sign_window
+        self.sign_band = sign_band
         self.sign_kappa = sign_kappa
-        self.sign_min_gain = sign_min_gain
-        self._resolver: Resolver | None = None  # the last stacked solve, for cheap re-solves
+        self.sign_candidates = sign_candidates
+        self.consistency_ratio = consistency_ratio
         self.name = "layerwise-hybrid" if hybrid else "layerwise"
 
     # ----------------------------------------------------------------------------------------
@@ -149,13 +172,16 @@ class LayerwiseInversion:
         model = update.model
         plan = plan_network(model, tuple(update.input_shape))
         grads = {name: g.detach().double().cpu().numpy() for name, g in update.gradients.items()}
+        noise = None
+        if update.gradient_noise is not None:
+            noise = {name: s.detach().double().cpu().numpy() for name, s in update.gradient_noise.items()}
         known = None
         if update.known_labels is not None:
             known = int(torch.as_tensor(update.known_labels).reshape(-1)[0])
-        branches = self._head_branches(model, plan, grads, known)
+        branches = self._head_branches(model, plan, grads, known, noise)
         branches = _merge_scaled(branches, plan, len(plan.layers) - 1)
         for layer in reversed(plan.layers[:-1]):
-            branches = self._prune([self._invert_layer(model, layer, b, grads) for b in branches])
+            branches = self._prune([self._invert_layer(model, layer, b, grads, noise) for b in branches])
             branches = _merge_scaled(branches, plan, layer.index)
         inputs, chosen, (scale, head), candidates = self._choose(plan, branches)
         seconds = time.perf_counter() - start
@@ -175,7 +201,12 @@ class LayerwiseInversion:
 
     # ----------------------------------------------------------------------------------------
     def _head_branches(
-        self, model: ZooModel, plan: NetworkPlan, grads: dict[str, np.ndarray], known: int | None
+        self,
+        model: ZooModel,
+        plan: NetworkPlan,
+        grads: dict[str, np.ndarray],
+        known: int | None,
+        noise: dict[str, np.ndarray] | None = None,
     ) -> list[_Hypothesis]:
         start = time.perf_counter()
         head = plan.head
@@ -194,7 +225,12 @@ class LayerwiseInversion:
         else:
             bias = head.module.bias.detach().double().numpy() if head.bias_name else None
             hyps = [cross_entropy_head(grad_w, grad_b, weight, bias, known)]
-        return [self._branch_from_head(head, weight, grad_w, h, time.perf_counter() - start) for h in hyps]
+        seconds = time.perf_counter() - start
+        branches = [self._branch_from_head(head, weight, grad_w, h, seconds) for h in hyps]
+        if noise is not None:
+            for branch, hyp in zip(branches, hyps, strict=True):
+                branch.y_variance = head_input_variance(hyp.k, noise[head.weight_name]).reshape(head.in_shape)
+        return branches
 
     @staticmethod
     def _branch_from_head(
@@ -222,12 +258,17 @@ class LayerwiseInversion:
         layer: PlannedLayer,
         branch: _Hypothesis,
         grads: dict[str, np.ndarray],
+        noise: dict[str, np.ndarray] | None = None,
     ) -> _Hypothesis:
         start = time.perf_counter()
         z, k, c, act = _undo_ops_split(layer.post, branch.y, branch.g)
         weight = weight_of(layer)
         geom = layer.geometry
         grad_w = grads[layer.weight_name]
+        sigma = noise[layer.weight_name] if noise is not None else None
+        z_var = None
+        if sigma is not None and branch.y_variance is not None:
+            z_var = pull_back(layer.post, branch.y, branch.y_variance).ravel()
         extra: dict[str, Any] = {}
         pre = z
         k_observed = False
@@ -237,11 +278,24 @@ class LayerwiseInversion:
             k, extra["bias_check"] = _use_bias_gradient(geom.is_linear, k, grad_b)
             k_observed = geom.is_linear
             z = z - (bias if geom.is_linear else bias[:, None, None])
-        x, info = self._solve(geom, weight, k, grad_w, z)
-        if isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0:
-            x, k, info, extra["sign_flips"] = self._fix_signs(
-                geom, weight, grad_w, pre, c, k, z, x, info, float(act.negative_slope)
+        repair = isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0
+        solve = self._solve(geom, weight, k, grad_w, z, sigma, z_var)
+        if repair:
+            solve, k, extra["sign_flips"] = self._fix_signs(
+                geom, weight, grad_w, pre, c, k, z, solve, float(act.negative_slope), z_var, sigma
             )
+        if solve.info.method == "gradient-only" and z_var is not None:
+            ratio = weight_consistency(geom, weight, solve, z, z_var)
+            extra["weight_consistency"] = ratio
+            if ratio > self.consistency_ratio:
+                solve = self._solve(geom, weight, k, grad_w, z, sigma, z_var, stacked=True)
+                if repair:
+                    solve, k, flips = self._fix_signs(
+                        geom, weight, grad_w, pre, c, k, z, solve, float(act.negative_slope), z_var, sigma
+                    )
+                    extra["sign_flips"] = extra.get("sign_flips", 0) + flips
+                extra["fallback"] = "stacked: the gradient-only solution contradicts the weight constraints"
+        x, info = solve.x, solve.info
         alpha = balance(geom, weight, k)
         res = residuals(geom, alpha, weight, k, grad_w, z, x)
         if self.hybrid and info.deficit > 0:
@@ -262,12 +316,14 @@ class LayerwiseInversion:
             time.perf_counter() - start,
         )
         diag.update(gradient_residual=res.gradient, weight_residual=res.weight, **extra)
+        variance = None if solve.variance is None else solve.variance.reshape(layer.in_shape)
         return _Hypothesis(
             branch.label,
             x.reshape(layer.in_shape),
             backprop_input(geom, weight, k).reshape(layer.in_shape),
             branch.family,
             [*branch.layers, diag],
+            variance,
         )
 
     def _fix_signs(
@@ -279,93 +335,98 @@ class LayerwiseInversion:
         c: np.ndarray,
         k: np.ndarray,
         z: np.ndarray,
-        x: np.ndarray,
-        info: RankInfo,
+        solve: LayerSolve,
         slope: float,
-    ) -> tuple[np.ndarray, np.ndarray, RankInfo, int]:
+        z_var: np.ndarray | None = None,
+        sigma: np.ndarray | None = None,
+    ) -> tuple[LayerSolve, np.ndarray, int]:
         """Correct LeakyReLU derivative signs that noise in the reconstruction above flipped.
 
         k = c * sigma'(pre) depends on the sign of the reconstructed pre-activation. Where the
         true value is near zero, noise in the layer above (e.g. float32 rounding of a weight
         delta) can flip that sign; k then errs by (1 - slope) * c at that entry, which the
-        solve below amplifies (one flip took CNN6 from 70 dB to 8-28 dB). A wrong entry
-        (o, p) leaves the residual d * patch_p(x) in dL/dW[o]; so, while some entry with a
-        small |pre| (<= sign_window * rms) explains a significant (> sign_kappa robust sigmas)
-        and useful (> sign_min_gain of the squared residual) part of the gradient residual,
-        flip it - the smallest |pre| first, one per pass for gradient-only layers (their
-        solution spreads an error over the whole channel) and spatially separated ones for
-        stacked layers - re-solve, and keep the flips only if the solve's objective drops.
+        solve below amplifies (one flip took CNN6 from 70 dB to 8-28 dB). The entries in doubt
+        (`sign_candidates`: within sign_band predicted stds of zero, or a window without a noise
+        model) are tested together on the linearised model with x re-solved
+        (`attacks.layerwise_noise.flip_statistics`: the solve has already bent x towards the
+        wrong k, so the gain of a flip must be measured after the solve moves x back); the
+        significant ones are flipped, the layer re-solved, and the flips kept only if the
+        solve's own objective drops. Repeats until nothing significant is left.
         """
         shape, wshape = k.shape, tuple(weight.shape)
         pre_f, c_f = pre.ravel(), c.ravel()
-        z_f = np.asarray(z, dtype=np.float64).ravel()
+        cand = sign_candidates(pre_f, z_var, self.sign_window, self.sign_band, self.sign_candidates)
+        if cand.size == 0 or solve.inverse is None:
+            return solve, k, 0
         state = pre_f > 0
-        rms = float(np.sqrt(np.mean(pre_f**2))) or 1.0
-        cand = np.abs(pre_f) <= self.sign_window * rms
-        g_f = np.ravel(grad_w)
+        best = objective(geom, weight, solve, k, grad_w, z, solve.x)
         total = 0
-
-        def resid(kk: np.ndarray, xx: np.ndarray) -> np.ndarray:
-            return g_f - apply_gradient(geom, wshape, kk.reshape(shape), xx).ravel()
-
-        resolver = self._resolver if info.method == "cholesky" else None
-        alpha2 = resolver.system.alpha**2 if resolver is not None else 0.0
-
-        def objective(rr: np.ndarray, xx: np.ndarray) -> float:
-            # what the solve minimises: the stacked residual for stacked layers
-            total = float(rr @ rr)
-            if alpha2:
-                rw = apply_weight(geom, weight, xx) - z_f
-                total = alpha2 * total + float(rw @ rw)
-            return total
-
-        r = resid(k, x)
-        r2 = float(r @ r)
-        obj = objective(r, x)
-        out_hw = (geom.out_height, geom.out_width)
-        radius = (2 * -(-geom.kernel[0] // geom.stride[0]), 2 * -(-geom.kernel[1] // geom.stride[1]))
         for _ in range(self.sign_iterations):
-            sigma = 1.4826 * float(np.median(np.abs(r)))
-            num, den = output_gradient_fit(geom, r, x)
-            d = c_f * np.where(state, slope - 1.0, 1.0 - slope)
-            gain = d * (2 * num - d * den)
-            signif = d * num > self.sign_kappa * sigma * np.abs(d) * np.sqrt(den)
-            useful = gain > self.sign_min_gain * r2
-            chosen = _separated(np.flatnonzero(cand & signif & useful), np.abs(pre_f), out_hw, radius)
-            if resolver is None:  # gradient-only: the solved input absorbs errors globally
-                chosen = chosen[:1]
-            if chosen.size == 0:
+            r = gradient_residual(geom, wshape, k, grad_w, solve.x)
+            stats = flip_statistics(geom, k, solve.x, r, solve, cand)
+            delta = c_f[cand] * np.where(state[cand], slope - 1.0, 1.0 - slope)
+            pick = choose_flips(stats, delta, robust_scale(geom, r, solve), self.sign_kappa, cand.size)
+            if pick.size == 0:
                 break
             new_state = state.copy()
-            new_state[chosen] = ~new_state[chosen]
+            new_state[cand[pick]] = ~new_state[cand[pick]]
             new_k = (c_f * np.where(new_state, 1.0, slope)).reshape(shape)
-            if resolver is not None:
-                new_x, new_info = resolver.solve(new_k, grad_w, z_f, x), info
+            if solve.resolver is not None:
+                x0 = stats.predicted_x(solve.x, pick, delta[pick])  # PCG starts next to the answer
+                tol = 1e-4 if z_var is not None and sigma is not None else None
+                x = solve.resolver.solve(new_k, grad_w, z, x0, energy_tol=tol)
+                new_solve = LayerSolve(
+                    x, solve.info, solve.gradient_weights, solve.row_weights, solve.inverse, solve.variance
+                )
+                new_solve.resolver = solve.resolver
             else:
-                new_x, new_info = self._solve(geom, weight, new_k, grad_w, z)
-            new_r = resid(new_k, new_x)
-            new_obj = objective(new_r, new_x)
-            if new_obj >= obj:
+                stacked = solve.row_weights is not None
+                new_solve = self._solve(geom, weight, new_k, grad_w, z, sigma, z_var, stacked=stacked)
+            value = objective(geom, weight, new_solve, new_k, grad_w, z, new_solve.x)
+            if value >= best:
                 break
-            total += int(chosen.size)
-            state, k, x, info, r, obj = new_state, new_k, new_x, new_info, new_r, new_obj
-            r2 = float(r @ r)
-        return x, k, info, total
+            total += int(pick.size)
+            state, k, solve, best = new_state, new_k, new_solve, value
+        return solve, k, total
 
     def _solve(
-        self, geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, grad_w: np.ndarray, z: np.ndarray
-    ) -> tuple[np.ndarray, RankInfo]:
-        """Gradient constraints alone when they determine the layer well ("auto"), else [K; W; P]."""
-        self._resolver = None
-        solved = solve_gradient_only(geom, k, grad_w) if self.system == "auto" else None
-        if solved is not None:
-            return solved
-        system = build_system(geom, weight, k, grad_w, z)
+        self,
+        geom: ConvGeometry,
+        weight: np.ndarray,
+        k: np.ndarray,
+        grad_w: np.ndarray,
+        z: np.ndarray,
+        sigma: np.ndarray | None = None,
+        z_var: np.ndarray | None = None,
+        stacked: bool = False,
+    ) -> LayerSolve:
+        """Gradient constraints alone when they determine the layer well ("auto" and not
+        `stacked`), else [K; W; P]; generalised least squares when the noise is known (`sigma`
+        for dL/dW, `z_var` for the weight constraints)."""
         keep: dict[str, Any] = {}
+        if self.system == "auto" and not stacked:
+            solved = solve_gradient_only(geom, k, grad_w, gradient_sigma=sigma, keep=keep)
+            if solved is not None:
+                x, info = solved
+                wg = 1.0 if keep["gradient_weights"] is None else keep["gradient_weights"]
+                return LayerSolve(x, info, wg, None, keep["inverse"], keep.get("variance"))
+        tau = None if z_var is None else np.sqrt(z_var)
+        system = build_system(geom, weight, k, grad_w, z, gradient_sigma=sigma, weight_sigma=tau)
         x, info = solve_normal(system, self.rank_rtol, keep)
         assert x is not None
-        self._resolver = Resolver(system, keep["factor"], weight, k) if "factor" in keep else None
-        return x, info
+        weighted = system.gradient_weights is not None
+        solve = LayerSolve(
+            x,
+            info,
+            system.gradient_weights if weighted else system.alpha**2,
+            system.row_weights if weighted else 1.0,
+            keep.get("inverse"),
+        )
+        if sigma is not None and tau is not None and solve.inverse is not None:
+            solve.variance = solve_variance(solve.inverse, geom)
+        if "factor" in keep:
+            solve.resolver = Resolver(system, keep["factor"], weight, k)
+        return solve
 
     def _prune(self, branches: list[_Hypothesis]) -> list[_Hypothesis]:
         """Drop hypotheses the layer just solved finds inconsistent (residual >> the best one)."""

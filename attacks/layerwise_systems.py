@@ -348,7 +348,7 @@ def channel_grams(kblock: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     With non-uniform weights the gradient block is no longer the same for every channel, but it
     stays block-diagonal over channels (x_c only enters the equations of channel c)."""
-    return np.einsum("ri,rc,rj->cij", kblock, weights, kblock, optimize=True)
+    return np.stack([(kblock.T * weights[:, c]) @ kblock for c in range(weights.shape[1])])
 
 
 def weighted_weight_gram(geom: ConvGeometry, weight: np.ndarray, row_weights: np.ndarray) -> np.ndarray:
@@ -369,7 +369,7 @@ def weighted_weight_gram(geom: ConvGeometry, weight: np.ndarray, row_weights: np
             both = np.flatnonzero((positions[a] >= 0) & (positions[b] >= 0))
             # rows with the same (a, b) never share a pixel pair (offset maps are injective)
             wa = rows[:, both, None] * w[:, None, :, a]  # (C_out, P, C_in)
-            gram[positions[a, both], positions[b, both]] += np.einsum("opc,od->pcd", wa, w[:, :, b])
+            gram[positions[a, both], positions[b, both]] += np.matmul(wa.transpose(1, 2, 0), w[:, :, b])
     return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
 
 
@@ -604,11 +604,14 @@ def solve_normal(
     eigenvalues of A^T A by Lanczos, 1e-3 relative accuracy). Otherwise a pivoted Cholesky
     (LAPACK pstrf, pivots > rtol^2 * lambda_max) gives the rank, and a Tikhonov-regularised
     Cholesky solve (shift rtol^2 * lambda_max) the minimum-norm solution to about 1e-6 relative.
+    `keep`, when given, receives "inverse" (applies the (pseudo-, or for the Tikhonov path the
+    regularised) inverse normal matrix to (n,) or (n, m) arrays) and, on the Cholesky path,
+    "factor".
     """
     gram = system.gram
     n = gram.shape[0]
     if n <= SMALL_SYSTEM:
-        return _solve_eigen(system, rtol)
+        return _solve_eigen(system, rtol, keep)
     lam_max = _largest_eigenvalue(gram)
     if lam_max <= 0:
         return (None if system.rhs is None else np.zeros(n)), RankInfo(0, n, 0.0, 0.0, "zero")
@@ -620,21 +623,33 @@ def solve_normal(
     if factor is not None and lam_min > (rtol**2) * lam_max:
         if keep is not None:
             keep["factor"] = factor
+            keep["inverse"] = _cholesky_inverse(factor)
         x = None if system.rhs is None else sla.cho_solve(factor, system.rhs, check_finite=False)
         return x, RankInfo(n, n, float(np.sqrt(lam_min)), float(np.sqrt(lam_max)), "cholesky")
-    return _solve_deficient(system, rtol, lam_max, lam_min)
+    return _solve_deficient(system, rtol, lam_max, lam_min, keep)
+
+
+def _cholesky_inverse(factor: tuple[np.ndarray, bool]):
+    def apply(v: np.ndarray) -> np.ndarray:
+        return sla.cho_solve(factor, v, check_finite=False)
+
+    return apply
 
 
 def _solve_deficient(
-    system: LayerSystem, rtol: float, lam_max: float, lam_min: float
+    system: LayerSystem, rtol: float, lam_max: float, lam_min: float, keep: dict | None = None
 ) -> tuple[np.ndarray | None, RankInfo]:
     """Rank by pivoted Cholesky; sigma_min is the Lanczos estimate, or 0 when Cholesky failed."""
     shift = (rtol**2) * lam_max
     _, _, rank, _ = sla.lapack.dpstrf(system.gram, tol=shift)
     x = None
-    if system.rhs is not None:
+    if system.rhs is not None or keep is not None:
         shifted = system.gram + shift * np.eye(system.gram.shape[0])
-        x = sla.cho_solve(sla.cho_factor(shifted, check_finite=False), system.rhs, check_finite=False)
+        factor = sla.cho_factor(shifted, check_finite=False)
+        if system.rhs is not None:
+            x = sla.cho_solve(factor, system.rhs, check_finite=False)
+        if keep is not None:
+            keep["inverse"] = _cholesky_inverse(factor)
     n = system.gram.shape[0]
     sigma_min = float(np.sqrt(max(lam_min, 0.0)))
     return x, RankInfo(int(rank), n, sigma_min, float(np.sqrt(lam_max)), "pivoted-cholesky+tikhonov")
@@ -658,8 +673,18 @@ class Resolver:
         self.kblock = gradient_block(system.geometry, np.asarray(k, dtype=np.float64))
 
     def solve(
-        self, k: np.ndarray, grad: np.ndarray, z: np.ndarray, x0: np.ndarray, rtol: float = 1e-12
+        self,
+        k: np.ndarray,
+        grad: np.ndarray,
+        z: np.ndarray,
+        x0: np.ndarray,
+        rtol: float = 1e-12,
+        energy_tol: float | None = None,
     ) -> np.ndarray:
+        """PCG from x0 until the residual is rtol of the rhs or, with `energy_tol`, until the
+        error in the N-norm (the excess of the least-squares objective, r^T N_old^-1 r as the
+        preconditioner measures it) is below it: for a noise-weighted system that objective
+        counts in units of the noise, so 1e-4 is far below anything the data can tell apart."""
         geom, system = self.system.geometry, self.system
         kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
         n_in, n = geom.in_channels, geom.pixels
@@ -689,7 +714,7 @@ class Resolver:
         rz = float(r @ zv)
         stop = (rtol * float(np.linalg.norm(rhs))) ** 2
         for _ in range(100):
-            if float(r @ r) <= stop:
+            if float(r @ r) <= stop or (energy_tol is not None and rz <= energy_tol):
                 break
             ap = apply(p)
             step = rz / float(p @ ap)
@@ -700,19 +725,6 @@ class Resolver:
             p = zv + (rz_new / rz) * p
             rz = rz_new
         return x
-
-
-def factor_variance(
-    factor: tuple[np.ndarray, bool], geom: ConvGeometry, probes: int = 8, seed: int = 0
-) -> np.ndarray:
-    """Per-unknown error variance diag((A^T A)^-1) of a noise-weighted system, estimated per input
-    channel by Hutchinson's estimator (mean of v * (A^T A)^-1 v over Rademacher probes v): the
-    exact diagonal would cost a second factorisation; the layer below needs only its level."""
-    n = geom.unknowns
-    v = np.random.default_rng(seed).choice((-1.0, 1.0), size=(n, probes))
-    est = (v * sla.cho_solve(factor, v, check_finite=False)).mean(axis=1)
-    per_channel = np.maximum(est.reshape(geom.in_channels, geom.pixels).mean(axis=1), 0.0)
-    return np.repeat(per_channel, geom.pixels)
 
 
 def layer_rank(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, rtol: float = RANK_RTOL) -> RankInfo:
@@ -746,14 +758,18 @@ def _rank_info(lam: np.ndarray, keep: np.ndarray, method: str) -> RankInfo:
     )
 
 
-def _solve_eigen(system: LayerSystem, rtol: float) -> tuple[np.ndarray | None, RankInfo]:
+def _solve_eigen(
+    system: LayerSystem, rtol: float, keep: dict | None = None
+) -> tuple[np.ndarray | None, RankInfo]:
     lam, vecs = np.linalg.eigh(system.gram)
-    keep = lam > (rtol**2) * lam[-1]
+    kept = lam > (rtol**2) * lam[-1]
+    v = vecs[:, kept]
     x = None
     if system.rhs is not None:
-        v = vecs[:, keep]
-        x = v @ ((v.T @ system.rhs) / lam[keep])
-    return x, _rank_info(lam, keep, "eigh")
+        x = v @ ((v.T @ system.rhs) / lam[kept])
+    if keep is not None:
+        keep["inverse"] = lambda u: v @ ((v.T @ u) / lam[kept].reshape(-1, *([1] * (np.ndim(u) - 1))))
+    return x, _rank_info(lam, kept, "eigh")
 
 
 # ---------------------------------------------------------------------------------------------
