@@ -46,6 +46,7 @@ from attacks.layerwise_hybrid import HybridConfig, refine_layer
 from attacks.layerwise_noise import (
     LayerSolve,
     choose_flips,
+    flip_impact,
     flip_statistics,
     gradient_residual,
     head_input_variance,
@@ -355,10 +356,11 @@ class LayerwiseInversion:
         """
         shape, wshape = k.shape, tuple(weight.shape)
         pre_f, c_f = pre.ravel(), c.ravel()
-        cand = sign_candidates(pre_f, z_var, self.sign_window, self.sign_band, self.sign_candidates)
+        state = pre_f > 0
+        impact = flip_impact(geom, solve.x, solve, c_f * (1.0 - slope))
+        cand = sign_candidates(pre_f, z_var, self.sign_window, self.sign_band, self.sign_candidates, impact)
         if cand.size == 0 or solve.inverse is None:
             return solve, k, 0
-        state = pre_f > 0
         best = objective(geom, weight, solve, k, grad_w, z, solve.x)
         total = 0
         for _ in range(self.sign_iterations):

@@ -23,7 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from scipy import special
 from torch import nn
+from torch.nn import functional as F
 
 from attacks.layerwise_systems import (
     ConvGeometry,
@@ -250,22 +253,55 @@ def choose_flips(
 
 
 def sign_candidates(
-    pre: np.ndarray, pre_variance: np.ndarray | None, window: float, band: float, limit: int
+    pre: np.ndarray,
+    pre_variance: np.ndarray | None,
+    window: float,
+    band: float,
+    limit: int,
+    impact: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Entries whose derivative sign is in doubt, most doubtful first, at most `limit`.
+    """Entries whose derivative sign is in doubt, at most `limit`, the ones that matter first.
 
     With a predicted error variance of the pre-activations: |z| <= band * std (the sign is
-    within `band` standard deviations of flipping). Without one: |z| <= window * rms(z)."""
+    within `band` standard deviations of flipping), ranked by the expected damage of a wrong
+    sign, P(wrong) * `impact` (P from the normal error model; impact: what a flip would change
+    in the objective, `flip_impact`) - near-zero pre-activations on near-zero inputs (dark
+    image regions) are numerous but harmless, and must not crowd out the few that matter.
+    Without a noise model: |z| <= window * rms(z), smallest |z| first."""
     pre = np.ravel(pre)
     if pre_variance is not None:
         sd = np.sqrt(np.maximum(np.ravel(pre_variance), 1e-300))
         ratio = np.abs(pre) / sd
         cand = np.flatnonzero(ratio <= band)
+        if impact is not None:
+            damage = special.ndtr(-ratio[cand]) * np.ravel(impact)[cand]
+            return cand[np.argsort(-damage, kind="stable")][:limit]
     else:
         rms = float(np.sqrt(np.mean(pre**2))) or 1.0
         ratio = np.abs(pre) / rms
         cand = np.flatnonzero(ratio <= window)
     return cand[np.argsort(ratio[cand], kind="stable")][:limit]
+
+
+def flip_impact(geom: ConvGeometry, x: np.ndarray, solve: LayerSolve, delta: np.ndarray) -> np.ndarray:
+    """delta_j^2 |a_j|^2 for every entry j of k: how much changing k_j by delta_j would move the
+    weighted gradient residual (x held fixed; an upper bound on the re-solved change)."""
+    if geom.is_linear:
+        wg = np.broadcast_to(
+            _as_weight_layout(geom, solve.gradient_weights), (geom.out_channels, geom.in_channels, 1)
+        )
+        energy = wg[:, :, 0] @ (np.ravel(x) ** 2)
+    else:
+        wg = np.broadcast_to(
+            _as_weight_layout(geom, solve.gradient_weights),
+            (geom.out_channels, geom.in_channels, geom.offsets),
+        )
+        kernel = torch.from_numpy(
+            np.ascontiguousarray(wg).reshape(geom.out_channels, geom.in_channels, *geom.kernel)
+        )
+        x2 = torch.from_numpy(np.ravel(x).reshape(1, geom.in_channels, geom.height, geom.width) ** 2)
+        energy = F.conv2d(x2, kernel, stride=geom.stride, padding=geom.padding).numpy()
+    return np.ravel(delta) ** 2 * np.ravel(energy)
 
 
 def robust_scale(geom: ConvGeometry, residual: np.ndarray, solve: LayerSolve) -> float:
