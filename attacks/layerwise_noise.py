@@ -154,6 +154,13 @@ def objective(
     return total
 
 
+def degrees_of_freedom(geom: ConvGeometry, weight: np.ndarray, solve: LayerSolve) -> int:
+    """Equations minus unknowns of a solve: the expected value of its objective when every
+    equation's weight is its inverse noise variance (chi-square), what a residual is judged by."""
+    equations = int(np.size(weight)) + (geom.out_size if solve.row_weights is not None else 0)
+    return max(equations - solve.info.rank, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Derivative signs
 # ---------------------------------------------------------------------------------------------
@@ -228,28 +235,49 @@ MIN_IDENTIFIABLE = 1e-6
 
 
 def choose_flips(
-    stats: FlipStatistics, delta: np.ndarray, scale: float, kappa: float, limit: int
+    stats: FlipStatistics,
+    delta: np.ndarray,
+    scale: float,
+    kappa: float,
+    limit: int,
+    prior_cost: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Greedy selection on the linearised model: repeatedly take the entry whose flip (change
-    `delta`) lowers the re-solved objective most, provided the fitted change points the flip's
-    way by more than `kappa` standard errors (scale * sqrt(M_jj)) and the gain is positive;
-    then update the others' statistics as if it were flipped. Returns positions into entries."""
+    """Local search on the linearised model: repeatedly toggle the entry (flip it, or undo a
+    flip taken earlier in this search) that lowers the re-solved objective most, provided the
+    fitted change points the toggle's way by more than `kappa` standard errors
+    (scale * sqrt(M_jj)) and the drop in the objective, as a log-likelihood ratio
+    (drop / (2 scale^2)), beats the prior cost of the toggle (`prior_cost[j]`: log-odds of the
+    sign the reconstruction above gives against the other; 0 without a noise model). Nearby
+    entries are confounded (M is far from diagonal), which is why a flip can be undone.
+    Returns the positions into `stats.entries` of the entries that end up toggled."""
     num = stats.num.copy()
     diag = np.diag(stats.schur)
-    free = diag > MIN_IDENTIFIABLE * stats.patch_norms
+    identifiable = diag > MIN_IDENTIFIABLE * stats.patch_norms
     diag = np.maximum(diag, 1e-300)
-    chosen: list[int] = []
-    for _ in range(min(limit, num.size)):
-        gain = delta * (2 * num - delta * diag)
-        score = np.sign(delta) * num / (scale * np.sqrt(diag))
-        ok = free & (gain > 0) & (score > kappa)
+    cost = np.zeros(num.size) if prior_cost is None else np.asarray(prior_cost, dtype=np.float64)
+    toggled = np.zeros(num.size, dtype=bool)
+    for _ in range(2 * min(limit, num.size)):
+        step = np.where(toggled, -delta, delta)
+        drop = step * (2 * num - step * diag)
+        score = np.sign(step) * num / (scale * np.sqrt(diag))
+        penalty = np.where(toggled, -cost, cost)
+        ok = identifiable & (drop > 0) & (score > kappa) & (drop / (2 * scale**2) > penalty)
         if not ok.any():
             break
-        j = int(np.flatnonzero(ok)[np.argmax(gain[ok])])
-        chosen.append(j)
-        free[j] = False
-        num -= stats.schur[:, j] * delta[j]
-    return np.asarray(chosen, dtype=np.int64)
+        j = int(np.flatnonzero(ok)[np.argmax((drop - 2 * scale**2 * penalty)[ok])])
+        toggled[j] = ~toggled[j]
+        num -= stats.schur[:, j] * step[j]
+    return np.flatnonzero(toggled)
+
+
+def sign_log_odds(pre: np.ndarray, pre_variance: np.ndarray | None, state: np.ndarray) -> np.ndarray | None:
+    """Prior cost of moving each entry away from `state`: log P(state) - log P(other), with
+    P(z > 0) = Phi(z_hat / std) from the predicted error; None without a noise model."""
+    if pre_variance is None:
+        return None
+    ratio = np.ravel(pre) / np.sqrt(np.maximum(np.ravel(pre_variance), 1e-300))
+    log_pos, log_neg = special.log_ndtr(ratio), special.log_ndtr(-ratio)
+    return np.where(np.ravel(state), log_pos - log_neg, log_neg - log_pos)
 
 
 def sign_candidates(
