@@ -51,6 +51,7 @@ from attacks.layerwise_noise import (
     flip_statistics,
     gradient_residual,
     head_input_variance,
+    head_noise_ratio,
     objective,
     pull_back,
     robust_scale,
@@ -127,6 +128,10 @@ class LayerwiseInversion:
     consistency_ratio: with a noise model, a gradient-only solution whose weighted
         weight-constraint residual exceeds this many times what the noise explains is replaced
         by the stacked solve (`attacks.layerwise_noise.weight_consistency`).
+    noise_model_ratio: the update's `gradient_noise` is used only when the head's weighted
+        residual is at most this many times its expected value (`head_noise_ratio`): a defence's
+        noise, clipping or several local steps are not in that model, and trusting it then
+        would make the weights and sign tests overconfident.
 
     When the update carries `gradient_noise` (weight deltas), every layer is solved by
     generalised least squares and the predicted error is propagated down the layers
@@ -149,6 +154,7 @@ class LayerwiseInversion:
         sign_kappa: float = 4.0,
         sign_candidates: int = 64,
         consistency_ratio: float = 4.0,
+        noise_model_ratio: float = 4.0,
     ) -> None:
         if system not in ("auto", "stacked"):
             raise ValueError(f"system must be 'auto' or 'stacked', got {system!r}")
@@ -165,6 +171,7 @@ class LayerwiseInversion:
         self.sign_kappa = sign_kappa
         self.sign_candidates = sign_candidates
         self.consistency_ratio = consistency_ratio
+        self.noise_model_ratio = noise_model_ratio
         self.name = "layerwise-hybrid" if hybrid else "layerwise"
 
     # ----------------------------------------------------------------------------------------
@@ -189,6 +196,11 @@ class LayerwiseInversion:
         if update.known_labels is not None:
             known = int(torch.as_tensor(update.known_labels).reshape(-1)[0])
         branches = self._head_branches(model, plan, grads, known, noise)
+        noise_model = self._check_noise_model(noise, branches)
+        if noise is not None and not noise_model["used"]:
+            noise = None
+            for branch in branches:
+                branch.y_variance = None
         branches = _merge_scaled(branches, plan, len(plan.layers) - 1)
         for layer in reversed(plan.layers[:-1]):
             branches = self._prune([self._invert_layer(model, layer, b, grads, noise) for b in branches])
@@ -203,6 +215,7 @@ class LayerwiseInversion:
             "scale_of_listed_branch": scale,
             "rank_rtol": self.rank_rtol,
             "rank_deficient_layers": [d["layer"] for d in chosen.layers if d.get("deficit", 0) > 0],
+            "noise_model": noise_model,
         }
         if model.head == "logistic":
             diagnostics["label_kind"] = "binary target t = label % 2 of the logistic head"
@@ -238,9 +251,31 @@ class LayerwiseInversion:
         seconds = time.perf_counter() - start
         branches = [self._branch_from_head(head, weight, grad_w, h, seconds) for h in hyps]
         if noise is not None:
+            sigma = noise[head.weight_name]
             for branch, hyp in zip(branches, hyps, strict=True):
-                branch.y_variance = head_input_variance(hyp.k, noise[head.weight_name]).reshape(head.in_shape)
+                branch.y_variance = head_input_variance(hyp.k, sigma).reshape(head.in_shape)
+                branch.layers[0]["noise_ratio"] = head_noise_ratio(grad_w, hyp.k, hyp.x, sigma)
         return branches
+
+    def _check_noise_model(
+        self, noise: dict[str, np.ndarray] | None, branches: list[_Hypothesis]
+    ) -> dict[str, Any]:
+        """Use the update's `gradient_noise` only if the head's residual is what it explains
+        (`head_noise_ratio` <= noise_model_ratio for some head hypothesis): noise the model
+        does not know of would make its weights and sign tests overconfident."""
+        if noise is None:
+            return {"used": False, "reason": "the update carries no gradient noise (exact gradient)"}
+        ratio = min(b.layers[0]["noise_ratio"] for b in branches)
+        used = ratio <= self.noise_model_ratio
+        reason = (
+            "head residual explained by gradient_noise"
+            if used
+            else (
+                "head residual exceeds what gradient_noise explains (noise the model does not know of); "
+                "solved without a noise model"
+            )
+        )
+        return {"used": used, "head_ratio": ratio, "reason": reason}
 
     @staticmethod
     def _branch_from_head(

@@ -37,6 +37,7 @@ from attacks.layerwise_systems import (
     apply_weight,
     backprop_input,
     gradient_block,
+    inverse_variance,
     invert_activation,
     offset_maps,
 )
@@ -76,6 +77,23 @@ def head_input_variance(k: np.ndarray, grad_sigma: np.ndarray) -> np.ndarray:
     k = np.asarray(k, dtype=np.float64).ravel()
     s2 = np.asarray(grad_sigma, dtype=np.float64).reshape(k.size, -1) ** 2
     return (k**2) @ s2 / float(k @ k) ** 2
+
+
+def head_noise_ratio(grad_w: np.ndarray, k: np.ndarray, x: np.ndarray, grad_sigma: np.ndarray) -> float:
+    """Weighted residual of the head's best rank-1 fit dL/dW = k x^T over its expected value (one
+    per equation beyond the unknowns). About 1 when `gradient_noise` is all the noise there is;
+    far above when the update carries noise the model does not know of (a Gaussian defence,
+    clipping, several local steps), and then the model must not be trusted. Both factors are
+    fitted (weighted alternating least squares from k, x), since k, the bias gradient, is
+    observed with noise too and its error times x would otherwise count as unexplained."""
+    g = np.asarray(grad_w, dtype=np.float64).reshape(np.size(k), -1)
+    w = inverse_variance(grad_sigma).reshape(g.shape)
+    u, v = np.ravel(k).astype(np.float64), np.ravel(x).astype(np.float64)
+    for _ in range(5):
+        v = (w * g).T @ u / np.maximum(w.T @ u**2, 1e-300)
+        u = (w * g) @ v / np.maximum(w @ v**2, 1e-300)
+    r = float(np.sum(w * (g - np.outer(u, v)) ** 2))
+    return r / max(g.size - u.size - v.size + 1, 1)
 
 
 def pull_back(
