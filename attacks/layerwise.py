@@ -344,6 +344,8 @@ class LayerwiseInversion:
         if sigma is not None and z_var is not None:
             dof = degrees_of_freedom(geom, weight, solve)
             extra["noise_ratio"] = objective(geom, weight, solve, k, grad_w, z, x) / dof
+        if solve.variance is not None:
+            extra["predicted_rmse"] = float(np.sqrt(np.mean(solve.variance)))
         alpha = balance(geom, weight, k)
         res = residuals(geom, alpha, weight, k, grad_w, z, x)
         if self.hybrid and info.deficit > 0:
