@@ -418,7 +418,7 @@ def test_inconsistent_gradient_only_layer_falls_back_to_the_stacked_solve() -> N
     """Without sign repair a flipped derivative sign leaves a gradient-only solution that
     contradicts the weight constraints far beyond the noise; that layer is re-solved stacked."""
     model = seeded("cnn6", seed=0)
-    result, _ = weight_delta_result(model, 0, 0.01, sign_iterations=0)
+    result, _ = weight_delta_result(model, 3, 0.01, sign_iterations=0)
     fallen = [d for d in result.diagnostics["layers"] if "fallback" in d]
     assert fallen
     for d in fallen:
