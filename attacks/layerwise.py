@@ -14,9 +14,17 @@ each Linear/Conv2d layer from the top down, it
    good conditioning is solved from them alone - one small system shared by all input channels,
    as R-GAP does for FC layers - and the weight constraints are reported as a residual check.
    On CNN6 that is the four deeper convs; the first two need the stacked system.
-4. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): an entry
-   whose flip explains a significant part of the gradient residual is flipped and the layer
-   re-solved (`LayerwiseInversion._fix_signs`; stacked layers re-solve by preconditioned CG).
+4. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): entries
+   whose flip lowers the re-solved objective significantly are flipped and the layer re-solved
+   (`LayerwiseInversion._fix_signs`).
+
+When the update carries its noise (`ObservedUpdate.gradient_noise`: float32 rounding of weight
+deltas / lr) and the head's residual confirms it, each layer is solved by generalised least
+squares: gradient equations weighted by 1 / sigma^2, weight constraints by the inverse of the
+predicted error of z, which is the previous solve's error covariance pulled back through the
+inverse activation (`attacks.layerwise_noise`). The same prediction says which derivative signs
+are in doubt and how likely each is, and whether a gradient-only solution agrees with the weight
+constraints as well as the noise allows; when it does not, the layer is solved stacked.
 
 Every layer's rank, deficit, residual and extreme singular values are reported: a rank-deficient
 layer (e.g. CNN6-d's second conv) means the data is not determined by the gradient, and the

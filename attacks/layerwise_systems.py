@@ -25,6 +25,11 @@ When the gradient block alone has full column rank and is well conditioned (the 
 convs, every FC layer), `solve_gradient_only` solves one small (H*W)^2 system shared by all
 input channels instead - what R-GAP does for FC layers - and the weight constraints serve as a
 check (their residual is reported).
+
+With known noise both accept per-equation standard deviations (generalised least squares,
+`build_system(gradient_sigma=, weight_sigma=)`): the gradient block then differs per input
+channel but stays block-diagonal, and W^T W gains a weight per output entry
+(`weighted_weight_gram`); the inverse normal matrix is then the error covariance of x.
 """
 
 from __future__ import annotations
