@@ -129,7 +129,10 @@ def solve_variance(
         return np.maximum(np.diag(inverse(np.eye(n))), 0.0)
     v = np.random.default_rng(seed).choice((-1.0, 1.0), size=(n, probes))
     est = (v * inverse(v)).mean(axis=1)
-    per_channel = np.maximum(est.reshape(geom.in_channels, geom.pixels).mean(axis=1), 0.0)
+    per_channel = est.reshape(geom.in_channels, geom.pixels).mean(axis=1)
+    # a channel's estimate is a mean of thousands of samples, but never let one come out at or
+    # below zero (it would make the layer below treat those constraints as exact)
+    per_channel = np.maximum(per_channel, 1e-3 * max(float(per_channel.mean()), 1e-300))
     return np.repeat(per_channel, geom.pixels)
 
 
