@@ -38,8 +38,9 @@ class ObservedUpdate:
     batch_size: int = 1
     known_labels: torch.Tensor | None = None
     # Per-parameter standard deviation of the gradient estimate, when known (weight deltas: the
-    # float32 rounding of the weights divided by lr * steps); None for exact gradients. Kept for
-    # reports and noise-aware solvers: no attack here weights its equations by it yet.
+    # float32 rounding of the weights divided by lr * steps); None for exact gradients. Layer-wise
+    # inversion weights its equations by it (generalised least squares) when the update's
+    # residual confirms it is all the noise there is.
     gradient_noise: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:

@@ -42,10 +42,10 @@ from attacks.layerwise_systems import (
     LayerSystem,
     RankInfo,
     gradient_block,
-    masked_weight_gram,
     offset_maps,
     solve_normal,
     weight_gram,
+    weighted_weight_gram,
 )
 
 # The dense normal matrix of a generic layer holds unknowns^2 float64 (8,192: 0.5 GB).
@@ -376,7 +376,7 @@ def assemble(
         gk = (kmat.T @ kmat).toarray()
     mrows = None
     if geom is not None and cons.selection_only:
-        gw = weight_gram(geom, weight) if cons.rows.all() else masked_weight_gram(geom, weight, cons.rows)
+        gw = weight_gram(geom, weight) if cons.rows.all() else weighted_weight_gram(geom, weight, cons.rows)
         w_rhs = layer.adjoint(np.where(cons.rows, cons.values, 0.0)[None])[0]
     else:
         wmat = structured_weight_matrix(geom, weight) if geom is not None else weight_matrix(layer)

@@ -21,10 +21,18 @@ input), it
    good conditioning is solved from them alone - one small system shared by all input channels,
    as R-GAP does for FC layers - and the weight constraints are reported as a residual check.
    On CNN6 that is the four deeper convs; the first two need the stacked system.
-3. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): an entry
-   whose flip explains a significant part of the gradient residual is flipped and the layer
-   re-solved (`LayerwiseInversion._fix_signs`; stacked layers re-solve by preconditioned CG).
+4. corrects LeakyReLU derivative signs that noise flipped (near-zero pre-activations): entries
+   whose flip lowers the re-solved objective significantly are flipped and the layer re-solved
+   (`LayerwiseInversion._fix_signs`).
    ReLU zeros are read with a noise-aware threshold instead (`attacks.layer_ops`).
+
+When the update carries its noise (`ObservedUpdate.gradient_noise`: float32 rounding of weight
+deltas / lr) and the head's residual confirms it, each layer is solved by generalised least
+squares: gradient equations weighted by 1 / sigma^2, weight constraints by the inverse of the
+predicted error of z, which is the previous solve's error covariance pulled back through the
+inverse activation (`attacks.layerwise_noise`). The same prediction says which derivative signs
+are in doubt and how likely each is, and whether a gradient-only solution agrees with the weight
+constraints as well as the noise allows; when it does not, the layer is solved stacked.
 
 Every layer's rank, deficit, residual and extreme singular values are reported: a rank-deficient
 layer (e.g. CNN6-d's second conv) means the data is not determined by the gradient, and the
@@ -53,25 +61,49 @@ from attacks.generic_systems import bias_vector, constrained_residuals, constrai
 from attacks.layer_ops import RELU_ZERO_RTOL, pull_back
 from attacks.layerwise_head import HeadHypothesis, cross_entropy_head, logistic_head
 from attacks.layerwise_hybrid import HybridConfig, refine_layer
+from attacks.layerwise_noise import (
+    LayerSolve,
+    choose_flips,
+    degrees_of_freedom,
+    flip_impact,
+    flip_statistics,
+    gradient_residual,
+    head_input_variance,
+    head_noise_ratio,
+    objective,
+    pull_back_variance,
+    robust_scale,
+    sign_candidates,
+    sign_log_odds,
+    solve_variance,
+    weight_consistency,
+)
 from attacks.layerwise_systems import (
     DEFAULT_BLAS_THREADS,
     RANK_RTOL,
     ConvGeometry,
-    RankInfo,
     Resolver,
-    apply_gradient,
-    apply_weight,
     backprop_input,
     balance,
     blas_threads,
     build_system,
-    output_gradient_fit,
     residuals,
     solve_gradient_only,
     solve_normal,
 )
 from attacks.network_plan import NetworkPlan, PlannedLayer, plan_network, weight_of
 from models.base import ZooModel
+
+# Sign repair with a noise model: while a layer's objective exceeds this multiple of its expected
+# value (clean CNN6 layers measure 0.87-1.11), the search for wrong signs widens by another
+# `sign_candidates` entries, at most MAX_WIDENINGS times (each costs that many more columns of
+# the inverse normal matrix per round).
+WIDEN_RATIO = 1.5
+MAX_WIDENINGS = 3
+
+STACKED_FALLBACK = "stacked: the gradient-only solution contradicts the weight constraints"
+# The ops the noise model's error pull-back inverts (`attacks.layerwise_noise.pull_back_variance`).
+NOISE_MODEL_OPS = (nn.Flatten, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
 @dataclass
@@ -87,6 +119,7 @@ class _Hypothesis:
     g: np.ndarray
     family: tuple[tuple[float, dict[str, Any]], ...]
     layers: list[dict[str, Any]] = field(default_factory=list)
+    y_variance: np.ndarray | None = None  # predicted error variance of y (with a noise model)
 
 
 class LayerwiseInversion:
@@ -102,12 +135,26 @@ class LayerwiseInversion:
     hybrid, hybrid_steps, hybrid_config: COPA's gradient-matching refinement of rank-deficient
         layers (`attacks.layerwise_hybrid`).
     blas_threads: BLAS threads while solving (see `attacks.layerwise_systems.DEFAULT_BLAS_THREADS`).
-    sign_iterations, sign_window, sign_kappa, sign_min_gain: correction of LeakyReLU derivative
-        signs flipped by noise (`_fix_signs`; 0 iterations turns it off). Noisy gradients, such as
-        the weight deltas a federated server sees (float32 rounding / lr), need it: without it
-        CNN6 at lr 0.1 fell to 8-28 dB on some crops.
+    sign_iterations, sign_window, sign_band, sign_kappa, sign_candidates: correction of LeakyReLU
+        derivative signs flipped by noise (`_fix_signs`; 0 iterations turns it off). Noisy
+        gradients, such as the weight deltas a federated server sees (float32 rounding / lr),
+        need it: without it CNN6 at lr 0.1 fell to 8-28 dB on some crops. An entry is in doubt
+        when |z| <= sign_band predicted stds (with a noise model) or <= sign_window * rms(z)
+        (without); at most sign_candidates of them are tested per layer, and a flip must be
+        sign_kappa standard errors significant.
     relu_zero_rtol: a reconstructed ReLU output counts as zero (no weight equation, dL/dz = 0)
         when <= relu_zero_rtol x the largest output of that tensor (`attacks.layer_ops`).
+    consistency_ratio: with a noise model, a gradient-only solution whose weighted
+        weight-constraint residual exceeds this many times what the noise explains is replaced
+        by the stacked solve (`attacks.layerwise_noise.weight_consistency`).
+    noise_model_ratio: the update's `gradient_noise` is used only when the head's weighted
+        residual is at most this many times its expected value (`head_noise_ratio`): a defence's
+        noise, clipping or several local steps are not in that model, and trusting it then
+        would make the weights and sign tests overconfident.
+
+    When the update carries `gradient_noise` (weight deltas), every layer is solved by
+    generalised least squares and the predicted error is propagated down the layers
+    (`attacks.layerwise_noise`); exact gradients are solved as before.
     """
 
     def __init__(
@@ -122,8 +169,11 @@ class LayerwiseInversion:
         blas_threads: int | None = DEFAULT_BLAS_THREADS,
         sign_iterations: int = 30,
         sign_window: float = 0.2,
+        sign_band: float = 6.0,
         sign_kappa: float = 4.0,
-        sign_min_gain: float = 1e-3,
+        sign_candidates: int = 64,
+        consistency_ratio: float = 4.0,
+        noise_model_ratio: float = 4.0,
         relu_zero_rtol: float = RELU_ZERO_RTOL,
     ) -> None:
         if system not in ("auto", "stacked"):
@@ -137,10 +187,12 @@ class LayerwiseInversion:
         self.blas_threads = blas_threads
         self.sign_iterations = sign_iterations
         self.sign_window = sign_window
+        self.sign_band = sign_band
         self.sign_kappa = sign_kappa
-        self.sign_min_gain = sign_min_gain
+        self.sign_candidates = sign_candidates
+        self.consistency_ratio = consistency_ratio
+        self.noise_model_ratio = noise_model_ratio
         self.relu_zero_rtol = relu_zero_rtol
-        self._resolver: Resolver | None = None  # the last stacked solve, for cheap re-solves
         self.name = "layerwise-hybrid" if hybrid else "layerwise"
 
     # ----------------------------------------------------------------------------------------
@@ -161,13 +213,21 @@ class LayerwiseInversion:
             names = "; ".join(u.message for u in plan.untreated)
             raise AttackError(f"{names}; use an optimisation attack for this model")
         grads = {name: g.detach().double().cpu().numpy() for name, g in update.gradients.items()}
+        noise = None
+        if update.gradient_noise is not None:
+            noise = {name: s.detach().double().cpu().numpy() for name, s in update.gradient_noise.items()}
         known = None
         if update.known_labels is not None:
             known = int(torch.as_tensor(update.known_labels).reshape(-1)[0])
-        branches = self._head_branches(model, plan, grads, known)
+        branches = self._head_branches(model, plan, grads, known, noise)
+        noise_model = self._check_noise_model(noise, branches)
+        if noise is not None and not noise_model["used"]:
+            noise = None
+            for branch in branches:
+                branch.y_variance = None
         branches = _merge_scaled(branches, plan, len(plan.layers) - 1)
         for layer in reversed(plan.layers[:-1]):
-            branches = self._prune([self._invert_layer(model, layer, b, grads) for b in branches])
+            branches = self._prune([self._invert_layer(model, layer, b, grads, noise) for b in branches])
             branches = _merge_scaled(branches, plan, layer.index)
         inputs, chosen, (scale, head), candidates = self._choose(plan, branches)
         seconds = time.perf_counter() - start
@@ -179,6 +239,7 @@ class LayerwiseInversion:
             "scale_of_listed_branch": scale,
             "rank_rtol": self.rank_rtol,
             "rank_deficient_layers": [d["layer"] for d in chosen.layers if d.get("deficit", 0) > 0],
+            "noise_model": noise_model,
         }
         if model.head == "logistic":
             diagnostics["label_kind"] = "binary target t = label % 2 of the logistic head"
@@ -192,7 +253,12 @@ class LayerwiseInversion:
 
     # ----------------------------------------------------------------------------------------
     def _head_branches(
-        self, model: ZooModel, plan: NetworkPlan, grads: dict[str, np.ndarray], known: int | None
+        self,
+        model: ZooModel,
+        plan: NetworkPlan,
+        grads: dict[str, np.ndarray],
+        known: int | None,
+        noise: dict[str, np.ndarray] | None = None,
     ) -> list[_Hypothesis]:
         start = time.perf_counter()
         head = plan.head
@@ -213,7 +279,34 @@ class LayerwiseInversion:
         else:
             bias = head.module.bias.detach().double().numpy() if head.bias_name else None
             hyps = [cross_entropy_head(grad_w, grad_b, weight, bias, known)]
-        return [self._branch_from_head(head, weight, grad_w, h, time.perf_counter() - start) for h in hyps]
+        seconds = time.perf_counter() - start
+        branches = [self._branch_from_head(head, weight, grad_w, h, seconds) for h in hyps]
+        if noise is not None:
+            sigma = noise[head.weight_name]
+            for branch, hyp in zip(branches, hyps, strict=True):
+                branch.y_variance = head_input_variance(hyp.k, sigma).reshape(head.in_shape)
+                branch.layers[0]["noise_ratio"] = head_noise_ratio(grad_w, hyp.k, hyp.x, sigma)
+        return branches
+
+    def _check_noise_model(
+        self, noise: dict[str, np.ndarray] | None, branches: list[_Hypothesis]
+    ) -> dict[str, Any]:
+        """Use the update's `gradient_noise` only if the head's residual is what it explains
+        (`head_noise_ratio` <= noise_model_ratio for some head hypothesis): noise the model
+        does not know of would make its weights and sign tests overconfident."""
+        if noise is None:
+            return {"used": False, "reason": "the update carries no gradient noise (exact gradient)"}
+        ratio = min(b.layers[0]["noise_ratio"] for b in branches)
+        used = ratio <= self.noise_model_ratio
+        reason = (
+            "head residual explained by gradient_noise"
+            if used
+            else (
+                "head residual exceeds what gradient_noise explains (noise the model does not know of); "
+                "solved without a noise model"
+            )
+        )
+        return {"used": used, "head_ratio": ratio, "reason": reason}
 
     @staticmethod
     def _branch_from_head(
@@ -241,6 +334,7 @@ class LayerwiseInversion:
         layer: PlannedLayer,
         branch: _Hypothesis,
         grads: dict[str, np.ndarray],
+        noise: dict[str, np.ndarray] | None = None,
     ) -> _Hypothesis:
         start = time.perf_counter()
         pulled = pull_back(layer.post, branch.y, branch.g, zero_rtol=self.relu_zero_rtol)
@@ -261,16 +355,43 @@ class LayerwiseInversion:
             cons = cons.minus(bias_vector(bias, layer.out_shape, layer.channels_first))
         structured = geom is not None and cons.selection_only
         full = structured and bool(cons.rows.all())
+        variance = None
         if structured:
             z = cons.values.reshape(layer.out_shape)
             rows = None if full else cons.rows.reshape(layer.out_shape)
-            x, info = self._solve(geom, weight, k, grad_w, z, weight_rows=rows)
+            # The noise model propagates errors through invertible activations only (module doc).
+            noisy = full and noise is not None and _invertible_ops(layer.post)
+            sigma = noise[layer.weight_name] if noisy else None
+            z_var = None
+            if sigma is not None and branch.y_variance is not None:
+                z_var = pull_back_variance(layer.post, branch.y, branch.y_variance).ravel()
             act = pulled.activation
-            if full and isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0:
-                c = np.reshape(pulled.activation_grad, k.shape)
-                x, k, info, extra["sign_flips"] = self._fix_signs(
-                    geom, weight, grad_w, pre, c, k, z, x, info, float(act.negative_slope)
+            c = np.reshape(pulled.activation_grad, k.shape) if act is not None else None
+            repair = full and isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0
+            slope = float(act.negative_slope) if repair else 0.0
+            solve = self._solve(geom, weight, k, grad_w, z, sigma, z_var, weight_rows=rows)
+            if repair:
+                solve, k, extra["sign_flips"] = self._fix_signs(
+                    geom, weight, grad_w, pre, c, k, z, solve, slope, z_var, sigma
                 )
+            if solve.info.method == "gradient-only" and z_var is not None:
+                ratio = weight_consistency(geom, weight, solve, z, z_var)
+                extra["weight_consistency"] = ratio
+                if ratio > self.consistency_ratio:
+                    solve = self._solve(geom, weight, k, grad_w, z, sigma, z_var, stacked=True)
+                    if repair:
+                        solve, k, flips = self._fix_signs(
+                            geom, weight, grad_w, pre, c, k, z, solve, slope, z_var, sigma
+                        )
+                        extra["sign_flips"] = extra.get("sign_flips", 0) + flips
+                    extra["fallback"] = STACKED_FALLBACK
+            x, info = solve.x, solve.info
+            if sigma is not None and z_var is not None:
+                dof = degrees_of_freedom(geom, weight, solve)
+                extra["noise_ratio"] = objective(geom, weight, solve, k, grad_w, z, x) / dof
+            if solve.variance is not None:
+                extra["predicted_rmse"] = float(np.sqrt(np.mean(solve.variance)))
+                variance = solve.variance.reshape(layer.in_shape)
             alpha = balance(geom, weight, k, rows)
         else:
             x, info, alpha = constrained_solve(layer.bilinear, geom, k, cons, grad_w, self.rank_rtol)
@@ -309,6 +430,7 @@ class LayerwiseInversion:
             below.reshape(layer.bilinear.in_shape),
             branch.family,
             [*branch.layers, diag],
+            variance,
         )
 
     def _fix_signs(
@@ -320,78 +442,89 @@ class LayerwiseInversion:
         c: np.ndarray,
         k: np.ndarray,
         z: np.ndarray,
-        x: np.ndarray,
-        info: RankInfo,
+        solve: LayerSolve,
         slope: float,
-    ) -> tuple[np.ndarray, np.ndarray, RankInfo, int]:
+        z_var: np.ndarray | None = None,
+        sigma: np.ndarray | None = None,
+    ) -> tuple[LayerSolve, np.ndarray, int]:
         """Correct LeakyReLU derivative signs that noise in the reconstruction above flipped.
 
         k = c * sigma'(pre) depends on the sign of the reconstructed pre-activation. Where the
         true value is near zero, noise in the layer above (e.g. float32 rounding of a weight
         delta) can flip that sign; k then errs by (1 - slope) * c at that entry, which the
-        solve below amplifies (one flip took CNN6 from 70 dB to 8-28 dB). A wrong entry
-        (o, p) leaves the residual d * patch_p(x) in dL/dW[o]; so, while some entry with a
-        small |pre| (<= sign_window * rms) explains a significant (> sign_kappa robust sigmas)
-        and useful (> sign_min_gain of the squared residual) part of the gradient residual,
-        flip it - the smallest |pre| first, one per pass for gradient-only layers (their
-        solution spreads an error over the whole channel) and spatially separated ones for
-        stacked layers - re-solve, and keep the flips only if the solve's objective drops.
+        solve below amplifies (one flip took CNN6 from 70 dB to 8-28 dB). The entries in doubt
+        (`sign_candidates`: within sign_band predicted stds of zero, the most damaging first,
+        or a window without a noise model) are tested together on the linearised model with x
+        re-solved (`attacks.layerwise_noise.flip_statistics`: the solve has already bent x
+        towards the wrong k, so a flip's gain must be measured after x moves back) and chosen
+        by local search against the prior odds of each sign (`choose_flips`); the layer is
+        re-solved and the flips kept only if the solve's objective drops. Repeats until nothing
+        significant is left; with a noise model, while the objective stays above
+        WIDEN_RATIO x its expected value the search widens to the next sign_candidates entries.
         """
         shape, wshape = k.shape, tuple(weight.shape)
         pre_f, c_f = pre.ravel(), c.ravel()
-        z_f = np.asarray(z, dtype=np.float64).ravel()
         state = pre_f > 0
-        rms = float(np.sqrt(np.mean(pre_f**2))) or 1.0
-        cand = np.abs(pre_f) <= self.sign_window * rms
-        g_f = np.ravel(grad_w)
+        weighted = z_var is not None and sigma is not None  # the weights are inverse variances
+        impact = flip_impact(geom, solve.x, solve, c_f * (1.0 - slope))
+        limit = self.sign_candidates * (MAX_WIDENINGS + 1 if weighted else 1)
+        ranked = sign_candidates(pre_f, z_var, self.sign_window, self.sign_band, limit, impact)
+        if ranked.size == 0 or solve.inverse is None:
+            return solve, k, 0
+        size = self.sign_candidates
+        best = objective(geom, weight, solve, k, grad_w, z, solve.x)
         total = 0
-
-        def resid(kk: np.ndarray, xx: np.ndarray) -> np.ndarray:
-            return g_f - apply_gradient(geom, wshape, kk.reshape(shape), xx).ravel()
-
-        resolver = self._resolver if info.method == "cholesky" else None
-        alpha2 = resolver.system.alpha**2 if resolver is not None else 0.0
-
-        def objective(rr: np.ndarray, xx: np.ndarray) -> float:
-            # what the solve minimises: the stacked residual for stacked layers
-            total = float(rr @ rr)
-            if alpha2:
-                rw = apply_weight(geom, weight, xx) - z_f
-                total = alpha2 * total + float(rw @ rw)
-            return total
-
-        r = resid(k, x)
-        r2 = float(r @ r)
-        obj = objective(r, x)
-        out_hw = (geom.out_height, geom.out_width)
-        radius = (2 * -(-geom.kernel[0] // geom.stride[0]), 2 * -(-geom.kernel[1] // geom.stride[1]))
         for _ in range(self.sign_iterations):
-            sigma = 1.4826 * float(np.median(np.abs(r)))
-            num, den = output_gradient_fit(geom, r, x)
-            d = c_f * np.where(state, slope - 1.0, 1.0 - slope)
-            gain = d * (2 * num - d * den)
-            signif = d * num > self.sign_kappa * sigma * np.abs(d) * np.sqrt(den)
-            useful = gain > self.sign_min_gain * r2
-            chosen = _separated(np.flatnonzero(cand & signif & useful), np.abs(pre_f), out_hw, radius)
-            if resolver is None:  # gradient-only: the solved input absorbs errors globally
-                chosen = chosen[:1]
-            if chosen.size == 0:
+            cand = ranked[:size]
+            r = gradient_residual(geom, wshape, k, grad_w, solve.x)
+            stats = flip_statistics(geom, k, solve.x, r, solve, cand)
+            delta = c_f[cand] * np.where(state[cand], slope - 1.0, 1.0 - slope)
+            cost = None if z_var is None else sign_log_odds(pre_f[cand], z_var[cand], state[cand])
+            # with inverse-variance weights the noise scale is known (1); the residual would
+            # understate it, since the solve absorbs part of the noise
+            scale = 1.0 if weighted else robust_scale(geom, r, solve)
+            pick = choose_flips(stats, delta, scale, self.sign_kappa, cand.size, cost)
+            accepted = False
+            if pick.size:
+                new_state = state.copy()
+                new_state[cand[pick]] = ~new_state[cand[pick]]
+                new_k = (c_f * np.where(new_state, 1.0, slope)).reshape(shape)
+                new_solve = self._resolve(geom, weight, new_k, grad_w, z, sigma, z_var, solve)
+                value = objective(geom, weight, new_solve, new_k, grad_w, z, new_solve.x)
+                accepted = value < best
+            if accepted:
+                total += int(pick.size)
+                state, k, solve, best = new_state, new_k, new_solve, value
+                continue
+            unexplained = weighted and best > WIDEN_RATIO * degrees_of_freedom(geom, weight, solve)
+            if not unexplained or size >= ranked.size:
                 break
-            new_state = state.copy()
-            new_state[chosen] = ~new_state[chosen]
-            new_k = (c_f * np.where(new_state, 1.0, slope)).reshape(shape)
-            if resolver is not None:
-                new_x, new_info = resolver.solve(new_k, grad_w, z_f, x), info
-            else:
-                new_x, new_info = self._solve(geom, weight, new_k, grad_w, z)
-            new_r = resid(new_k, new_x)
-            new_obj = objective(new_r, new_x)
-            if new_obj >= obj:
-                break
-            total += int(chosen.size)
-            state, k, x, info, r, obj = new_state, new_k, new_x, new_info, new_r, new_obj
-            r2 = float(r @ r)
-        return x, k, info, total
+            size += self.sign_candidates
+        return solve, k, total
+
+    def _resolve(
+        self,
+        geom: ConvGeometry,
+        weight: np.ndarray,
+        k: np.ndarray,
+        grad_w: np.ndarray,
+        z: np.ndarray,
+        sigma: np.ndarray | None,
+        z_var: np.ndarray | None,
+        solve: LayerSolve,
+    ) -> LayerSolve:
+        """`solve` again for a k that changed in a few entries: a stacked Cholesky solve is
+        patched and refactorised (`Resolver.refresh`), anything else solved afresh."""
+        refreshed = None if solve.resolver is None else solve.resolver.refresh(k, grad_w, z)
+        if refreshed is None:
+            stacked = solve.row_weights is not None
+            return self._solve(geom, weight, k, grad_w, z, sigma, z_var, stacked=stacked)
+        x, resolver = refreshed
+        inverse = resolver.inverse()
+        variance = solve_variance(inverse, geom) if solve.variance is not None else None
+        return LayerSolve(
+            x, solve.info, solve.gradient_weights, solve.row_weights, inverse, variance, resolver
+        )
 
     def _solve(
         self,
@@ -400,20 +533,41 @@ class LayerwiseInversion:
         k: np.ndarray,
         grad_w: np.ndarray,
         z: np.ndarray,
+        sigma: np.ndarray | None = None,
+        z_var: np.ndarray | None = None,
+        stacked: bool = False,
         weight_rows: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, RankInfo]:
-        """Gradient constraints alone when they determine the layer well ("auto"), else [K; W; P]
-        (`weight_rows`: the weight constraints that are known, e.g. where a ReLU output is > 0)."""
-        self._resolver = None
-        solved = solve_gradient_only(geom, k, grad_w) if self.system == "auto" else None
-        if solved is not None:
-            return solved
-        system = build_system(geom, weight, k, grad_w, z, weight_rows=weight_rows)
+    ) -> LayerSolve:
+        """Gradient constraints alone when they determine the layer well ("auto" and not
+        `stacked`), else [K; W; P]; generalised least squares when the noise is known (`sigma`
+        for dL/dW, `z_var` for the weight constraints); `weight_rows`: the weight constraints
+        that are known, e.g. where a ReLU output is > 0."""
         keep: dict[str, Any] = {}
+        if self.system == "auto" and not stacked:
+            solved = solve_gradient_only(geom, k, grad_w, gradient_sigma=sigma, keep=keep)
+            if solved is not None:
+                x, info = solved
+                wg = 1.0 if keep["gradient_weights"] is None else keep["gradient_weights"]
+                return LayerSolve(x, info, wg, None, keep["inverse"], keep.get("variance"))
+        tau = None if z_var is None else np.sqrt(z_var)
+        system = build_system(
+            geom, weight, k, grad_w, z, weight_rows=weight_rows, gradient_sigma=sigma, weight_sigma=tau
+        )
         x, info = solve_normal(system, self.rank_rtol, keep)
         assert x is not None
-        self._resolver = Resolver(system, keep["factor"], weight, k) if "factor" in keep else None
-        return x, info
+        weighted = system.gradient_weights is not None
+        solve = LayerSolve(
+            x,
+            info,
+            system.gradient_weights if weighted else system.alpha**2,
+            system.row_weights if weighted else 1.0,
+            keep.get("inverse"),
+        )
+        if sigma is not None and tau is not None and solve.inverse is not None:
+            solve.variance = solve_variance(solve.inverse, geom)
+        if "factor" in keep:
+            solve.resolver = Resolver(system, keep["factor"], weight, k)
+        return solve
 
     def _prune(self, branches: list[_Hypothesis]) -> list[_Hypothesis]:
         """Drop hypotheses the layer just solved finds inconsistent (residual >> the best one)."""
@@ -488,6 +642,12 @@ def _separated(
         taken.append(int(e))
         rows_taken.append((row, col))
     return np.asarray(taken, dtype=np.int64)
+
+
+def _invertible_ops(ops: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]) -> bool:
+    """True when only reshapes and invertible activations separate a layer from the one above:
+    the noise model's error pull-back (`attacks.layerwise_noise.pull_back_variance`) covers these."""
+    return all(isinstance(op, NOISE_MODEL_OPS) for _, op, _ in ops)
 
 
 def _use_bias_gradient(

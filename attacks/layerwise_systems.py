@@ -28,6 +28,11 @@ When the gradient block alone has full column rank and is well conditioned (the 
 convs, every FC layer), `solve_gradient_only` solves one small (H*W)^2 system shared by all
 input channels instead - what R-GAP does for FC layers - and the weight constraints serve as a
 check (their residual is reported).
+
+With known noise both accept per-equation standard deviations (generalised least squares,
+`build_system(gradient_sigma=, weight_sigma=)`): the gradient block then differs per input
+channel but stays block-diagonal, and W^T W gains a weight per output entry
+(`weighted_weight_gram`); the inverse normal matrix is then the error covariance of x.
 """
 
 from __future__ import annotations
@@ -236,29 +241,6 @@ def weight_gram(geom: ConvGeometry, weight: np.ndarray) -> np.ndarray:
     return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
 
 
-def masked_weight_gram(geom: ConvGeometry, weight: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """W^T D W for a 0/1 (or non-negative) weight m per output entry (C_out, out pixels): the
-    weight constraints of the rows known after a ReLU (see `weight_gram` for the offset pairs)."""
-    n_in = geom.in_channels
-    w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, n_in, geom.offsets)
-    m = np.asarray(rows, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
-    if geom.is_linear:
-        flat = w[:, :, 0]
-        return (flat * m).T @ flat
-    gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
-    positions = np.full((geom.offsets, geom.out_pixels), -1)
-    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
-        positions[a, out_idx] = in_idx
-    for a in range(geom.offsets):
-        for b in range(geom.offsets):
-            both = np.flatnonzero((positions[a] >= 0) & (positions[b] >= 0))
-            # sum_o m[o, p] w[o, :, a]^T w[o, :, b] for each output position p seen through a and b
-            mw = m[:, both, None] * w[:, None, :, a]  # (o, p, c)
-            pair = np.tensordot(mw, w[:, :, b], axes=([0], [0]))  # (p, c, d)
-            gram[positions[a, both], positions[b, both]] += pair
-    return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
-
-
 @dataclass(frozen=True)
 class RankInfo:
     """Numerical rank of the interior system and its extreme singular values."""
@@ -277,12 +259,20 @@ class RankInfo:
 
 @dataclass
 class LayerSystem:
-    """Normal equations (A^T A) x = A^T b of the weighted interior system A = [alpha K; W]."""
+    """Normal equations (A^T A) x = A^T b of the weighted interior system A = [alpha K; W].
+
+    With a noise model (`build_system(gradient_sigma=..., weight_sigma=...)`) each equation is
+    weighted by its inverse variance instead: `gradient_weights` (1 / sigma^2 of each dL/dW
+    equation, in gradient-block row order (C_out * kh * kw, C_in)) and `row_weights` (1 / tau^2
+    of each weight-constraint row); None means today's alpha^2 and 1.
+    """
 
     geometry: ConvGeometry | None  # None for systems assembled by autograd (attacks.generic_systems)
     gram: np.ndarray
     rhs: np.ndarray | None
     alpha: float
+    gradient_weights: np.ndarray | None = None
+    row_weights: np.ndarray | None = None
 
 
 def build_system(
@@ -292,31 +282,111 @@ def build_system(
     grad: np.ndarray | None = None,
     z: np.ndarray | None = None,
     weight_rows: np.ndarray | None = None,
+    gradient_sigma: np.ndarray | None = None,
+    weight_sigma: np.ndarray | None = None,
 ) -> LayerSystem:
     """Assemble the normal equations; `grad` (dL/dW) and `z` (output minus bias) give the rhs.
 
-    alpha balances the two blocks (equal trace in A^T A) so that the rank tolerance and the
-    least-squares weighting do not depend on the arbitrary scale of k relative to W.
+    Without a noise model alpha balances the two blocks (equal trace in A^T A) so that the rank
+    tolerance and the least-squares weighting do not depend on the arbitrary scale of k
+    relative to W.
+
     weight_rows: a 0/1 mask over the output (C_out, H_o, W_o): only those weight constraints are
     known (a ReLU above hides the rest); entries of z outside it are ignored.
+
+    Generalised least squares: `gradient_sigma` (shaped like the weight) is the standard
+    deviation of each observed dL/dW entry (`ObservedUpdate.gradient_noise`), `weight_sigma`
+    (shaped like z) that of each weight constraint W x = z. The two blocks err for different
+    reasons: the gradient equations carry the observation noise, the weight constraints carry
+    the reconstruction error of the layer above pulled back through the inverse activation
+    (std = that error / sigma'(z), so LeakyReLU rows at z < 0 weigh slope^2 as much), and k is
+    exact up to sign flips (it comes from the head). Weighting each equation by its inverse
+    variance gives the minimum-variance linear solve and makes A^T A the inverse error
+    covariance of x. When only one block's noise is known the other gets a uniform std whose
+    ratio to the known block's rms std is alpha, i.e. today's balance.
     """
     weight = np.asarray(weight, dtype=np.float64)
     kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
-    q = kblock.T @ kblock
-    if weight_rows is None:
-        gram = weight_gram(geom, weight)
-    else:
-        gram = masked_weight_gram(geom, weight, weight_rows)
-        if z is not None:
-            z = np.where(np.reshape(weight_rows, np.shape(z)), z, 0.0)
+    if weight_rows is not None and z is not None:
+        z = np.where(np.reshape(weight_rows, np.shape(z)), z, 0.0)
     alpha2 = balance(geom, weight, k, weight_rows) ** 2
     n = geom.pixels
-    for c in range(geom.in_channels):
-        gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += alpha2 * q
+    if gradient_sigma is None and weight_sigma is None:
+        q = kblock.T @ kblock
+        if weight_rows is None:
+            gram = weight_gram(geom, weight)
+        else:
+            gram = weighted_weight_gram(geom, weight, weight_rows)
+        for c in range(geom.in_channels):
+            gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += alpha2 * q
+        rhs = None
+        if grad is not None and z is not None:
+            rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, weight, z)
+        return LayerSystem(geom, gram, rhs, float(np.sqrt(alpha2)))
+    alpha = float(np.sqrt(alpha2))
+    if gradient_sigma is None:
+        tau = np.asarray(weight_sigma, dtype=np.float64)
+        gradient_sigma = np.full(weight.shape, float(np.sqrt(np.mean(tau**2))) / alpha)
+    if weight_sigma is None:
+        sig = np.asarray(gradient_sigma, dtype=np.float64)
+        weight_sigma = np.full(geom.out_size, alpha * float(np.sqrt(np.mean(sig**2))))
+    wg = equation_weights(geom, gradient_sigma)
+    rows = inverse_variance(weight_sigma).ravel()
+    if weight_rows is not None:
+        rows = rows * np.ravel(weight_rows)
+    gram = weighted_weight_gram(geom, weight, rows)
+    for c, q in enumerate(channel_grams(kblock, wg)):
+        gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += q
     rhs = None
     if grad is not None and z is not None:
-        rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, weight, z)
-    return LayerSystem(geom, gram, rhs, float(np.sqrt(alpha2)))
+        rhs = _gradient_rhs(geom, kblock, grad, wg) + _weight_rhs(geom, weight, rows * np.ravel(z))
+    return LayerSystem(geom, gram, rhs, alpha, wg, rows)
+
+
+def inverse_variance(sigma: np.ndarray) -> np.ndarray:
+    """1 / sigma^2, with zero (or denormal) sigmas floored at 1e-12 of the largest (no infinities)."""
+    s = np.abs(np.asarray(sigma, dtype=np.float64))
+    top = float(s.max()) if s.size else 0.0
+    if top <= 0:
+        raise ValueError("noise standard deviations must not all be zero; pass None for exact equations")
+    return 1.0 / np.maximum(s, 1e-12 * top) ** 2
+
+
+def equation_weights(geom: ConvGeometry, gradient_sigma: np.ndarray) -> np.ndarray:
+    """1 / sigma^2 of each dL/dW equation in gradient-block row order: (C_out * kh * kw, C_in)."""
+    w = inverse_variance(gradient_sigma).reshape(geom.out_channels, geom.in_channels, geom.offsets)
+    return w.transpose(0, 2, 1).reshape(geom.out_channels * geom.offsets, geom.in_channels)
+
+
+def channel_grams(kblock: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Kblk^T diag(weights[:, c]) Kblk for every input channel c: (C_in, H*W, H*W).
+
+    With non-uniform weights the gradient block is no longer the same for every channel, but it
+    stays block-diagonal over channels (x_c only enters the equations of channel c)."""
+    return np.stack([(kblock.T * weights[:, c]) @ kblock for c in range(weights.shape[1])])
+
+
+def weighted_weight_gram(geom: ConvGeometry, weight: np.ndarray, row_weights: np.ndarray) -> np.ndarray:
+    """W^T diag(row_weights) W on the interior unknowns (`weight_gram` with a weight per output
+    entry (o, p), so the offset-pair blocks now depend on the output position): inverse
+    variances under a noise model, or a 0/1 mask of the rows known after a ReLU."""
+    n_in = geom.in_channels
+    w = np.asarray(weight, dtype=np.float64).reshape(geom.out_channels, n_in, geom.offsets)
+    rows = np.asarray(row_weights, dtype=np.float64).reshape(geom.out_channels, geom.out_pixels)
+    if geom.is_linear:
+        flat = w[:, :, 0]
+        return flat.T @ (rows[:, :1] * flat)
+    gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
+    positions = np.full((geom.offsets, geom.out_pixels), -1)
+    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
+        positions[a, out_idx] = in_idx
+    for a in range(geom.offsets):
+        for b in range(geom.offsets):
+            both = np.flatnonzero((positions[a] >= 0) & (positions[b] >= 0))
+            # rows with the same (a, b) never share a pixel pair (offset maps are injective)
+            wa = rows[:, both, None] * w[:, None, :, a]  # (C_out, P, C_in)
+            gram[positions[a, both], positions[b, both]] += np.matmul(wa.transpose(1, 2, 0), w[:, :, b])
+    return gram.transpose(2, 0, 3, 1).reshape(geom.unknowns, geom.unknowns)
 
 
 def balance(
@@ -339,13 +409,26 @@ def balance(
 
 
 def solve_gradient_only(
-    geom: ConvGeometry, k: np.ndarray, grad: np.ndarray, min_ratio: float = GRADIENT_ONLY_RATIO
+    geom: ConvGeometry,
+    k: np.ndarray,
+    grad: np.ndarray,
+    min_ratio: float = GRADIENT_ONLY_RATIO,
+    gradient_sigma: np.ndarray | None = None,
+    keep: dict | None = None,
 ) -> tuple[np.ndarray, RankInfo] | None:
     """Solve K x = vec(dL/dW) alone, one small shared system for all input channels.
 
     R-GAP does this for FC layers; it applies to any layer whose per-channel block Kblk has full
     column rank with sigma_min / sigma_max >= `min_ratio` (then the gradient alone determines
     the input, as well conditioned as the stacked system). Returns None when it does not apply.
+
+    With `gradient_sigma` (std of each dL/dW entry, shaped like the weight) the equations are
+    weighted by 1 / sigma^2 (generalised least squares): one small system per input channel,
+    since the weights differ between channels. The applicability test stays on the unweighted
+    block (it is a property of the layer and k, not of the noise). `keep`, when given, receives
+    "inverse" (applies the inverse normal matrix to (n,) or (n, m) arrays), "gradient_weights"
+    (the weight of each equation, gradient-block row order, None when unweighted) and, with a
+    noise model, "variance": the error variance of each unknown, diag((K^T S^-1 K)^-1).
     """
     if geom.out_channels * geom.offsets < geom.pixels:
         return None
@@ -353,15 +436,48 @@ def solve_gradient_only(
     lam, vecs = np.linalg.eigh(kblock.T @ kblock)
     if lam[-1] <= 0 or lam[0] < (min_ratio**2) * lam[-1]:
         return None
-    b = _gradient_rhs(geom, kblock, grad).reshape(geom.in_channels, geom.pixels).T
-    x = vecs @ ((vecs.T @ b) / lam[:, None])
-    n = geom.unknowns
-    return x.T.ravel(), RankInfo(n, n, float(np.sqrt(lam[0])), float(np.sqrt(lam[-1])), "gradient-only")
+    n, n_in, pixels = geom.unknowns, geom.in_channels, geom.pixels
+    info = RankInfo(n, n, float(np.sqrt(lam[0])), float(np.sqrt(lam[-1])), "gradient-only")
+    if gradient_sigma is None:
+        b = _gradient_rhs(geom, kblock, grad).reshape(n_in, pixels).T
+        x = vecs @ ((vecs.T @ b) / lam[:, None])
+        if keep is not None:
+            keep["gradient_weights"] = None
+            keep["inverse"] = _channel_inverse(vecs[None], lam[None], n_in)
+        return x.T.ravel(), info
+    wg = equation_weights(geom, gradient_sigma)
+    lam_c, vecs_c = np.linalg.eigh(channel_grams(kblock, wg))  # (C_in, P), (C_in, P, P)
+    lam_c = np.maximum(lam_c, (RANK_RTOL**2) * lam_c[:, -1:])  # guards round-off only
+    b = _gradient_rhs(geom, kblock, grad, wg).reshape(n_in, pixels)
+    x = np.einsum("cij,cj->ci", vecs_c, np.einsum("cji,cj->ci", vecs_c, b) / lam_c)
+    if keep is not None:
+        keep["gradient_weights"] = wg
+        keep["inverse"] = _channel_inverse(vecs_c, lam_c, n_in)
+        keep["variance"] = np.einsum("cij,cj->ci", vecs_c**2, 1.0 / lam_c).ravel()
+    return x.ravel(), info
 
 
-def _gradient_rhs(geom: ConvGeometry, kblock: np.ndarray, grad: np.ndarray) -> np.ndarray:
+def _channel_inverse(vecs: np.ndarray, lam: np.ndarray, n_in: int):
+    """v -> blockdiag_c(V_c diag(1/lam_c) V_c^T) v for v of shape (C_in * P,) or (C_in * P, m);
+    a single (1, P, P) eigenbasis is shared by every channel."""
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        shaped = np.asarray(v, dtype=np.float64).reshape(n_in, vecs.shape[-1], -1)
+        coef = np.einsum("cji,cjm->cim", np.broadcast_to(vecs, (n_in, *vecs.shape[1:])), shaped)
+        coef /= np.broadcast_to(lam, (n_in, lam.shape[-1]))[:, :, None]
+        out = np.einsum("cij,cjm->cim", np.broadcast_to(vecs, (n_in, *vecs.shape[1:])), coef)
+        return out.reshape(np.shape(v))
+
+    return apply
+
+
+def _gradient_rhs(
+    geom: ConvGeometry, kblock: np.ndarray, grad: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
     g = np.asarray(grad, dtype=np.float64).reshape(geom.out_channels, geom.in_channels, geom.offsets)
     g = g.transpose(0, 2, 1).reshape(geom.out_channels * geom.offsets, geom.in_channels)
+    if weights is not None:
+        g = weights * g
     return (kblock.T @ g).T.ravel()
 
 
@@ -512,11 +628,14 @@ def solve_normal(
     eigenvalues of A^T A by Lanczos, 1e-3 relative accuracy). Otherwise a pivoted Cholesky
     (LAPACK pstrf, pivots > rtol^2 * lambda_max) gives the rank, and a Tikhonov-regularised
     Cholesky solve (shift rtol^2 * lambda_max) the minimum-norm solution to about 1e-6 relative.
+    `keep`, when given, receives "inverse" (applies the (pseudo-, or for the Tikhonov path the
+    regularised) inverse normal matrix to (n,) or (n, m) arrays) and, on the Cholesky path,
+    "factor".
     """
     gram = system.gram
     n = gram.shape[0]
     if n <= SMALL_SYSTEM:
-        return _solve_eigen(system, rtol)
+        return _solve_eigen(system, rtol, keep)
     lam_max = _largest_eigenvalue(gram)
     if lam_max <= 0:
         return (None if system.rhs is None else np.zeros(n)), RankInfo(0, n, 0.0, 0.0, "zero")
@@ -528,21 +647,33 @@ def solve_normal(
     if factor is not None and lam_min > (rtol**2) * lam_max:
         if keep is not None:
             keep["factor"] = factor
+            keep["inverse"] = _cholesky_inverse(factor)
         x = None if system.rhs is None else sla.cho_solve(factor, system.rhs, check_finite=False)
         return x, RankInfo(n, n, float(np.sqrt(lam_min)), float(np.sqrt(lam_max)), "cholesky")
-    return _solve_deficient(system, rtol, lam_max, lam_min)
+    return _solve_deficient(system, rtol, lam_max, lam_min, keep)
+
+
+def _cholesky_inverse(factor: tuple[np.ndarray, bool]):
+    def apply(v: np.ndarray) -> np.ndarray:
+        return sla.cho_solve(factor, v, check_finite=False)
+
+    return apply
 
 
 def _solve_deficient(
-    system: LayerSystem, rtol: float, lam_max: float, lam_min: float
+    system: LayerSystem, rtol: float, lam_max: float, lam_min: float, keep: dict | None = None
 ) -> tuple[np.ndarray | None, RankInfo]:
     """Rank by pivoted Cholesky; sigma_min is the Lanczos estimate, or 0 when Cholesky failed."""
     shift = (rtol**2) * lam_max
     _, _, rank, _ = sla.lapack.dpstrf(system.gram, tol=shift)
     x = None
-    if system.rhs is not None:
+    if system.rhs is not None or keep is not None:
         shifted = system.gram + shift * np.eye(system.gram.shape[0])
-        x = sla.cho_solve(sla.cho_factor(shifted, check_finite=False), system.rhs, check_finite=False)
+        factor = sla.cho_factor(shifted, check_finite=False)
+        if system.rhs is not None:
+            x = sla.cho_solve(factor, system.rhs, check_finite=False)
+        if keep is not None:
+            keep["inverse"] = _cholesky_inverse(factor)
     n = system.gram.shape[0]
     sigma_min = float(np.sqrt(max(lam_min, 0.0)))
     return x, RankInfo(int(rank), n, sigma_min, float(np.sqrt(lam_max)), "pivoted-cholesky+tikhonov")
@@ -551,9 +682,13 @@ def _solve_deficient(
 class Resolver:
     """Re-solves a full-rank stacked system after k changed in a few entries (derivative signs).
 
-    Only the gradient block depends on k: the new normal matrix is the old one plus
-    alpha^2 (I (x) (Q_new - Q_old)), a low-rank change, so preconditioned conjugate gradients with
-    the old Cholesky factor converge in a few iterations (no new factorisation or weight Gram).
+    Only the gradient block depends on k, and it is block-diagonal over input channels: the new
+    normal matrix is the old one with each channel's diagonal block changed by
+    Kblk_new^T G_c Kblk_new - Kblk_old^T G_c Kblk_old (G: the gradient equations' weights,
+    alpha^2 without a noise model). So the matrix is patched, not rebuilt (no weight Gram),
+    and refactorised without a new rank estimate (a few changed entries of k do not move the
+    spectrum across the rank tolerance). The new factor gives the exact inverse that the next
+    round of sign statistics needs, which preconditioned CG from the old factor did not.
     """
 
     def __init__(
@@ -562,42 +697,38 @@ class Resolver:
         self.system = system
         self.factor = factor
         self.weight = np.asarray(weight, dtype=np.float64)
-        kblock = gradient_block(system.geometry, np.asarray(k, dtype=np.float64))
-        self.q = kblock.T @ kblock
+        self.kblock = gradient_block(system.geometry, np.asarray(k, dtype=np.float64))
 
-    def solve(
-        self, k: np.ndarray, grad: np.ndarray, z: np.ndarray, x0: np.ndarray, rtol: float = 1e-12
-    ) -> np.ndarray:
-        geom, alpha2 = self.system.geometry, self.system.alpha**2
+    def refresh(self, k: np.ndarray, grad: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, Resolver] | None:
+        """The solution for the new k and a Resolver for it; None when the patched normal
+        matrix is no longer positive definite (then solve it from scratch)."""
+        geom, system = self.system.geometry, self.system
         kblock = gradient_block(geom, np.asarray(k, dtype=np.float64))
-        dq = alpha2 * (kblock.T @ kblock - self.q)
-        rhs = alpha2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, self.weight, z)
-        n_in, n = geom.in_channels, geom.pixels
+        n = geom.pixels
+        if system.gradient_weights is None:
+            weights = np.full((kblock.shape[0], geom.in_channels), system.alpha**2)
+            rhs = system.alpha**2 * _gradient_rhs(geom, kblock, grad) + _weight_rhs(geom, self.weight, z)
+        else:
+            weights = system.gradient_weights
+            rows = system.row_weights if system.row_weights is not None else 1.0
+            rhs = _gradient_rhs(geom, kblock, grad, weights) + _weight_rhs(
+                geom, self.weight, rows * np.ravel(z)
+            )
+        gram = system.gram.copy()
+        change = channel_grams(kblock, weights) - channel_grams(self.kblock, weights)
+        for c in range(geom.in_channels):
+            gram[c * n : (c + 1) * n, c * n : (c + 1) * n] += change[c]
+        try:
+            factor = sla.cho_factor(gram, lower=False, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        new_system = LayerSystem(geom, gram, rhs, system.alpha, system.gradient_weights, system.row_weights)
+        x = sla.cho_solve(factor, rhs, check_finite=False)
+        return x, Resolver(new_system, factor, self.weight, k)
 
-        def apply(v: np.ndarray) -> np.ndarray:
-            return self.system.gram @ v + (v.reshape(n_in, n) @ dq).ravel()
-
-        def precond(v: np.ndarray) -> np.ndarray:
-            return sla.cho_solve(self.factor, v, check_finite=False)
-
-        x = np.array(x0, dtype=np.float64).ravel()
-        r = rhs - apply(x)
-        zv = precond(r)
-        p = zv.copy()
-        rz = float(r @ zv)
-        stop = (rtol * float(np.linalg.norm(rhs))) ** 2
-        for _ in range(100):
-            if float(r @ r) <= stop:
-                break
-            ap = apply(p)
-            step = rz / float(p @ ap)
-            x += step * p
-            r -= step * ap
-            zv = precond(r)
-            rz_new = float(r @ zv)
-            p = zv + (rz_new / rz) * p
-            rz = rz_new
-        return x
+    def inverse(self):
+        """Applies the inverse normal matrix (through the Cholesky factor)."""
+        return _cholesky_inverse(self.factor)
 
 
 def layer_rank(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray, rtol: float = RANK_RTOL) -> RankInfo:
@@ -631,14 +762,18 @@ def _rank_info(lam: np.ndarray, keep: np.ndarray, method: str) -> RankInfo:
     )
 
 
-def _solve_eigen(system: LayerSystem, rtol: float) -> tuple[np.ndarray | None, RankInfo]:
+def _solve_eigen(
+    system: LayerSystem, rtol: float, keep: dict | None = None
+) -> tuple[np.ndarray | None, RankInfo]:
     lam, vecs = np.linalg.eigh(system.gram)
-    keep = lam > (rtol**2) * lam[-1]
+    kept = lam > (rtol**2) * lam[-1]
+    v = vecs[:, kept]
     x = None
     if system.rhs is not None:
-        v = vecs[:, keep]
-        x = v @ ((v.T @ system.rhs) / lam[keep])
-    return x, _rank_info(lam, keep, "eigh")
+        x = v @ ((v.T @ system.rhs) / lam[kept])
+    if keep is not None:
+        keep["inverse"] = lambda u: v @ ((v.T @ u) / lam[kept].reshape(-1, *([1] * (np.ndim(u) - 1))))
+    return x, _rank_info(lam, kept, "eigh")
 
 
 # ---------------------------------------------------------------------------------------------
