@@ -77,18 +77,29 @@ class ObservedUpdate:
         trajectory, which layer-wise inversion treats as if it were one gradient.
         """
         scale = 1.0 / (learning_rate * local_steps)
-        grads = {name: (before[name] - after[name]).detach().float() * scale for name in before}
-        noise = {name: _rounding_std(before[name], after[name]) * scale for name in before}
+        deltas = {name: (before[name] - after[name]).detach().float() for name in before}
+        grads = {name: delta * scale for name, delta in deltas.items()}
+        noise = {
+            name: _rounding_std(before[name], after[name], deltas[name], grads[name], scale)
+            for name in before
+        }
         return cls(model, grads, input_shape, num_classes, batch_size, gradient_noise=noise)
 
 
-def _rounding_std(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Std of the float32 rounding error of `after` (uniform over one ulp: ulp / sqrt(12)), per entry."""
-    b = before.detach().float()
-    a = after.detach().float()
-    big = torch.maximum(a.abs(), b.abs())
-    ulp = torch.nextafter(big, torch.full_like(big, float("inf"))) - big
-    return (ulp / 12**0.5).float()
+def _ulp(values: torch.Tensor) -> torch.Tensor:
+    big = values.detach().float().abs()
+    return torch.nextafter(big, torch.full_like(big, float("inf"))) - big
+
+
+def _rounding_std(
+    before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Std of the float32 rounding errors in grad = (before - after) * scale, per entry: `after`
+    as stored, the subtraction and the scaling each err by up to half an ulp of their result
+    (uniform: ulp / sqrt(12)). The first dominates unless a weight is about as small as its
+    step, where the other two (relative to the gradient) take over."""
+    stored = _ulp(torch.maximum(after.detach().float().abs(), before.detach().float().abs())) * scale
+    return (torch.sqrt(stored**2 + (_ulp(delta) * scale) ** 2 + _ulp(grad) ** 2) / 12**0.5).float()
 
 
 def observe_gradient(model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor) -> ObservedUpdate:

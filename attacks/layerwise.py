@@ -283,8 +283,10 @@ class LayerwiseInversion:
         branches = [self._branch_from_head(head, weight, grad_w, h, seconds) for h in hyps]
         if noise is not None:
             sigma = noise[head.weight_name]
+            bias_sigma = noise[head.bias_name] if head.bias_name else None
             for branch, hyp in zip(branches, hyps, strict=True):
-                branch.y_variance = head_input_variance(hyp.k, sigma).reshape(head.in_shape)
+                variance = head_input_variance(hyp.k, sigma, hyp.x, bias_sigma)
+                branch.y_variance = variance.reshape(head.in_shape)
                 branch.layers[0]["noise_ratio"] = head_noise_ratio(grad_w, hyp.k, hyp.x, sigma)
         return branches
 
@@ -369,12 +371,20 @@ class LayerwiseInversion:
             c = np.reshape(pulled.activation_grad, k.shape) if act is not None else None
             repair = full and isinstance(act, nn.LeakyReLU) and not k_observed and self.sign_iterations > 0
             slope = float(act.negative_slope) if repair else 0.0
-            solve = self._solve(geom, weight, k, grad_w, z, sigma, z_var, weight_rows=rows)
+            if k_observed:
+                # dL/dW = k x^T with k observed (the bias gradient): the head's rank-1 problem,
+                # solved as the head is; k's own noise makes per-entry weights the wrong model here
+                solve = self._solve(geom, weight, k, grad_w, z, weight_rows=rows)
+                if sigma is not None and z_var is not None:
+                    bias_sigma = noise[layer.bias_name] if noise is not None and layer.bias_name else None
+                    solve.variance = head_input_variance(k, sigma, solve.x, bias_sigma)
+            else:
+                solve = self._solve(geom, weight, k, grad_w, z, sigma, z_var, weight_rows=rows)
             if repair:
                 solve, k, extra["sign_flips"] = self._fix_signs(
                     geom, weight, grad_w, pre, c, k, z, solve, slope, z_var, sigma
                 )
-            if solve.info.method == "gradient-only" and z_var is not None:
+            if solve.info.method == "gradient-only" and z_var is not None and not k_observed:
                 ratio = weight_consistency(geom, weight, solve, z, z_var)
                 extra["weight_consistency"] = ratio
                 if ratio > self.consistency_ratio:
@@ -386,7 +396,7 @@ class LayerwiseInversion:
                         extra["sign_flips"] = extra.get("sign_flips", 0) + flips
                     extra["fallback"] = STACKED_FALLBACK
             x, info = solve.x, solve.info
-            if sigma is not None and z_var is not None:
+            if sigma is not None and z_var is not None and not k_observed:
                 dof = degrees_of_freedom(geom, weight, solve)
                 extra["noise_ratio"] = objective(geom, weight, solve, k, grad_w, z, x) / dof
             if solve.variance is not None:

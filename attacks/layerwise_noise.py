@@ -71,12 +71,25 @@ class LayerSolve:
 # ---------------------------------------------------------------------------------------------
 
 
-def head_input_variance(k: np.ndarray, grad_sigma: np.ndarray) -> np.ndarray:
-    """Error variance of the head input x = dL/dW^T k / |k|^2 from the noise of dL/dW (k taken as
-    exact: its own error only rescales x, which moves no sign and no residual pattern)."""
+def head_input_variance(
+    k: np.ndarray,
+    grad_sigma: np.ndarray,
+    x: np.ndarray | None = None,
+    bias_sigma: np.ndarray | None = None,
+) -> np.ndarray:
+    """Error variance of x = dL/dW^T k / |k|^2 (a head, or any Linear layer whose k is observed as
+    its bias gradient), to first order: sum_o k_o^2 sigma_oi^2 / |k|^4 from the noise of dL/dW,
+    plus x_i^2 sum_o k_o^2 sigma_b,o^2 / |k|^4 from the noise of k (given `x` and `bias_sigma`).
+    The second term is one common rescaling of x, harmless below a bias-free positively
+    homogeneous net but not against the next layer's bias; counted per entry (diagonal)."""
     k = np.asarray(k, dtype=np.float64).ravel()
     s2 = np.asarray(grad_sigma, dtype=np.float64).reshape(k.size, -1) ** 2
-    return (k**2) @ s2 / float(k @ k) ** 2
+    norm4 = float(k @ k) ** 2
+    variance = (k**2) @ s2 / norm4
+    if x is not None and bias_sigma is not None:
+        scale = float((k**2) @ (np.asarray(bias_sigma, dtype=np.float64).ravel() ** 2)) / norm4
+        variance = variance + np.ravel(x) ** 2 * scale
+    return variance
 
 
 def head_noise_ratio(grad_w: np.ndarray, k: np.ndarray, x: np.ndarray, grad_sigma: np.ndarray) -> float:

@@ -363,6 +363,8 @@ def channel_grams(kblock: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     With non-uniform weights the gradient block is no longer the same for every channel, but it
     stays block-diagonal over channels (x_c only enters the equations of channel c)."""
+    if kblock.shape[1] == 1:  # a Linear layer: one unknown per channel
+        return (weights.T @ kblock[:, 0] ** 2)[:, None, None]
     return np.stack([(kblock.T * weights[:, c]) @ kblock for c in range(weights.shape[1])])
 
 
