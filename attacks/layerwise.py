@@ -635,25 +635,6 @@ def _input_from(plan: NetworkPlan, branch: _Hypothesis) -> np.ndarray:
     return cons.values.reshape(plan.input_shape)
 
 
-def _separated(
-    entries: np.ndarray, magnitude: np.ndarray, out_hw: tuple[int, int], radius: tuple[int, int]
-) -> np.ndarray:
-    """Entries (flat over channel, row, col) in order of increasing `magnitude`, skipping any
-    within `radius` (rows, cols, any channel) of one already taken: a wrong derivative sign
-    also makes its neighbours look wrong, because the solved input absorbed part of the error."""
-    taken: list[int] = []
-    pixels = out_hw[0] * out_hw[1]
-    rows_taken: list[tuple[int, int]] = []
-    for e in entries[np.argsort(magnitude[entries], kind="stable")]:
-        p = int(e) % pixels
-        row, col = divmod(p, out_hw[1])
-        if any(abs(row - a) < radius[0] and abs(col - b) < radius[1] for a, b in rows_taken):
-            continue
-        taken.append(int(e))
-        rows_taken.append((row, col))
-    return np.asarray(taken, dtype=np.int64)
-
-
 def _invertible_ops(ops: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]) -> bool:
     """True when only reshapes and invertible activations separate a layer from the one above:
     the noise model's error pull-back (`attacks.layerwise_noise.pull_back_variance`) covers these."""

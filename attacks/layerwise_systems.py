@@ -531,32 +531,6 @@ def apply_gradient(
     return g.numpy()
 
 
-def output_gradient_fit(
-    geom: ConvGeometry, residual: np.ndarray, x: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares fit of a change of one entry of k to a weight-gradient residual.
-
-    Changing k[o, p] by d changes dL/dW[o] by d * patch_p(x) (the input patch output position p
-    sees). Returns (<residual[o], patch_p(x)>, |patch_p(x)|^2), flat over (o, p) and broadcast
-    over o, so that the best single-entry change is their ratio.
-    """
-    if geom.is_linear:
-        r = np.asarray(residual, dtype=np.float64).reshape(geom.out_channels, geom.in_channels)
-        xv = np.ravel(x)
-        return r @ xv, np.full(geom.out_channels, float(xv @ xv))
-    xt = _as_image(x, geom.in_channels, (geom.height, geom.width))
-    rt = torch.from_numpy(
-        np.ascontiguousarray(residual, dtype=np.float64).reshape(
-            geom.out_channels, geom.in_channels, *geom.kernel
-        )
-    )
-    num = F.conv2d(xt, rt, stride=geom.stride, padding=geom.padding).numpy().ravel()
-    ones = torch.ones((1, geom.in_channels, *geom.kernel), dtype=torch.float64)
-    den = F.conv2d(xt * xt, ones, stride=geom.stride, padding=geom.padding).numpy()
-    den = np.broadcast_to(den, (1, geom.out_channels, geom.out_height, geom.out_width)).ravel()
-    return num, den
-
-
 def backprop_input(geom: ConvGeometry, weight: np.ndarray, k: np.ndarray) -> np.ndarray:
     """W^T k restricted to the interior (padded positions dropped), float64, flat."""
     return _weight_rhs(geom, weight, k)
