@@ -157,8 +157,9 @@ def weight_delta_rounding_std(
     model: ZooModel, gradients: Mapping[str, Tensor], learning_rate: float, local_steps: int = 1
 ) -> dict[str, Tensor]:
     """Per-parameter std of the gradient a server derives from a float32 weight delta after
-    `local_steps` SGD steps along `gradients` at `learning_rate`: the rounding of the new
-    weights (ulp / √12, as `ObservedUpdate.from_weight_delta` models it) ÷ (lr · steps).
+    `local_steps` SGD steps along `gradients` at `learning_rate`: the rounding of the stored
+    weights, of their difference and of its scaling (ulp / √12 each, as
+    `ObservedUpdate.from_weight_delta` models it), as seen in the gradient.
     Stds below MIN_STD_FRACTION of their median are raised to it."""
     if learning_rate <= 0 or local_steps < 1:
         raise ValueError("need learning_rate > 0 and local_steps >= 1")

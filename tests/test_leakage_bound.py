@@ -137,6 +137,10 @@ def test_defence_noise_as_the_gradient_sees_it() -> None:
     stds = weight_delta_rounding_std(model, grads, learning_rate=0.1)
     weight = model.layers[1].weight.detach().numpy()
     after = (model.layers[1].weight - 0.1 * grads["layers.1.weight"]).detach().numpy()
-    ulp = np.spacing(np.maximum(np.abs(weight), np.abs(after)).astype(np.float32))
-    np.testing.assert_allclose(stds["layers.1.weight"].numpy(), ulp / np.sqrt(12) / 0.1, rtol=1e-6)
+    # the stored weights, the subtraction and the scaling each round to half an ulp of their result
+    delta = (weight - after).astype(np.float32)
+    grad = (delta * np.float32(1 / 0.1)).astype(np.float32)
+    stored = np.spacing(np.maximum(np.abs(weight), np.abs(after)).astype(np.float32)) / 0.1
+    ulps = np.sqrt(stored**2 + (np.spacing(np.abs(delta)) / 0.1) ** 2 + np.spacing(np.abs(grad)) ** 2)
+    np.testing.assert_allclose(stds["layers.1.weight"].numpy(), ulps / np.sqrt(12), rtol=1e-5)
     assert all(bool((s > 0).all()) for s in stds.values())
