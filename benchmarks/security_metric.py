@@ -199,8 +199,19 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
     crops, labels = photo_crops(args.crops, 32, seed=args.crop_seed)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] or available_attacks()
     auditor = UpdateAuditor([build_attack(a) for a in attacks])
-    cases = []
+    settings = {
+        "crops": args.crops,
+        "crop_seed": args.crop_seed,
+        "noise_levels": list(NOISE_LEVELS),
+        "attacks": attacks,
+    }
+    # An interrupted run resumes: architectures finished under the same settings are kept.
+    saved = _load(args.output).get("predicted") or {}
+    cases = list(saved.get("cases", [])) if saved.get("settings") == settings else []
     for name in ARCHITECTURES:
+        if any(c["model"] == name for c in cases):
+            print(f"{name:16s} kept from the interrupted run")
+            continue
         for index, (crop, label) in enumerate(zip(crops, labels, strict=True)):
             torch.manual_seed(0)
             model = build_model(name, InputSpec((3, 32, 32), 10))
@@ -230,6 +241,7 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
                     f"{name:16s} crop {index} sigma {sigma:7.0e}  ceiling {_fmt(bound.psnr_ceiling)} dB  "
                     f"best {_fmt(case['best_psnr'])} dB ({best})"
                 )
+        _save_section(args.output, "predicted", {"settings": settings, "cases": cases, "complete": False})
     scored = [c for c in cases if c["psnr_ceiling"] is not None and c["best_psnr"] is not None]
     rho = spearmanr([c["psnr_ceiling"] for c in scored], [c["best_psnr"] for c in scored])
     above = [c for c in scored if c["best_psnr"] > c["psnr_ceiling"]]
@@ -244,7 +256,7 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
         f"Spearman(ceiling, best attack PSNR) = {summary['spearman']:.3f} over {len(scored)} cases; "
         f"an attack beat the ceiling in {len(above)} ({summary['share_above_ceiling']:.0%})"
     )
-    return {"noise_levels": list(NOISE_LEVELS), "attacks": attacks, "summary": summary, "cases": cases}
+    return {"settings": settings, "summary": summary, "cases": cases, "complete": True}
 
 
 def _fmt(value: float | None) -> str:
@@ -275,7 +287,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(THREADS)
-    results = json.loads(args.output.read_text()) if args.output.exists() else {}
+    results = _load(args.output)
     results["machine"] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -289,6 +301,18 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=_plain) + "\n")
     print(f"saved {args.output}")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_section(path: Path, name: str, section: dict[str, Any]) -> None:
+    """Write one section into the results file now (progress of a long section survives a kill)."""
+    results = _load(path)
+    results[name] = section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=_plain) + "\n")
 
 
 def _plain(value: Any) -> Any:
