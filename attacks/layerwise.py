@@ -58,7 +58,7 @@ from torch import nn
 
 from attacks.base import AttackError, ObservedUpdate, Reconstruction
 from attacks.generic_systems import bias_vector, constrained_residuals, constrained_solve
-from attacks.layer_ops import RELU_ZERO_RTOL, pull_back
+from attacks.layer_ops import CLIPPED_ACTIVATIONS, RELU_ZERO_RTOL, op_kind, pull_back
 from attacks.layerwise_head import HeadHypothesis, cross_entropy_head, logistic_head
 from attacks.layerwise_hybrid import HybridConfig, refine_layer
 from attacks.layerwise_noise import (
@@ -102,8 +102,6 @@ WIDEN_RATIO = 1.5
 MAX_WIDENINGS = 3
 
 STACKED_FALLBACK = "stacked: the gradient-only solution contradicts the weight constraints"
-# The ops the noise model's error pull-back inverts (`attacks.layerwise_noise.pull_back_variance`).
-NOISE_MODEL_OPS = (nn.Flatten, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
 @dataclass
@@ -638,7 +636,10 @@ def _input_from(plan: NetworkPlan, branch: _Hypothesis) -> np.ndarray:
 def _invertible_ops(ops: tuple[tuple[int, nn.Module, tuple[int, ...]], ...]) -> bool:
     """True when only reshapes and invertible activations separate a layer from the one above:
     the noise model's error pull-back (`attacks.layerwise_noise.pull_back_variance`) covers these."""
-    return all(isinstance(op, NOISE_MODEL_OPS) for _, op, _ in ops)
+    return all(
+        op_kind(op) == "reshape" or (op_kind(op) == "elementwise" and isinstance(op, CLIPPED_ACTIVATIONS))
+        for _, op, _ in ops
+    )
 
 
 def _use_bias_gradient(

@@ -39,7 +39,7 @@ from attacks.layerwise_systems import (
     gradient_block,
     inverse_variance,
     invert_activation,
-    offset_maps,
+    patch_positions,
 )
 
 
@@ -217,19 +217,6 @@ class FlipStatistics:
     schur: np.ndarray  # M, (S, S)
     moves: np.ndarray  # N^-1 U, (n, S): x moves by -moves[:, j] * d when k_j changes by d
     patch_norms: np.ndarray  # |a_j|^2, the diagonal of M before the solve absorbs anything
-
-    def predicted_x(self, x: np.ndarray, picked: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        """The re-solved x of the linearised model after changing k at entries[picked] by delta."""
-        return x - self.moves[:, picked] @ delta
-
-
-def patch_positions(geom: ConvGeometry) -> np.ndarray:
-    """(kh * kw, out_pixels): the interior pixel each output position sees through each kernel
-    offset, -1 where it sees padding."""
-    positions = np.full((geom.offsets, geom.out_pixels), -1)
-    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
-        positions[a, out_idx] = in_idx
-    return positions
 
 
 def flip_statistics(

@@ -221,6 +221,15 @@ def gradient_block(geom: ConvGeometry, k: np.ndarray) -> np.ndarray:
     return block.reshape(geom.out_channels * geom.offsets, geom.pixels)
 
 
+def patch_positions(geom: ConvGeometry) -> np.ndarray:
+    """(kh * kw, out_pixels): the interior pixel each output position sees through each kernel
+    offset, -1 where it sees padding."""
+    positions = np.full((geom.offsets, geom.out_pixels), -1)
+    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
+        positions[a, out_idx] = in_idx
+    return positions
+
+
 def weight_gram(geom: ConvGeometry, weight: np.ndarray) -> np.ndarray:
     """W^T W on the interior unknowns, assembled from kernel-offset pairs (see module doc)."""
     n_in = geom.in_channels
@@ -229,11 +238,8 @@ def weight_gram(geom: ConvGeometry, weight: np.ndarray) -> np.ndarray:
         flat = w[:, :, 0]
         return flat.T @ flat
     gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
-    maps = offset_maps(geom)
     pair = np.einsum("oca,odb->abcd", w, w, optimize=True)  # (A, A, C_in, C_in)
-    positions = np.full((geom.offsets, geom.out_pixels), -1)
-    for a, (out_idx, in_idx) in enumerate(maps):
-        positions[a, out_idx] = in_idx
+    positions = patch_positions(geom)
     for a in range(geom.offsets):
         for b in range(geom.offsets):
             both = (positions[a] >= 0) & (positions[b] >= 0)
@@ -379,9 +385,7 @@ def weighted_weight_gram(geom: ConvGeometry, weight: np.ndarray, row_weights: np
         flat = w[:, :, 0]
         return flat.T @ (rows[:, :1] * flat)
     gram = np.zeros((geom.pixels, geom.pixels, n_in, n_in))
-    positions = np.full((geom.offsets, geom.out_pixels), -1)
-    for a, (out_idx, in_idx) in enumerate(offset_maps(geom)):
-        positions[a, out_idx] = in_idx
+    positions = patch_positions(geom)
     for a in range(geom.offsets):
         for b in range(geom.offsets):
             both = np.flatnonzero((positions[a] >= 0) & (positions[b] >= 0))

@@ -36,7 +36,7 @@ from audits.engine import RECONSTRUCTED, AuditRow, SecurityMeasure, measure_secu
 from audits.identifiability import Identifiability, identifiability
 from audits.leakage_bound import LeakageBound, leakage_bound, weight_delta_rounding_std
 from audits.security_metric import SecurityReport
-from models.base import ZooModel
+from models.base import ZooModel, model_label
 
 # The learning rate at which an exact-gradient audit states its bound: the float32 rounding of
 # the weights after one SGD step, seen as a gradient, has std ulp(w) / sqrt(12) / lr.
@@ -190,7 +190,7 @@ def architecture_report(
     except Exception as err:  # a report states what it could not compute, it does not raise
         ident_note = f"failed: {type(err).__name__}: {err}"
     report = ArchitectureReport(
-        model=str(getattr(model, "name", type(model).__name__)),
+        model=model_label(model),
         input_shape=shape,
         noise=noise,
         layerwise=security.report,

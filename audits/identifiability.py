@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from models.base import ZooModel
+from models.base import ZooModel, model_label
 
 METHODS = ("auto", "dense", "gram", "randomized")
 # "auto" forms J densely while it takes at most this many bytes in float64 ...
@@ -202,7 +202,7 @@ def identifiability(
         rank = int((values > tol).sum()) if complete else None
         frobenius = float((values**2).sum()) if complete else observed.trace_estimate
         return Identifiability(
-            model=str(getattr(model, "name", type(model).__name__)),
+            model=model_label(model),
             input_shape=tuple(int(d) for d in inputs.shape[1:]),
             batch_size=int(inputs.shape[0]),
             unknowns=size,

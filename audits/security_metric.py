@@ -53,6 +53,7 @@ from attacks.generic_systems import constrained_rank
 from attacks.layer_ops import pull_back
 from attacks.layerwise_systems import DEFAULT_BLAS_THREADS, RANK_RTOL, blas_threads, layer_rank
 from attacks.network_plan import NetworkPlan, PlannedLayer, plan_network, weight_of
+from models.base import model_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -369,7 +370,7 @@ def _report(
             untreated.append(UntreatedPart(layer.module_index, layer.kind, note))
     deficits = {r.index: r.deficit for r in rows}
     return SecurityReport(
-        model=str(getattr(model, "name", type(model).__name__)),
+        model=model_label(model),
         input_shape=tuple(input_shape),
         layers=rows,
         score=copa_score([deficits.get(layer.index, 0) for layer in plan.layers]),

@@ -9,6 +9,7 @@ metric, the end-to-end rank and the PSNR ceiling at the noise the attacks faced.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,12 +115,5 @@ def with_gradient_noise(update: ObservedUpdate, sigma: float, seed: int, sample:
         name: grad + sigma * torch.randn(grad.shape, generator=generator, dtype=grad.dtype)
         for name, grad in update.gradients.items()
     }
-    return ObservedUpdate(
-        model=update.model,
-        gradients=noisy,
-        input_shape=update.input_shape,
-        num_classes=update.num_classes,
-        batch_size=update.batch_size,
-        known_labels=update.known_labels,
-        gradient_noise={name: torch.full_like(grad, sigma) for name, grad in noisy.items()},
-    )
+    noise = {name: torch.full_like(grad, sigma) for name, grad in noisy.items()}
+    return dataclasses.replace(update, gradients=noisy, gradient_noise=noise)

@@ -32,6 +32,11 @@ MODALITIES: tuple[Modality, ...] = ("image", "tokens", "features")
 ExtraRecord = Mapping[str, float | int | np.ndarray]
 
 
+def model_label(model: nn.Module) -> str:
+    """The name reports give a model: a zoo model's registry name, else its class name."""
+    return str(getattr(model, "name", type(model).__name__))
+
+
 class UnsupportedInputError(ValueError):
     """A model family cannot take this kind of input (e.g. a convnet given feature vectors)."""
 
