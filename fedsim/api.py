@@ -48,7 +48,9 @@ from fedsim.store.resume_check import open_for_resume
 from fedsim.store.run_store import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RunStore
 from fedsim.strategy.privacy_ledger import PRIVACY_FILE
 from fedsim.training.local import metric_names
-from models import build_model
+from fedsim.training.run_model import build_run_model
+from models import InputSpec, ZooModel
+from models import model_options as model_options_of
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 ConfigLike = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -176,6 +178,14 @@ def run(
     return RunResult.load(store.path, rounds_run=(store.last_complete_round() or 0) - (done or 0))
 
 
+def _audited_model(model: str, spec: InputSpec, options: str, head: str) -> ZooModel:
+    """The audited model with its options; `head` applies to the families that have one."""
+    has_head = any(option.name == "head" for option in model_options_of(model))
+    if not has_head and head != "ce":
+        raise UserInputError(f"model {model!r} has no choice of head; drop --head {head}")
+    return build_run_model(model, spec, options, **({"head": head} if has_head else {}))
+
+
 def audit(
     *,
     model: str = "cnn6",
@@ -188,6 +198,7 @@ def audit(
     image_size: int = 0,
     head: str = "ce",
     gradient_noise: float = 0.0,
+    model_options: str = "",
 ) -> AuditResult:
     """Audit one model's leakage without a federation: the security metric (per-layer rank of
     the layer-wise inversion systems) and each attack on the exact batch-1 gradient of
@@ -199,11 +210,16 @@ def audit(
     gradient_noise: std of seeded Gaussian noise added to each entry of the gradient the attacks
         see (0: exact); the PSNR ceiling is computed at it (at 0: at the float32 rounding of a
         one-step weight delta, see `audits.architecture_report.ROUNDING_LEARNING_RATE`).
+    model_options: the model's options as `fedsim run --model-options` takes them.
     """
     names = [a.strip() for a in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     names = [name for name in names if name]
     check_attack_names(names)
-    for key, value in (("model", model), ("dataset", dataset), ("image-size", image_size), ("seed", seed)):
+    checked = (
+        ("model", model), ("model-options", model_options), ("dataset", dataset),
+        ("image-size", image_size), ("seed", seed),
+    )  # fmt: skip
+    for key, value in checked:
         RunConfig.knob(key).check(value)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise UserInputError(f"--samples must be at least 1 (got {samples}); pass e.g. --samples 4")
@@ -212,10 +228,7 @@ def audit(
     data = load_dataset(dataset, image_size or None)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
-        try:
-            net = build_model(model, data.spec, head=head)
-        except ValueError as err:
-            raise UserInputError(str(err)) from None
+        net = _audited_model(model, data.spec, model_options, head)
     weights_path = None if weights is None else _path(weights, "weights")
     if weights_path is not None:
         load_weights(net, weights_path)
@@ -234,6 +247,7 @@ def audit(
         "dataset": dataset,
         "image_size": image_size,
         "head": head,
+        "model_options": model_options,
         "seed": seed,
         "weights": str(weights_path) if weights_path else None,
         "samples": [int(i) for i in chosen],

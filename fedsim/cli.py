@@ -30,7 +30,7 @@ from fedsim.data import available_datasets
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.store.resume_check import open_for_resume
 from fedsim.training.transforms import TRANSFORMATIONS, available_transformations
-from models import available_models
+from models import available_models, model_options
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated-learning simulator with privacy auditing."
@@ -202,6 +202,7 @@ def audit(
     data: Annotated[str | None, Opt("--data", hidden=True, help="Old name of --dataset.")] = None,
     image_size: Annotated[int, Opt(help="Resize images to N×N; 0 keeps them.")] = 0,
     head: Annotated[str, Opt(help="'ce' (softmax with bias) or 'logistic' (R-GAP's one logit).")] = "ce",
+    model_options: Annotated[str, Opt(help=RunConfig.knob("model-options").help)] = "",
     weights: Annotated[Path | None, Opt(help="Model weights (.safetensors, e.g. a run checkpoint).")] = None,
     samples: Annotated[int, Opt(help="Samples to attack (one batch-1 gradient each).")] = 4,
     attacks: Annotated[str, Opt(help="Comma-separated (see `fedsim attacks`).")] = "layerwise",
@@ -226,6 +227,7 @@ def audit(
         result = api.audit(
             model=model, dataset=dataset, samples=samples, attacks=attacks, weights=weights, seed=seed,
             out=folder, image_size=image_size, head=head, gradient_noise=gradient_noise,
+            model_options=model_options,
         )  # fmt: skip
     except UserInputError as err:
         _fail(err)
@@ -304,9 +306,10 @@ def list_datasets() -> None:
 
 @cli.command("models")
 def list_models() -> None:
-    """List the model zoo."""
+    """List the model zoo, each with its options and their defaults (for --model-options)."""
     for name in available_models():
-        typer.echo(name)
+        options = ", ".join(map(str, model_options(name)))
+        typer.echo(f"{name}  ({options})" if options else name)
 
 
 def _fail(err: UserInputError) -> None:

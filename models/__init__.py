@@ -12,6 +12,7 @@ from typing import Any
 from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputError, ZooModel
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
+from models.options import ModelOption, builder_options, parse_options
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -31,14 +32,27 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
+def _builder(name: str) -> ModelBuilder:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}") from None
+
+
+def model_options(name: str) -> tuple[ModelOption, ...]:
+    """The options a registered model takes, with their defaults (from its builder's signature)."""
+    return builder_options(_builder(name))
+
+
+def parse_model_options(name: str, text: str) -> dict[str, Any]:
+    """`"key=value,..."` as keyword arguments of `name`'s builder; ValueError naming the fix."""
+    return parse_options(_builder(name), text, name)
+
+
 def build_model(name: str, spec: InputSpec, **options: Any) -> ZooModel:
     """Build a registered model for data described by `spec` (the dataset's own spec); raise
     KeyError naming the choices, UnsupportedInputError for a modality the family does not take."""
-    try:
-        builder = MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}") from None
-    model = builder(spec, **options)
+    model = _builder(name)(spec, **options)
     model.name = name
     return model
 
@@ -47,9 +61,12 @@ __all__ = [
     "MODELS",
     "InputSpec",
     "Modality",
+    "ModelOption",
     "TrainingSettings",
     "UnsupportedInputError",
     "ZooModel",
     "available_models",
     "build_model",
+    "model_options",
+    "parse_model_options",
 ]

@@ -58,6 +58,8 @@ def mlp(spec: InputSpec, hidden: int = 128, depth: int = 2, head: str = "ce") ->
     """Fully connected net with LeakyReLU (invertible, so layer-wise inversion applies); takes
     images (flattened) or feature vectors."""
     spec.require("image", "features", model="mlp")
+    if hidden < 1 or depth < 0:
+        raise ValueError(f"mlp needs hidden >= 1 and depth >= 0 (got hidden={hidden}, depth={depth})")
     layers: list[nn.Module] = [nn.Flatten()]
     width = spec.num_features
     for _ in range(depth):
@@ -77,7 +79,14 @@ def lenet(spec: InputSpec, activation: str = "sigmoid", head: str = "ce") -> Seq
     Sigmoid keeps the network twice differentiable, which optimisation attacks (DLG) rely on.
     """
     spec.require("image", model="lenet")
-    act: type[nn.Module] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "leakyrelu": nn.LeakyReLU}[activation]
+    activations: dict[str, type[nn.Module]] = {
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "leakyrelu": nn.LeakyReLU,
+    }
+    if activation not in activations:
+        raise ValueError(f"lenet activation {activation!r} is not one of {', '.join(activations)}")
+    act = activations[activation]
     channels, height, width = spec.shape
     layers: list[nn.Module] = []
     for stride in (2, 2, 1):

@@ -24,6 +24,18 @@ CASES = [
     (["--dataset", "breast-cancer", "--image-size", "32"], "holds features; pass --image-size 0"),
     (["--strategy", "fedsgdx"], "unknown strategy 'fedsgdx'; choose one of: fedavg, fedprox"),
     (["--rounds", "0"], "rounds must be at least 1 (got 0)"),
+    (
+        ["--model-options", "widht=3"],
+        "model 'mlp' has no option 'widht'; its options (defaults): hidden=128, depth=2, head=ce",
+    ),
+    (["--model-options", "depth=1.5"], "model option depth='1.5' of 'mlp' is not a whole number"),
+    (["--model-options", "depth"], "model option 'depth' is not key=value; write e.g. hidden=128"),
+    (["--model-options", "depth=1,depth=2"], "model option 'depth' is given twice"),
+    (["--model-options", "hidden=0"], "model 'mlp' cannot be built with options 'hidden=0': mlp needs"),
+    (
+        ["--model", "cnn6", "--image-size", "32", "--model-options", "width=3"],
+        "model 'cnn6' has no option 'width'",
+    ),
     (["--rounds", "-3"], "rounds must be at least 1 (got -3)"),
     (["--partitioner", "dirichlet", "--alpha", "0"], "alpha must be > 0 (got 0.0)"),
     (["--partitioner", "dirichlet", "--alpha", "-1"], "alpha must be > 0 (got -1.0)"),

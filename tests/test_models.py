@@ -162,3 +162,19 @@ def test_fedprox_term_keeps_weights_near_the_global_model() -> None:
             return float(sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True)))
 
     assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_model_options_come_typed_from_the_builders_signature() -> None:
+    from models import model_options, parse_model_options
+
+    assert [str(o) for o in model_options("mlp")] == ["hidden=128", "depth=2", "head=ce"]
+    assert parse_model_options("mlp", " hidden=64 , depth=3,,") == {"hidden": 64, "depth": 3}
+    assert parse_model_options("lenet", "activation=tanh") == {"activation": "tanh"}
+    with pytest.raises(ValueError, match="not a whole number"):
+        parse_model_options("mlp", "hidden=1e3")
+
+
+def test_model_options_reach_the_run_model() -> None:
+    config = RunConfig(model="mlp", model_options="hidden=16,depth=1")
+    widths = [m.out_features for m in model_for(config).modules() if isinstance(m, nn.Linear)]
+    assert widths == [16, 10]

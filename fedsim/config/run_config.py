@@ -180,6 +180,9 @@ class RunConfig:
     num_clients: int = knob(10, "Number of clients (virtual SuperNodes).", "data", key="clients", at_least=1)
     # model and local training
     model: str = knob("mlp", "Model of the zoo (see `fedsim models`).", "training")
+    model_options: str = knob(
+        "", "Model options as key=value pairs, comma-separated, e.g. hidden=64,depth=3.", "training"
+    )
     rounds: int = knob(3, "Federated rounds.", "training", at_least=1)
     local_epochs: int = knob(2, "Local epochs per round.", "training", at_least=1)
     max_local_steps: int = knob(

@@ -13,6 +13,7 @@ from fedsim.federation.secagg_plan import check_secagg
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.strategy.central_dp import check_central_dp
 from fedsim.training.defences import check_client_defences
+from fedsim.training.run_model import build_run_model
 from fedsim.training.transforms import check_transformation_names
 from models import InputSpec, UnsupportedInputError, available_models, build_model
 
@@ -28,20 +29,26 @@ def validate_plan(config: RunConfig) -> None:
     check_strategy(config)
     check_central_dp(config)
     check_secagg(config)
-    check_model_fits(config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]))
+    check_model_fits(
+        config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]), config.model_options
+    )
     check_client_defences(config, data.spec)
 
 
-def check_model_fits(model_name: str, dataset: str, spec: InputSpec, sample: torch.Tensor) -> None:
-    """Build the model for the dataset's spec and run one sample through it: a family that does
-    not take this modality, or layers that do not fit this shape, fail here and not on a client."""
+def check_model_fits(
+    model_name: str, dataset: str, spec: InputSpec, sample: torch.Tensor, options: str = ""
+) -> None:
+    """Build the model (with its options) for the dataset's spec and run one sample through it: a
+    family that does not take this modality, an option it rejects, or layers that do not fit this
+    shape, fail here and not on a client."""
     try:
-        model = build_model(model_name, spec)
+        model = build_run_model(model_name, spec, options)
     except UnsupportedInputError as err:
         fitting = ", ".join(_models_taking(spec)) or "none of the zoo"
         raise UserInputError(
             f"{err} ({dataset!r} holds {spec.modality}); pick a model that does: {fitting}"
         ) from None
+
     try:
         with torch.no_grad():
             model(sample)

@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 
 from fedsim.config.run_config import RunConfig
 from fedsim.errors import UserInputError
+from fedsim.training.run_model import build_run_model
 from fedsim.training.transforms import TRANSFORMATIONS, PrivacySpend, TransformationEntry
-from models import InputSpec, build_model
+from models import InputSpec
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
@@ -299,16 +300,16 @@ def check_client_defences(config: RunConfig, spec: InputSpec) -> None:
             f"{DP_SGD} with fedprox: Opacus's optimiser replaces the gradient with its clipped, noised "
             "per-sample sum, which drops FedProx's proximal term; use --strategy fedavg"
         )
-    check_opacus_accepts(config.model, spec)
+    check_opacus_accepts(config.model, spec, config.model_options)
 
 
-def check_opacus_accepts(model_name: str, spec: InputSpec) -> None:
+def check_opacus_accepts(model_name: str, spec: InputSpec, options: str = "") -> None:
     """Opacus's `ModuleValidator` on the run's model; a rejection names the layer and the fix
     Opacus offers (its registered fixer's replacement, what `ModuleValidator.fix` would do)."""
     from opacus.utils.module_utils import trainable_modules
     from opacus.validators import ModuleValidator
 
-    model = build_model(model_name, spec)
+    model = build_run_model(model_name, spec, options)
     if not ModuleValidator.validate(model, strict=False):
         return
     for layer_name, layer in trainable_modules(model):

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from fedsim.config.run_config import RunConfig
 from fedsim.data import Dataset
 from fedsim.data.clients import ClientData, dataset_for
+from fedsim.training.run_model import build_run_model
 from fedsim.training.transforms import (
     PrivacySpend,
     build_transformations,
@@ -33,7 +34,7 @@ from fedsim.training.transforms import (
     unwrap_all,
     wrap_all,
 )
-from models import TrainingSettings, ZooModel, build_model
+from models import TrainingSettings, ZooModel
 from models.base import ExtraRecord
 
 # At most this many of the samples a client trained on go back to the auditor as ground truth.
@@ -80,7 +81,7 @@ def model_for(config: RunConfig, data: Dataset | None = None) -> ZooModel:
     """The run's model for the run's data (its input spec), freshly initialised from the run seed."""
     data = data or dataset_for(config)
     torch.manual_seed(config.seed)
-    return build_model(config.model, data.spec)
+    return build_run_model(config.model, data.spec, config.model_options)
 
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
