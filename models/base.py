@@ -3,9 +3,9 @@
 A federation, an auditor and an attack all ask the same things of a model, whatever its family:
 what input it takes (`spec`), how dataset labels become training targets (`targets`), its
 training loss (`loss`), its named evaluation metrics (`metrics`, `metric_names`), its
-predictions (`predict`) and its optimiser with parameter groups (`configure_optimizer`, as
-nanoGPT's `configure_optimizers`). A family overrides what it changes; the client loop, the
-evaluator and the run store only ever call these. Two optional hooks let a family act after
+predictions (`predict`), its optimiser with parameter groups (`configure_optimizer`, as
+nanoGPT's `configure_optimizers`) and its local step's objective (`training_loss`). A family
+overrides what it changes; the client loop, the evaluator and the run store only ever call these. Two optional hooks let a family act after
 local training (`after_local_training`, e.g. ProtoPNet's prototype push) and send payloads
 beside its weights (`extra_records`, e.g. statistics a server aggregates instead of weights).
 A token family splits its forward at the embedding (`embed`, `forward_embedded`) so that
@@ -179,6 +179,13 @@ class ZooModel(nn.Module):
         return {"accuracy": float((self.predict(outputs) == targets).double().mean())}
 
     # --- local training ------------------------------------------------------------------------
+    def training_loss(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One local step's loss. `module` is this model as the client's transformations wrapped
+        it (e.g. Opacus's per-sample wrapper): call it, not `self`, for the forward pass. Default
+        `loss(module(inputs), targets)`; a family whose objective needs more than the outputs
+        overrides it (two augmented views for a contrastive loss, a prototype layer's distances)."""
+        return self.loss(module(inputs), targets)
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 

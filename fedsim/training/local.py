@@ -4,7 +4,7 @@ Local training is one seam, the same for every model family and every client-sid
 
     model -> model.configure_optimizer(settings, round) -> DataLoader over the client's train split
           -> client transformations wrap (module, optimizer, data_loader)   (fedsim.training.transforms)
-          -> loop: loss = model.loss(module(x), model.targets(y)) [+ FedProx term], step
+          -> loop: loss = model.training_loss(module, x, model.targets(y)) [+ FedProx term], step
           -> unwrap -> model.after_local_training(data_loader, round)
           -> update-level defences transform w_local − w_global, in list order (clip, topk, ...)
           -> TrainResult (weights, metrics, extra records, samples seen)
@@ -167,7 +167,7 @@ def train_locally(
             if step_limit is not None and steps >= step_limit:
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss = model.loss(module(inputs), model.targets(labels))
+            loss = model.training_loss(module, inputs, model.targets(labels))
             total = loss if proximal is None else loss + proximal(model)
             total.backward()
             optimizer.step()
