@@ -65,7 +65,9 @@ def _fixed_labels(update: ObservedUpdate) -> torch.Tensor:
 
 
 def _dummy_gradients(target: _Target, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(loss, target.params, create_graph=True)
+    """The dummy batch's gradient; 0 for parameters the loss does not reach (a branch used only in
+    training, e.g. a contrastive projection head), whose observed entries then add a constant."""
+    return torch.autograd.grad(loss, target.params, create_graph=True, materialize_grads=True)
 
 
 def _output_width(model: ZooModel, inputs: torch.Tensor) -> int:
