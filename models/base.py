@@ -198,6 +198,11 @@ class ZooModel(nn.Module):
             self.trainable_parameters(), lr=settings.learning_rate, momentum=settings.momentum
         )
 
+    def before_local_training(self, data_loader: DataLoader, server_round: int) -> None:
+        """Round hook, run before the local loop with the client's training data (the unwrapped
+        loader: batches of inputs, labels, sample indices), e.g. to draw a second, class-balanced
+        sample of it inside `training_loss`. Default: nothing."""
+
     def after_local_training(self, data_loader: DataLoader, server_round: int) -> None:
         """Round hook, run after the local loop and before the weights are reported, with the
         client's training data (batches of inputs, labels, sample indices). Default: nothing."""

@@ -8,16 +8,18 @@ class-balanced batch. The local objective is α·L_SC/PSC + (1 − α)·L_CE wit
 classifier branch is used at inference (`forward`), so evaluation and the audits see a CE
 classifier.
 
-Inside one client step (the `training_loss` hook) the batch the loop drew is instance-balanced:
-the contrastive branch sees two augmented views of it, and the CE branch a class-balanced
-resample of it (each sample drawn with probability ∝ 1 / its class's count in the batch, so
-every class present in the batch is equally likely). A class absent from the batch cannot be
-rebalanced there; with the run's batch size large enough for the tail classes to appear, this
-approximates the paper's class-balanced sampler without a second data loader. All three inputs
-(two views, the CE resample) go through the network in one forward pass, so a per-sample wrapper
-sees one batch. Augmentations (shift by zero-padding and cropping, horizontal flip, Gaussian
-noise) and the resample are drawn from torch's global RNG, which the client loop seeds per client
-and round, so runs repeat exactly.
+Sampling follows the paper's two samplers inside one client step (the `training_loss` hook): the
+contrastive branch sees two augmented views of the instance-balanced batch the loop drew, and the
+CE branch an equally large class-balanced batch drawn from the client's whole training split
+(each sample with probability ∝ 1 / its class's count there, so every class the client holds is
+equally likely), which `before_local_training` makes available for the round. Called without
+that hook (e.g. directly), the CE batch is a class-balanced resample of the loop's batch. All
+inputs (two views, the CE batch) go through the network in one forward pass. Augmentations
+(shift by zero-padding and cropping, horizontal flip, Gaussian noise) and the class-balanced
+draws come from torch's global RNG, which the client loop seeds per client and round, so runs
+repeat exactly. The CE batch's samples are not among the loop's `seen` samples (the auditor's
+ground truth), and a per-sample DP wrapper would treat the 3·B inputs of a step as 3·B samples;
+contrastive losses couple samples anyway, so DP-SGD's per-sample accounting does not apply.
 
 No BatchNorm: FedAvg averages every tensor and there are no running statistics to decide about.
 The PSC prototypes are plain parameters averaged by FedAvg and re-normalised in use.
@@ -28,10 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from models.base import InputSpec, TrainingSettings, ZooModel
 
-CONTRASTS = ("sc", "psc")
+PROJECTION_HIDDEN = 128
 
 
 def contrast_weight(server_round: int, rounds: int) -> float:
@@ -93,16 +96,16 @@ def augment(images: Tensor, shift: int, noise: float) -> Tensor:
     return images.clamp(0.0, 1.0)
 
 
-def class_balanced_indices(labels: Tensor) -> Tensor:
-    """A resample of the batch (same size, with replacement) in which every class present is
-    equally likely: sample i is drawn with probability ∝ 1 / (count of its class in the batch)."""
+def class_balanced_indices(labels: Tensor, count: int) -> Tensor:
+    """`count` indices into `labels`, drawn with replacement so that every class present is
+    equally likely: sample i has probability ∝ 1 / (count of its class in `labels`)."""
     counts = torch.bincount(labels)
     weights = 1.0 / counts[labels].double()
-    return torch.multinomial(weights, len(labels), replacement=True)
+    return torch.multinomial(weights, count, replacement=True)
 
 
 class HybridContrastive(ZooModel):
-    """Small convnet backbone (three 3×3 conv blocks, global average pool), a linear classifier
+    """Small convnet backbone (three 3×3 conv + ReLU + 2×2 max-pool blocks), a linear classifier
     (the inference path) and a 2-layer projection head to a normalised embedding; PSC adds one
     learnable prototype per class. `ce_only` trains the same network by plain CE on one augmented
     view of the instance-balanced batch: the baseline the hybrid is compared with."""
@@ -126,20 +129,19 @@ class HybridContrastive(ZooModel):
         self.ce_only = ce_only
         self.shift = shift
         self.noise = noise
-        channels = spec.shape[0]
+        channels, height, width_px = spec.shape
         blocks: list[nn.Module] = []
-        for index, out_channels in enumerate((width, 2 * width, 4 * width)):
-            blocks += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU()]
-            if index < 2:
-                blocks.append(nn.MaxPool2d(2))
-            channels = out_channels
-        blocks += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        for out_channels in (width, 2 * width, 4 * width):
+            blocks += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            channels, height, width_px = out_channels, height // 2, width_px // 2
+        blocks.append(nn.Flatten())
         self.backbone = nn.Sequential(*blocks)
+        features = channels * height * width_px
         self.projection = nn.Sequential(
-            nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, proj_dim)
+            nn.Linear(features, PROJECTION_HIDDEN), nn.ReLU(), nn.Linear(PROJECTION_HIDDEN, proj_dim)
         )
         # Registered last: label recovery (iDLG) takes a branched model's last nn.Linear as its output.
-        self.classifier = nn.Linear(channels, spec.num_classes)
+        self.classifier = nn.Linear(features, spec.num_classes)
         self.prototypes = (
             nn.Parameter(F.normalize(torch.randn(spec.num_classes, proj_dim), dim=1))
             if contrast == "psc"
@@ -147,6 +149,8 @@ class HybridContrastive(ZooModel):
         )
         # α of the current round; set by `configure_optimizer` at each round's start.
         self.alpha = 0.0 if ce_only else 1.0
+        # The client's training split during a round, for the CE branch's class-balanced batch.
+        self.balanced_pool: tuple[Tensor, Tensor] | None = None
 
     def forward(self, inputs: Tensor, branches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Class logits (the inference path); with `branches`, (logits, normalised embedding).
@@ -162,13 +166,30 @@ class HybridContrastive(ZooModel):
         self.alpha = 0.0 if self.ce_only else contrast_weight(server_round, settings.rounds)
         return super().configure_optimizer(settings, server_round)
 
+    def before_local_training(self, data_loader: DataLoader, server_round: int) -> None:
+        """Keeps the client's training split for this round's class-balanced CE batches."""
+        inputs, labels = data_loader.dataset.tensors[:2]  # type: ignore[attr-defined]
+        self.balanced_pool = (inputs, self.targets(labels))
+
+    def after_local_training(self, data_loader: DataLoader, server_round: int) -> None:
+        self.balanced_pool = None
+
+    def ce_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The CE branch's batch, as large as the loop's: class-balanced from the client's split
+        (or, without it, from the batch), or the batch itself when `balanced_ce` is off."""
+        if not self.balanced_ce:
+            return inputs, targets
+        pool_inputs, pool_targets = self.balanced_pool or (inputs, targets)
+        chosen = class_balanced_indices(pool_targets, len(targets))
+        return pool_inputs[chosen], pool_targets[chosen]
+
     def contrastive_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         if self.prototypes is not None:
             return prototypical_contrastive_loss(embeddings, labels, self.prototypes, self.temperature)
         return supervised_contrastive_loss(embeddings, labels, self.temperature)
 
     def training_loss(self, module: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-        """α·L_SC/PSC(two views of the batch) + (1 − α)·L_CE(class-balanced resample), in one
+        """α·L_SC/PSC(two views of the batch) + (1 − α)·L_CE(class-balanced batch), in one
         forward pass; a branch whose weight is 0 is not computed."""
         if self.ce_only:
             return F.cross_entropy(module(augment(inputs, self.shift, self.noise)), targets)
@@ -178,9 +199,8 @@ class HybridContrastive(ZooModel):
             parts += [augment(inputs, self.shift, self.noise), augment(inputs, self.shift, self.noise)]
         ce_targets = targets
         if self.alpha < 1:
-            chosen = class_balanced_indices(targets) if self.balanced_ce else torch.arange(count)
-            ce_targets = targets[chosen]
-            parts.append(augment(inputs[chosen], self.shift, self.noise))
+            ce_inputs, ce_targets = self.ce_batch(inputs, targets)
+            parts.append(augment(ce_inputs, self.shift, self.noise))
         logits, embeddings = module(torch.cat(parts), branches=True)
         loss = logits.new_zeros(())
         if self.alpha > 0:
@@ -203,6 +223,10 @@ def _hybrid(
     noise: float,
 ) -> HybridContrastive:
     spec.require("image", model=f"hybrid-{contrast}")
+    if min(spec.shape[1:]) < 8:
+        raise ValueError(
+            f"hybrid-{contrast} pools three times and needs images of at least 8×8, got {spec.shape}"
+        )
     if width < 1:
         raise ValueError(f"width must be at least 1 (got {width}); pass e.g. width=16")
     if proj_dim < 2:

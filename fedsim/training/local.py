@@ -3,6 +3,7 @@
 Local training is one seam, the same for every model family and every client-side defence:
 
     model -> model.configure_optimizer(settings, round) -> DataLoader over the client's train split
+          -> model.before_local_training(data_loader, round)
           -> client transformations wrap (module, optimizer, data_loader)   (fedsim.training.transforms)
           -> loop: loss = model.training_loss(module, x, model.targets(y)) [+ FedProx term], step
           -> unwrap -> model.after_local_training(data_loader, round)
@@ -153,6 +154,7 @@ def train_locally(
     global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = model.configure_optimizer(training_settings(config), server_round)
     loader = client_loader(data, config.batch_size, seed)
+    model.before_local_training(loader, server_round)
     transformations = build_transformations(config)
     module, optimizer, train_loader = wrap_all(transformations, model, optimizer, loader)
     proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
