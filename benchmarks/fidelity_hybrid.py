@@ -4,24 +4,30 @@ long-tailed data, overall and on the tail classes?
 Fashion-MNIST made globally long-tailed by the `longtail` partitioner (class c keeps
 n_max·ρ^(−c/(C−1)) of its samples, ρ = 50 by default, then an IID split among the clients), the
 balanced 10k test set untouched. Three federations with the same backbone, rounds, clients, local
-steps, batch size and learning rate, each one `fedsim.run`:
+steps, batch size and learning rate:
 
 - `ce`: plain cross-entropy on one augmented view of the instance-balanced batch
   (`hybrid-sc` with `ce_only=true`: the same network, the projection head unused);
 - `hybrid-sc` and `hybrid-psc`: α·L_SC/PSC + (1 − α)·L_CE(class-balanced batch), α = 1 − (T/T_max)².
 
-The final global model of each is scored on the test set per class; tail = the 3 classes the
-partition left smallest. A `leakage` section audits the trained default model (`hybrid-sc`).
-The hybrid's step sees three inputs per sample drawn (two views, one class-balanced CE sample),
-so at equal steps it costs about 3× the compute of CE; the table reports wall time.
+Each federation runs in this process: every client trains with fedsim's own client loop
+(`fedsim.training.local.train_locally`, seeded per client and round) and the server averages
+the weights by examples (FedAvg), as `fedsim run` does, without Flower and Ray, whose start-up
+(15 s idle, minutes on a loaded machine) would dominate; `--flower` runs each through `fedsim.run`
+instead. The final global model of each is scored on the test set per class; tail = the 3
+classes the partition left smallest. A `leakage` section audits the trained default model
+(`hybrid-sc`). The hybrid's step sees three inputs per sample drawn (two views, one
+class-balanced CE sample), so at equal steps it costs about 3× the compute of CE; the table
+reports wall time.
 
-Usage: python benchmarks/fidelity_hybrid.py [--quick] [--seeds N] [--rho 50];
+Usage: python benchmarks/fidelity_hybrid.py [--quick] [--seeds N] [--rho 50] [--flower];
 writes benchmarks/results/fidelity_hybrid.json and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -32,15 +38,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fedsim  # noqa: E402
 from fedsim.config.run_config import RunConfig  # noqa: E402
+from fedsim.data.clients import client_data, dataset_for  # noqa: E402
 from fedsim.data.partition import partition  # noqa: E402
 from fedsim.data.registry import load_dataset  # noqa: E402
 from fedsim.store.audit_folder import load_weights  # noqa: E402
+from fedsim.training.local import model_for, train_locally  # noqa: E402
 from fedsim.training.run_model import build_run_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fidelity_hybrid.json"
@@ -94,11 +103,34 @@ def class_counts(config: RunConfig) -> np.ndarray:
     return np.bincount(labels[kept], minlength=int(labels.max()) + 1)
 
 
-def measure(label: str, config: RunConfig, runs: Path, tail: list[int]) -> tuple[dict[str, Any], Path]:
+def federate(config: RunConfig) -> dict[str, torch.Tensor]:
+    """FedAvg over all clients each round, in this process, with fedsim's client loop; returns the
+    final global weights."""
+    data = dataset_for(config)
+    model = model_for(config, data)
+    clients = [client_data(config, pid) for pid in range(config.num_clients)]
+    for server_round in range(1, config.rounds + 1):
+        states, examples = [], []
+        for pid, local in enumerate(clients):
+            result = train_locally(copy.deepcopy(model), local, config, server_round, pid)
+            states.append(result.weights)
+            examples.append(result.num_examples)
+        total = sum(examples)
+        model.load_state_dict(
+            {k: sum(s[k] * (n / total) for s, n in zip(states, examples, strict=True)) for k in states[0]}
+        )
+    return model.state_dict()
+
+
+def measure(label: str, config: RunConfig, runs: Path, tail: list[int], flower: bool) -> tuple[dict, Path]:
     start = time.perf_counter()
-    result = fedsim.run(config, runs_dir=runs)
+    if flower:
+        weights = fedsim.run(config, runs_dir=runs).checkpoints[-1]
+    else:
+        weights = runs / f"{config.name}.safetensors"
+        save_file(federate(config), weights)
     seconds = time.perf_counter() - start
-    accuracy = per_class_accuracy(config, result.checkpoints[-1])
+    accuracy = per_class_accuracy(config, weights)
     row = {
         "method": label,
         "seed": config.seed,
@@ -109,7 +141,7 @@ def measure(label: str, config: RunConfig, runs: Path, tail: list[int]) -> tuple
     }
     print(f"{label} seed {config.seed}: accuracy {row['accuracy']:.3f}, tail {row['tail_accuracy']:.3f}, "
           f"{seconds:.0f} s", flush=True)  # fmt: skip
-    return row, result.checkpoints[-1]
+    return row, weights
 
 
 def leakage(weights: Path, samples: int) -> dict[str, Any]:
@@ -167,9 +199,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 clients, 2 rounds, 5 steps")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
     parser.add_argument("--rho", type=float, default=50.0, help="imbalance ratio ρ (default 50)")
-    parser.add_argument("--audit-samples", type=int, default=2, help="samples the leakage audit attacks")
+    parser.add_argument("--audit-samples", type=int, default=1, help="samples the leakage audit attacks")
+    parser.add_argument("--flower", action="store_true", help="run each federation through fedsim.run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: no spinning on a busy machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     start = time.perf_counter()
     counts = class_counts(run_config("ce", "hybrid-sc", "", settings, args.rho, 0))
@@ -180,7 +217,7 @@ def main() -> None:
         for seed in range(args.seeds):
             for label, model, options in METHODS:
                 config = run_config(label, model, options, settings, args.rho, seed)
-                row, weights = measure(label, config, Path(tmp), tail)
+                row, weights = measure(label, config, Path(tmp), tail, args.flower)
                 rows.append(row)
                 if label == "hybrid-sc" and seed == 0:
                     default_weights = weights
@@ -199,6 +236,9 @@ def main() -> None:
         "claim": "hybrid SC/PSC beats plain CE on long-tailed Fashion-MNIST (rho 50), overall and tail",
         "quick": args.quick,
         "settings": {**settings, "rho": args.rho, "seeds": args.seeds, "local_epochs": 1, "momentum": 0.9},
+        "federation": "fedsim.run (Flower simulation)"
+        if args.flower
+        else "in-process FedAvg, fedsim client loop",
         "train_class_counts": counts.tolist(),
         "tail_classes": tail,
         "rows": rows,

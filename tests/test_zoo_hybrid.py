@@ -3,6 +3,7 @@ class-balanced resample, a federation that learns on long-tailed data, and the a
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -190,9 +191,10 @@ def test_hybrid_sc_learns_long_tailed_fashion_mnist_in_a_federation(workdir: Pat
     ]  # fmt: skip
     done = run_fedsim(args, workdir)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert final_server_accuracy(workdir / "runs" / "hybrid") > 0.5
-    audit = (workdir / "runs" / "hybrid" / "audit.csv").read_text()
-    assert "layer-wise attacks need one" in audit  # declined with its reason, the run went on
+    assert final_server_accuracy(workdir / "runs" / "hybrid") > 0.4  # 0.52 measured (seeded); chance 0.1
+    with open(workdir / "runs" / "hybrid" / "audit.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(r["status"] == "declined" and r["note"] for r in rows)  # with reasons
 
 
 def test_ce_batch_is_class_balanced_over_the_clients_split_during_a_round() -> None:
