@@ -5,9 +5,10 @@ what input it takes (`spec`), how dataset labels become training targets (`targe
 training loss (`loss`), its named evaluation metrics (`metrics`, `metric_names`), its
 predictions (`predict`), its optimiser with parameter groups (`configure_optimizer`, as
 nanoGPT's `configure_optimizers`) and its local step's objective (`training_loss`). A family
-overrides what it changes; the client loop, the evaluator and the run store only ever call these. Two optional hooks let a family act after
-local training (`after_local_training`, e.g. ProtoPNet's prototype push) and send payloads
-beside its weights (`extra_records`, e.g. statistics a server aggregates instead of weights).
+overrides what it changes; the client loop, the evaluator and the run store only ever call
+these. Two optional hooks let a family act after local training (`after_local_training`, e.g.
+ProtoPNet's prototype push) and send payloads beside its weights (`extra_records`, e.g.
+statistics a server aggregates instead of weights).
 A token family splits its forward at the embedding (`embed`, `forward_embedded`) so that
 end-to-end identifiability can differentiate with respect to the embedded input.
 
