@@ -4,8 +4,9 @@ A stand-in for the high-speed images of Yee, Yamanaka & Tagawa (arXiv 2201.09541
 public. Each sample starts from a continuous latent, the impact height h (4-60 cm, log-uniform);
 its label is the threshold alone, splash iff h > 20 cm. The picture is a backlit side view taken
 around the moment half the drop has impacted, at one of several phases, stored as the inverted
-shadowgraph (liquid and substrate bright on a dark background: a mostly-zero input, on which a
-plain FNN trains several times faster than on the raw bright frame). It shows
+shadowgraph (liquid bright on a dark background, the surface a bright line seen edge-on): a
+mostly-zero input, on which a plain FNN trains several times faster than on the raw bright frame.
+It shows
 
 * the main body: an ellipse truncated by the substrate, taller (a higher contour) the harder it
   hits: the feature the paper's weight map shows;
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 IMAGE_SIZE = 64
-SUBSTRATE_ROW = 50  # rows >= this are the substrate; its surface is the line y = SUBSTRATE_ROW - 0.5
+SUBSTRATE_ROW = 50  # rows >= this are below the surface, which is the line y = SUBSTRATE_ROW - 0.5
 SURFACE_Y = SUBSTRATE_ROW - 0.5
+SURFACE_LINE_PX = 2  # the surface seen edge-on: a line, the substrate below it unlit
 THRESHOLD_CM = 20.0  # ethanol, radius ≈ 1.29 mm, hydrophilic surface (the paper's threshold)
 HEIGHT_RANGE_CM = (4.0, 60.0)
 RADIUS_PX = 11.0
@@ -70,7 +72,7 @@ class DropGeometry:
     droplets: np.ndarray
     droplet_count: np.ndarray
     background: np.ndarray  # grey level of the background (inverted: dark)
-    liquid: np.ndarray  # grey level of the liquid and the substrate (inverted: bright)
+    liquid: np.ndarray  # grey level of the liquid and the surface line (inverted: bright)
     seed: int
 
     def __len__(self) -> int:
@@ -258,7 +260,7 @@ def _add_droplets(cover: np.ndarray, geometry: DropGeometry, start: int) -> None
 
 
 def liquid_coverage(geometry: DropGeometry, droplets: bool = True) -> np.ndarray:
-    """Coverage (N, H, W) of everything solid or liquid: body, lamella, substrate and (optionally)
+    """Coverage (N, H, W) of everything bright: body, lamella, surface line and (optionally)
     droplets."""
     cover = np.empty((len(geometry), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for start in range(0, len(geometry), _CHUNK):
@@ -267,7 +269,7 @@ def liquid_coverage(geometry: DropGeometry, droplets: bool = True) -> np.ndarray
         chunk[:, DRAW_TOP:SUBSTRATE_ROW] = np.maximum(
             _body_band(geometry, part), _lamella_band(geometry, part)
         )
-        chunk[:, SUBSTRATE_ROW:] = 1.0
+        chunk[:, SUBSTRATE_ROW : SUBSTRATE_ROW + SURFACE_LINE_PX] = 1.0
         if droplets:
             _add_droplets(chunk, geometry, start)
         cover[part] = chunk
