@@ -15,9 +15,10 @@ It shows
 
 What decides the picture is not h itself but h with scatter, as in repeated experiments: whether
 droplets are ejected follows log(h/20) plus a small scatter (so images near the threshold are
-ambiguous and no classifier is perfect), while the body and lamella shapes follow it with a larger
-scatter (a real but weaker cue: the paper's main-body-only retraining). Position jitter (±2 px),
-radius jitter (±5 %), illumination and pixel noise come on top. Everything is drawn from one seed.
+ambiguous and no classifier is perfect); the body's contour height follows it with a larger
+scatter and the lamella's shape with a larger one still (real but weaker cues: what the paper's
+main-body-only retraining has left). Position jitter (±2 px), radius jitter (±5 %), several
+phases, illumination and pixel noise come on top. Everything is drawn from one seed.
 
 `sample_drops` draws the latents and geometry; `render_drops` draws the images, with or without
 the droplets (the main-body-only variant: the same drops, the same noise, no droplets).
@@ -40,7 +41,9 @@ RADIUS_PX = 11.0
 PHASES = (0.4, 0.5, 0.6)
 # Scatter (in log-height units) of what decides the picture, around log(h / threshold).
 OUTCOME_SCATTER = 0.04  # droplets or not: the near-threshold ambiguity
-SHAPE_SCATTER = 0.4  # body height and lamella shape: a weaker cue than the droplets
+BODY_SCATTER = 0.15  # the main body's contour height: a strong cue, concentrated on the contour
+LAMELLA_SCATTER = 0.4  # the lamella's length, thickness and lift: a weak cue
+BODY_HEIGHT_GAIN = 0.30  # how much higher (× radius) the contour stands after a hard impact
 PIXEL_NOISE = 0.04
 # Body and lamella never reach above this row (droplets are drawn in their own windows), so the
 # vectorised drawing covers rows DRAW_TOP .. SUBSTRATE_ROW only.
@@ -88,14 +91,15 @@ def sample_drops(count: int, seed: int) -> DropGeometry:
     severity = np.log(heights / THRESHOLD_CM)  # > 0 exactly for the splash class
     ejects = severity + rng.normal(0.0, OUTCOME_SCATTER, count) > 0
     # The body and lamella respond smoothly: 0 = a gentle impact, 1 = a hard one.
-    shape = 1.0 / (1.0 + np.exp(-(severity + rng.normal(0.0, SHAPE_SCATTER, count)) / 0.25))
+    body_shape = _response(severity + rng.normal(0.0, BODY_SCATTER, count))
+    shape = _response(severity + rng.normal(0.0, LAMELLA_SCATTER, count))
     phases = rng.choice(PHASES, count)
     radius = RADIUS_PX * rng.uniform(0.95, 1.05, count)
     late = phases - 0.5
     # Harder impacts keep a higher contour (the paper's key feature) and spread the lamella
     # further, thinner and lifted off the surface; later phases flatten the body a little.
-    b = radius * (0.82 + 0.30 * shape) * (1.0 - 0.2 * late)
-    a = radius * (1.15 - 0.10 * shape) * (1.0 + 0.4 * late)
+    b = radius * (0.82 + BODY_HEIGHT_GAIN * body_shape) * (1.0 - 0.2 * late)
+    a = radius * (1.15 - 0.10 * body_shape) * (1.0 + 0.4 * late)
     cy = SURFACE_Y - radius * (1.0 - 2.0 * phases)
     cx = (IMAGE_SIZE - 1) / 2 + rng.uniform(-2.0, 2.0, count)
     lamella_length = radius * (0.35 + 0.55 * shape) * (0.7 + 0.6 * phases)
@@ -121,6 +125,11 @@ def sample_drops(count: int, seed: int) -> DropGeometry:
         liquid=rng.uniform(0.85, 0.95, count),
         seed=seed,
     )
+
+
+def _response(latent: np.ndarray) -> np.ndarray:
+    """A shape's smooth response to the (scattered) severity: 0 gentle, 1 hard, 0.5 at the threshold."""
+    return 1.0 / (1.0 + np.exp(-latent / 0.25))
 
 
 def _foot_x(cx: np.ndarray, cy: np.ndarray, a: np.ndarray, b: np.ndarray, side: int) -> np.ndarray:
