@@ -47,11 +47,11 @@ RESULT = ROOT / "benchmarks" / "results" / "fidelity_dam.json"
 ATTACKS = "layerwise,inverting-gradients"
 FULL = {
     "train": {
-        "dataset": "fashion-mnist", "model": "dam-mlp", "clients": 4, "rounds": 8, "local_epochs": 1,
-        "max_local_steps": 60, "batch_size": 64, "learning_rate": 0.02, "momentum": 0.9,
+        "dataset": "fashion-mnist", "model": "dam-mlp", "clients": 4, "rounds": 12, "local_epochs": 1,
+        "max_local_steps": 50, "batch_size": 128, "learning_rate": 0.05, "momentum": 0.9,
         "fraction_evaluate": 0.0, "seed": 0,
     },
-    "lam": 0.2, "cold_rounds": 1, "audit_samples": 3,
+    "lam": 0.15, "cold_rounds": 1, "audit_samples": 3,
 }  # fmt: skip
 QUICK = {
     "train": {**FULL["train"], "rounds": 3, "max_local_steps": 20},

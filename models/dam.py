@@ -115,7 +115,8 @@ class DamNetwork(SequentialClassifier):
 
 
 def parse_widths(text: str, option: str) -> list[int]:
-    """ "256-256" → [256, 256] ('-' separates them: ',' separates model options); ValueError."""
+    """The widths an option lists, e.g. "256-256" ('-' joins them: ',' already separates the
+    model options); ValueError naming the fix."""
     try:
         widths = [int(part) for part in text.split("-")]
     except ValueError:
@@ -139,7 +140,7 @@ def _check_dam(lam: float, alpha: float, cold_rounds: int) -> None:
 def dam_mlp(
     spec: InputSpec,
     widths: str = "256-256",
-    lam: float = 1.0,
+    lam: float = 0.3,
     alpha: float = 1.0,
     cold_rounds: int = 1,
 ) -> DamNetwork:
@@ -160,7 +161,7 @@ def dam_cnn(
     spec: InputSpec,
     channels: str = "16-32",
     hidden: int = 128,
-    lam: float = 1.0,
+    lam: float = 0.3,
     alpha: float = 1.0,
     cold_rounds: int = 1,
 ) -> DamNetwork:

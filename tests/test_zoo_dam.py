@@ -136,21 +136,25 @@ def test_bad_options_are_refused(options: str, problem: str) -> None:
         build_model("dam-mlp", DIGITS, **parse_model_options("dam-mlp", options))
 
 
-def test_audit_treats_the_gate_as_a_known_scale_and_the_attack_recovers_the_input() -> None:
+@pytest.mark.parametrize(
+    ("name", "options", "attacks", "kinds"),
+    [
+        ("dam-mlp", "widths=64-64", "layerwise,inverting-gradients", ["Linear"] * 3),
+        ("dam-cnn", "", "layerwise", ["Conv2d", "Conv2d", "Linear", "Linear"]),
+    ],
+)
+def test_audit_treats_the_gate_as_a_known_scale_and_the_attack_recovers_the_input(
+    name: str, options: str, attacks: str, kinds: list[str]
+) -> None:
     assert op_kind(DamGate(4)) == "affine"
-    result = fedsim.audit(
-        model="dam-mlp",
-        dataset="digits",
-        samples=1,
-        attacks="layerwise,inverting-gradients",
-        model_options="widths=64-64",
-    )
+    result = fedsim.audit(model=name, dataset="digits", samples=1, attacks=attacks, model_options=options)
     security = result.security
-    assert security is not None and list(security["kind"]) == ["Linear"] * 3
-    assert result.security_report.score == 0
+    assert security is not None and list(security["kind"]) == kinds
+    assert result.security_report.score == 0 and not result.security_report.untreated
     summary = result.summary.set_index("attack")
     assert summary.loc["layerwise", "mean_psnr"] >= 60
-    assert not math.isnan(summary.loc["inverting-gradients", "mean_psnr"])
+    assert list(summary.index) == attacks.split(",")
+    assert all(not math.isnan(psnr) for psnr in summary["mean_psnr"])
 
 
 def test_audit_of_a_pruned_network_and_its_compact_rebuild() -> None:
@@ -171,7 +175,7 @@ def test_audit_of_a_pruned_network_and_its_compact_rebuild() -> None:
 
 @pytest.mark.slow
 def test_dam_mlp_prunes_while_it_learns_in_a_federation(tmp_path: Path) -> None:
-    args = ["run", "--name", "dam", "--model", "dam-mlp", "--model-options", "lam=0.1,cold_rounds=1"]
+    args = ["run", "--name", "dam", "--model", "dam-mlp", "--model-options", "lam=0.3,cold_rounds=1"]
     args += ["--clients", "3", "--rounds", "3", "--fraction-evaluate", "0", "--cpus", "2"]
     args += ["--audit", "--audit-clients", "1", "--audit-attacks", "layerwise"]
     result = run_fedsim(args, cwd=tmp_path)
