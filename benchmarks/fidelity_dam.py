@@ -1,9 +1,10 @@
 """DAM fidelity: single-stage pruning in a federation, and whether pruning changes leakage.
 
 Bu et al. (NeurIPS 2021) claim DAM prunes during training, so the zero-gated units can be
-deleted afterwards with no fine-tuning. At small scale: `dam-mlp` (784-256-256-10 on
-Fashion-MNIST) trained by FedAvg with the penalty λ and, as the reference, the same network with
-λ = 0; goal: at least 50 % of the hidden units removed with at most 1 point of accuracy lost.
+deleted afterwards with no fine-tuning. At small scale, on Fashion-MNIST: `dam-mlp`
+(784-256-256-10) and `dam-cnn` (two stride-2 3×3 convs of 16 and 32 channels, a 128-unit hidden
+layer) trained by FedAvg with the penalty λ and, as the reference, the same network with λ = 0;
+goal: at least 50 % of the hidden units removed with at most 1 point of accuracy lost.
 The pruned network is rebuilt by `models.dam.compact` (units physically removed, gates folded
 into the next layer), and its test accuracy is measured on the rebuilt network itself.
 
@@ -12,8 +13,9 @@ measured attack PSNR (`audits.standalone.audit_model`, batch-1 gradients of the 
 samples) for the reference network, the trained DAM network as clients train it (masked), and
 its compact rebuild.
 
-Usage: python benchmarks/fidelity_dam.py [--quick]; writes benchmarks/results/fidelity_dam.json
-and prints a Markdown table.
+Usage: python benchmarks/fidelity_dam.py [--quick] [--only dam-mlp|dam-cnn]; writes
+benchmarks/results/fidelity_dam.json (`--only` keeps the other workload's entry) and prints a
+Markdown table per workload.
 """
 
 from __future__ import annotations
@@ -45,18 +47,32 @@ from models.dam import DamNetwork, compact  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "fidelity_dam.json"
 ATTACKS = "layerwise,inverting-gradients"
-FULL = {
-    "train": {
-        "dataset": "fashion-mnist", "model": "dam-mlp", "clients": 4, "rounds": 12, "local_epochs": 1,
-        "max_local_steps": 50, "batch_size": 128, "learning_rate": 0.05, "momentum": 0.9,
-        "fraction_evaluate": 0.0, "seed": 0,
+TRAIN = {
+    "dataset": "fashion-mnist", "clients": 4, "rounds": 12, "local_epochs": 1, "max_local_steps": 50,
+    "batch_size": 128, "learning_rate": 0.05, "momentum": 0.9, "fraction_evaluate": 0.0, "seed": 0,
+}  # fmt: skip
+QUICK_TRAIN = {**TRAIN, "rounds": 3, "max_local_steps": 20}
+# Per workload: the full run and the `--quick` smoke run (λ larger so a short run prunes at all).
+WORKLOADS: dict[str, dict[str, dict[str, Any]]] = {
+    "dam-mlp": {
+        "full": {"train": {**TRAIN, "model": "dam-mlp"}, "lam": 0.1, "cold_rounds": 1, "audit_samples": 3},
+        "quick": {
+            "train": {**QUICK_TRAIN, "model": "dam-mlp"},
+            "lam": 0.5,
+            "cold_rounds": 1,
+            "audit_samples": 1,
+        },
     },
-    "lam": 0.15, "cold_rounds": 1, "audit_samples": 3,
-}  # fmt: skip
-QUICK = {
-    "train": {**FULL["train"], "rounds": 3, "max_local_steps": 20},
-    "lam": 0.5, "cold_rounds": 1, "audit_samples": 1,
-}  # fmt: skip
+    "dam-cnn": {
+        "full": {"train": {**TRAIN, "model": "dam-cnn"}, "lam": 0.1, "cold_rounds": 1, "audit_samples": 2},
+        "quick": {
+            "train": {**QUICK_TRAIN, "model": "dam-cnn"},
+            "lam": 0.5,
+            "cold_rounds": 1,
+            "audit_samples": 1,
+        },
+    },
+}
 
 
 def train(settings: dict[str, Any], lam: float, name: str, runs: Path) -> tuple[DamNetwork, fedsim.RunResult]:
@@ -126,12 +142,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run (fewer rounds and samples)")
-    parser.add_argument("--out", type=Path, default=RESULT, help="where to write the JSON")
-    args = parser.parse_args()
-    settings = QUICK if args.quick else FULL
+def measure(settings: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Train the reference and the DAM network, rebuild the compact one, score all three."""
     dataset = settings["train"]["dataset"]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fidelity-dam-") as tmp:
@@ -165,7 +177,7 @@ def main() -> None:
         max_output_gap = float((pruned(x) - small(x)).abs().max())
     removed = rows[2]["removed_percent"]
     loss_points = 100 * (rows[0]["accuracy"] - rows[2]["accuracy"])
-    result = {
+    return {
         "claim": "≥ 50 % of hidden units removed with ≤ 1 point accuracy loss, no fine-tuning",
         "settings": settings,
         "rows": rows,
@@ -176,16 +188,31 @@ def main() -> None:
         "compact_max_output_gap": max_output_gap,
         "seconds": round(time.perf_counter() - start, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "quick": args.quick,
+        "quick": quick,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(table(rows))
-    print(
-        f"\nremoved {removed:.1f} % of hidden units, accuracy loss {loss_points:.2f} points "
-        f"(goal met: {result['goal_met']}); compact vs masked max |Δoutput| {max_output_gap:.2e}; "
-        f"{result['seconds']:.0f} s -> {args.out}"
-    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run (fewer rounds and samples)")
+    parser.add_argument("--only", choices=sorted(WORKLOADS), help="run one workload (others kept in --out)")
+    parser.add_argument("--out", type=Path, default=RESULT, help="where to write the JSON")
+    args = parser.parse_args()
+    names = [args.only] if args.only else list(WORKLOADS)
+    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    results = dict(previous.get("workloads", {}))
+    for name in names:
+        result = measure(WORKLOADS[name]["quick" if args.quick else "full"], args.quick)
+        results[name] = result
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"workloads": results}, indent=2, ensure_ascii=False) + "\n")
+        print(f"### {name}\n" + table(result["rows"]))
+        print(
+            f"\nremoved {result['removed_percent']:.1f} % of hidden units, accuracy loss "
+            f"{result['accuracy_loss_points']:.2f} points (goal met: {result['goal_met']}); compact vs "
+            f"masked max |Δoutput| {result['compact_max_output_gap']:.2e}; "
+            f"{result['seconds']:.0f} s -> {args.out}"
+        )
 
 
 if __name__ == "__main__":
