@@ -93,10 +93,12 @@ def accuracy(model: ZooModel, dataset: str) -> float:
 
 
 def hidden_units(model: ZooModel) -> list[int]:
-    """Units per hidden layer: a DAM network's units with g > 0, else the hidden Linear widths."""
+    """Units per hidden layer: a DAM network's units with g > 0, else the output units (channels
+    of a conv) of every weighted layer but the head."""
     if isinstance(model, DamNetwork):
         return model.widths()
-    return [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)][:-1]
+    weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in weighted[:-1]]
 
 
 def leakage(model: ZooModel, dataset: str, samples: int) -> dict[str, Any]:
