@@ -12,6 +12,7 @@ from typing import Any
 from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputError, ZooModel
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
+from models.dam import dam_cnn, dam_mlp
 from models.options import ModelOption, builder_options, parse_options
 from models.splash_fnn import splash_fnn
 
@@ -27,6 +28,8 @@ MODELS: dict[str, ModelBuilder] = {
     "convnet-maxpool": convnet_maxpool,
     "resnet-mini": resnet_mini,
     "splash-fnn": splash_fnn,
+    "dam-mlp": dam_mlp,
+    "dam-cnn": dam_cnn,
 }
 
 
