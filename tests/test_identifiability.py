@@ -216,7 +216,7 @@ def test_gram_products_match_the_dense_jacobian_with_clipping_and_whitening() ->
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_gram_matches_dense_on_batchnorm_nets_in_either_mode(mode: str) -> None:
     """torch's forward mode gave Jᵀu off by 37 % through a training-mode BatchNorm, which turned
-    convnet-bn's full rank at 32×32 into a deficit of 3020; the adjoint test catches it."""
+    convnet-bn's full rank at 32×32 into a deficit of 3020; the forward-mode check catches it."""
     torch.manual_seed(0)
     net = build_model("convnet-bn", InputSpec.image((3, 8, 8), 10))
     net.train(mode == "train")
