@@ -219,6 +219,8 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
     earlier = {(c["model"], c["crop"], c["sigma"]): c["psnr"] for c in saved.get("cases", [])} if same else {}
     done = {c["model"] for c in saved.get("cases", []) if "prior_psnr_ceiling" in c} if same else set()
     cases = [c for c in saved.get("cases", []) if c["model"] in done]
+    # Cases still to redo stay in the file with their attack results until redone.
+    pending = [c for c in saved.get("cases", []) if c["model"] not in done] if same else []
     for name in ARCHITECTURES:
         if name in done:
             print(f"{name:16s} kept from the interrupted run")
@@ -261,7 +263,9 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
                     f"ceilings CR {_fmt(bound.psnr_ceiling)} / prior {_fmt(case['prior_psnr_ceiling'])} dB  "
                     f"best {_fmt(case['best_psnr'])} dB ({best})"
                 )
-        _save_section(args.output, "predicted", {"settings": settings, "cases": cases, "complete": False})
+        waiting = [c for c in pending if c["model"] not in {case["model"] for case in cases}]
+        progress = {"settings": settings, "cases": cases + waiting, "complete": False}
+        _save_section(args.output, "predicted", progress)
     summary = {"cases": len(cases)}
     for key, label in (("psnr_ceiling", "cramer_rao"), ("prior_psnr_ceiling", "van_trees")):
         summary[label] = _agreement(cases, key)
