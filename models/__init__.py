@@ -13,6 +13,7 @@ from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputE
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
 from models.options import ModelOption, builder_options, parse_options
+from models.protopnet import protopnet
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -25,6 +26,7 @@ MODELS: dict[str, ModelBuilder] = {
     "convnet-bn": convnet_bn,
     "convnet-maxpool": convnet_maxpool,
     "resnet-mini": resnet_mini,
+    "protopnet": protopnet,
 }
 
 
