@@ -115,12 +115,25 @@ class ProtoPNet(ZooModel):
         # Fixed by construction, identical everywhere: not a weight to send or average.
         self.register_buffer("prototype_class_identity", identity, persistent=False)
         self.last_layer = nn.Linear(count, classes, bias=False)
+        # The reference initialises its add-on (and torchvision's VGG its convs) Kaiming-normal,
+        # fan-out, zero bias; PyTorch's default leaves the sigmoid's inputs near 0 and every patch
+        # alike, which slowed training here several-fold.
+        for conv in (m for m in [*features, *self.add_on] if isinstance(m, nn.Conv2d)):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         with torch.no_grad():
             wrong = 1.0 - identity.T
             self.last_layer.weight.copy_(identity.T + INCORRECT_CLASS_CONNECTION * wrong)
         self._min_distances: Tensor | None = None
         self._settings: TrainingSettings | None = None
         self._push: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        """Copies (deepcopy, pickling) leave out the last forward's distances: a tensor inside an
+        autograd graph cannot be copied, and it belongs to that forward only."""
+        state = dict(self.__dict__)
+        state["_min_distances"] = None
+        return state
 
     @property
     def num_prototypes(self) -> int:
@@ -155,7 +168,7 @@ class ProtoPNet(ZooModel):
         """CE + 0.8·cluster − 0.08·separation + 1e-4·L1 (the reference's joint/warm objective;
         in last-layer rounds the two distance terms are constants, leaving CE + L1)."""
         logits = module(inputs)
-        distances = self._min_distances
+        distances, self._min_distances = self._min_distances, None  # keep no graph alive
         if distances is None:
             raise RuntimeError("forward did not record the prototype distances")
         own = self.prototype_class_identity[:, targets].T.bool()  # (B, P)
