@@ -215,8 +215,9 @@ class ProtoPNet(ZooModel):
         self._push = None
         settings = self._settings
         if settings is not None and server_round == self.schedule.push_round(settings.rounds):
-            inputs = torch.cat([batch[0] for batch in data_loader])
-            labels = torch.cat([batch[1] for batch in data_loader])
+            batches = list(data_loader)  # one pass: a shuffling loader reorders on every pass
+            inputs = torch.cat([batch[0] for batch in batches])
+            labels = torch.cat([batch[1] for batch in batches])
             self._push = push_candidates(self, inputs, labels).to_record()
 
     def extra_records(self) -> dict[str, ExtraRecord]:
