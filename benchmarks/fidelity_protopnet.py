@@ -101,7 +101,7 @@ def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int
             loss = F.cross_entropy(model(x[batch]), y[batch])
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     return losses
 
 
