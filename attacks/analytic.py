@@ -27,7 +27,11 @@ def _has_parameters(module: nn.Module) -> bool:
 
 
 def _last_linear(update: ObservedUpdate) -> tuple[str, nn.Linear]:
-    linears = [(name, m) for name, m in parameter_layers(update.model) if isinstance(m, nn.Linear)]
+    """The output layer: the last Linear of the flat `layers`, or, for a model without them
+    (e.g. ProtoPNet), the last Linear it registers (its output layer by convention)."""
+    model = update.model
+    modules = parameter_layers(model) if model.layers is not None else list(model.named_modules())
+    linears = [(name, m) for name, m in modules if isinstance(m, nn.Linear)]
     if not linears:
         raise AttackError("the iDLG label rule needs a final nn.Linear layer; the model has none")
     name, layer = linears[-1]

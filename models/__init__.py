@@ -14,6 +14,7 @@ from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
 from models.dam import dam_cnn, dam_mlp
 from models.options import ModelOption, builder_options, parse_options
+from models.protopnet import protopnet
 from models.splash_fnn import splash_fnn
 
 ModelBuilder = Callable[..., ZooModel]
@@ -30,6 +31,7 @@ MODELS: dict[str, ModelBuilder] = {
     "splash-fnn": splash_fnn,
     "dam-mlp": dam_mlp,
     "dam-cnn": dam_cnn,
+    "protopnet": protopnet,
 }
 
 
