@@ -41,8 +41,11 @@ demo: install
 	  --clients 3 --rounds 2 --batch-size 1 --max-local-steps 1 --learning-rate 0.1 --momentum 0 \
 	  --fraction-evaluate 0 --audit --audit-attacks layerwise --audit-clients 0
 
+# Two tests at a time (pytest-xdist): a unit test keeps one core busy, a federation a little more
+# (imports, Ray starting and stopping, the server between rounds). Tests that share a federation
+# or a port name one xdist_group and run one after another in one worker.
 test: install data
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

@@ -27,8 +27,8 @@ def _has_parameters(module: nn.Module) -> bool:
 
 
 def _last_linear(update: ObservedUpdate) -> tuple[str, nn.Linear]:
-    """The output layer: the last nn.Linear of `layers`; for a model without flat `layers` (a
-    branched family), the last nn.Linear it registers, which such a family keeps as its classifier."""
+    """The output layer: the last Linear of the flat `layers`, or, for a model without them
+    (e.g. ProtoPNet), the last Linear it registers (its output layer by convention)."""
     model = update.model
     modules = parameter_layers(model) if model.layers is not None else list(model.named_modules())
     linears = [(name, m) for name, m in modules if isinstance(m, nn.Linear)]

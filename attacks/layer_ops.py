@@ -16,6 +16,8 @@ known about its output into what is known about its input:
   to the larger of `zero_rtol` x the largest output and 4 x the largest negative value (a ReLU
   output is never negative, so those measure the reconstruction's noise);
 * BatchNorm in eval mode: affine per channel, inverted (a zero scale hides that channel);
+* a known per-channel scale (a module with `unit_scale()`, e.g. the DAM gate of models.dam):
+  affine with zero shift, inverted the same way (a zero-gated channel is hidden);
 * BatchNorm in train mode (batch statistics): the batch mean and variance of each channel are
   unknown to the server. The report counts them as 2 C extra unknowns of the layer below (the
   system becomes homogeneous: the input is determined at best up to scale); the attack declines;
@@ -97,6 +99,8 @@ def op_kind(op: nn.Module) -> str | None:
         return "elementwise"
     if type(op) in BRANCH_ACTIVATIONS:
         return "branch"
+    if callable(getattr(op, "unit_scale", None)):
+        return "affine"
     if isinstance(op, BATCH_NORMS):
         return "batchnorm-train" if op.training or not op.track_running_stats else "affine"
     if isinstance(op, LINEAR_OPS):
@@ -188,9 +192,10 @@ def pull_back(
         elif kind in ("relu", "dropout"):
             result.upper_bound |= _masking(index, op, kind, state, truth, truth_out, zero_rtol, result.notes)
         elif kind == "affine":
-            scale, shift = _batchnorm_affine(op, None)
+            scale, shift = _known_affine(op)
             _affine(state, scale, shift, in_shape)
-            result.notes.append(f"{type(op).__name__} (eval): affine, inverted")
+            known = "(eval): affine" if isinstance(op, BATCH_NORMS) else "known per-unit scale"
+            result.notes.append(f"{type(op).__name__} {known}, inverted")
         elif kind == "batchnorm-train":
             result.upper_bound |= _batchnorm_train(index, op, state, truth, in_shape, result.notes)
         elif kind == "linear":
@@ -380,6 +385,15 @@ def _batchnorm_affine(op: nn.Module, batch: np.ndarray | None) -> tuple[np.ndarr
     beta = op.bias.detach().double().numpy() if op.affine else np.zeros_like(mean)
     scale = gamma / np.sqrt(var + op.eps)
     return scale, beta - scale * mean
+
+
+def _known_affine(op: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) of an op the server knows as affine: eval BatchNorm, or a module
+    that declares its per-channel scale (`unit_scale()`, no shift)."""
+    if callable(getattr(op, "unit_scale", None)):
+        scale = op.unit_scale().detach().double().numpy()
+        return scale, np.zeros_like(scale)
+    return _batchnorm_affine(op, None)
 
 
 def _channelwise(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from attacks.analytic import AnalyticFCInversion
+from attacks.auto import AutoAttack
 from attacks.base import Attack
 from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation import DLG, IDLG, InvertingGradients
@@ -27,6 +28,11 @@ class AttackEntry:
 
 
 ATTACKS: dict[str, AttackEntry] = {
+    "auto": AttackEntry(
+        AutoAttack,
+        "Layer-wise inversion where its systems cover the network, else Inverting Gradients; says why.",
+        "any differentiable model and batch size (the choice and its reason are in the row's note)",
+    ),
     "layerwise": AttackEntry(
         LayerwiseInversion,
         "R-GAP/COPA layer-wise inversion: solves each layer's linear system from the output down.",

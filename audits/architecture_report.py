@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from attacks.base import observe_gradient
+from audits.disclosure import Disclosure, disclosures
 from audits.engine import RECONSTRUCTED, AuditRow, SecurityMeasure, measure_security
 from audits.identifiability import Identifiability, identifiability
 from audits.leakage_bound import LeakageBound, leakage_bound, weight_delta_rounding_std
@@ -105,6 +106,8 @@ class ArchitectureReport:
     bound_sample: int | None
     attacks: list[AttackOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    # What the family's protocol sends beside its updates (e.g. ProtoPNet's push), measured.
+    disclosures: list[Disclosure] = field(default_factory=list)
 
     @property
     def score(self) -> int | None:
@@ -143,6 +146,7 @@ class ArchitectureReport:
             "bound_sample": self.bound_sample,
             "psnr_ceiling": self.psnr_ceiling,
             "attacks": [asdict(a) for a in self.attacks],
+            "disclosures": [d.to_dict() for d in self.disclosures],
             "seconds": self.seconds,
         }
 
@@ -158,6 +162,7 @@ class ArchitectureReport:
         lines.append(_bound_line(self))
         if self.attacks:
             lines.append(_attack_table(self))
+        lines += [f"beside the update, {d.line()}" for d in self.disclosures]
         return "\n".join(lines)
 
 
@@ -200,6 +205,12 @@ def architecture_report(
         bound=bound,
         bound_sample=bound_sample,
     )
+    try:
+        report.disclosures = disclosures(model, inputs, labels)
+    except Exception as err:  # a report states what it could not compute, it does not raise
+        report.disclosures = [
+            Disclosure("side channels", f"could not be measured: {type(err).__name__}: {err}")
+        ]
     # The verdict compares like with like: only attacks that faced the bound's noise are judged.
     report.attacks = attack_outcomes(rows, bound_sample, report.psnr_ceiling if noise.sigma > 0 else None)
     report.seconds = time.perf_counter() - start

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attacks.auto import CHOICE_KEY
 from attacks.base import Attack, AttackError, ObservedUpdate, Reconstruction
 from attacks.registry import build_attack
 from audits.image_metrics import reported_psnr
@@ -212,7 +213,8 @@ class UpdateAuditor:
                 rows.append(_row(context, attack.name, FAILED, truth, time.perf_counter() - start, note))
                 continue
             recs[attack.name] = (images, score)
-            note = "; ".join(filter(None, [_deficit_note(rec), sparsity_note, truth_note]))
+            choice = str(rec.diagnostics.get(CHOICE_KEY, ""))
+            note = "; ".join(filter(None, [choice, _deficit_note(rec), sparsity_note, truth_note]))
             row = _row(context, attack.name, RECONSTRUCTED, truth, rec.seconds, note)
             row.recovered_labels = _label_text(recovered)
             if score is not None:

@@ -6,9 +6,10 @@ the others keep their last saved result):
 * cost: seconds of the end-to-end identifiability analysis (`audits.identifiability`) of CNN6 at
   3x32x32 (goal <= 10 s on two cores) and of a ResNet-18-width network at 32x32 (goal <= 10 min,
   matrix-free), and how the time grows with the input size and the parameter count;
-* predicted: the PSNR ceiling of `audits.leakage_bound` against the best measured attack PSNR for
-  the architectures of the zoo at several noise levels; Spearman's rank correlation and the share
-  of cases where an attack beat the ceiling (biased attackers can).
+* predicted: two PSNR ceilings against the best measured attack PSNR for the architectures of the
+  zoo at several noise levels: Cramér–Rao (`audits.leakage_bound`, unbiased attackers, which
+  biased ones can beat) and Van Trees under the photos' Gaussian prior (`audits.prior_bound`,
+  any attacker); for each, Spearman's rank correlation and the share of cases an attack beat.
 
 Timings depend on what else runs: each row records the 1-minute load average around it.
 
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from audits.identifiability import Identifiability, identifiability  # noqa: E402
-from audits.leakage_bound import leakage_bound  # noqa: E402
+from audits.leakage_bound import leakage_bound, psnr_ceiling  # noqa: E402
 from models import InputSpec, build_model  # noqa: E402
 from models.classifiers import CNN6_CONVS, SequentialClassifier, conv_output_size  # noqa: E402
 from models.convnets import ResidualBlock  # noqa: E402
@@ -186,30 +187,42 @@ NOISE_LEVELS = (1e-6, 1e-5, 1e-4)
 
 
 def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
-    """Per architecture and crop: one end-to-end analysis; per noise level: the PSNR ceiling and
-    every attack on the noisy gradient (seeded noise, told to the attacks)."""
-    from scipy.stats import spearmanr
-
+    """Per architecture and crop: one end-to-end analysis and one float64 Fisher Gram; per noise
+    level: the Cramér–Rao ceiling (unbiased attackers), the Van Trees ceiling under the photos'
+    own Gaussian prior (any attacker), and every attack on the noisy gradient (seeded noise, told
+    to the attacks). Attack results of an earlier run with the same settings are reused, so a
+    fix to the analysis does not rerun the attacks."""
     from attacks.base import observe_gradient
     from attacks.registry import available_attacks, build_attack
     from audits.engine import AuditContext, Truth, UpdateAuditor
+    from audits.identifiability import fisher_gram
+    from audits.prior_bound import PriorBounds, data_prior_covariance
     from audits.standalone import threat_label, with_gradient_noise
+    from fedsim.data import load_dataset
     from fedsim.data.photos import photo_crops
 
     crops, labels = photo_crops(args.crops, 32, seed=args.crop_seed)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] or available_attacks()
     auditor = UpdateAuditor([build_attack(a) for a in attacks])
+    prior = data_prior_covariance(load_dataset("photos").x_train)
     settings = {
         "crops": args.crops,
         "crop_seed": args.crop_seed,
         "noise_levels": list(NOISE_LEVELS),
         "attacks": attacks,
+        "prior": "Ledoit-Wolf covariance of the photos training split (2000 crops)",
     }
-    # An interrupted run resumes: architectures finished under the same settings are kept.
     saved = _load(args.output).get("predicted") or {}
-    cases = list(saved.get("cases", [])) if saved.get("settings") == settings else []
+    same = {k: v for k, v in (saved.get("settings") or {}).items() if k != "prior"} == {
+        k: v for k, v in settings.items() if k != "prior"
+    }
+    earlier = {(c["model"], c["crop"], c["sigma"]): c["psnr"] for c in saved.get("cases", [])} if same else {}
+    done = {c["model"] for c in saved.get("cases", []) if "prior_psnr_ceiling" in c} if same else set()
+    cases = [c for c in saved.get("cases", []) if c["model"] in done]
+    # Cases still to redo stay in the file with their attack results until redone.
+    pending = [c for c in saved.get("cases", []) if c["model"] not in done] if same else []
     for name in ARCHITECTURES:
-        if any(c["model"] == name for c in cases):
+        if name in done:
             print(f"{name:16s} kept from the interrupted run")
             continue
         for index, (crop, label) in enumerate(zip(crops, labels, strict=True)):
@@ -217,13 +230,18 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
             model = build_model(name, InputSpec((3, 32, 32), 10))
             x, y = torch.from_numpy(crop[None]), torch.tensor([int(label)])
             ident = identifiability(model, x, y, threads=THREADS)
+            started = time.perf_counter()
+            bounds = PriorBounds(fisher_gram(model, x, y, threads=THREADS), prior)
+            gram_seconds = time.perf_counter() - started
             exact = observe_gradient(model, x, y)
             for sigma in NOISE_LEVELS:
                 bound = leakage_bound(ident, sigma, f"gaussian {sigma:g}", peak=1.0)
-                update = with_gradient_noise(exact, sigma, seed=0, sample=index)
-                context = AuditContext(threat_label(sigma), sample=index)
-                audit = auditor.audit(update, Truth(crop[None], np.array([int(label)])), context)
-                psnrs = {r.attack: r.psnr for r in audit.rows if r.psnr is not None}
+                psnrs = earlier.get((name, index, sigma))
+                if psnrs is None:
+                    update = with_gradient_noise(exact, sigma, seed=0, sample=index)
+                    context = AuditContext(threat_label(sigma), sample=index)
+                    audit = auditor.audit(update, Truth(crop[None], np.array([int(label)])), context)
+                    psnrs = {r.attack: r.psnr for r in audit.rows if r.psnr is not None}
                 best = max(psnrs, key=psnrs.get) if psnrs else None
                 case = {
                     "model": name,
@@ -231,32 +249,48 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
                     "sigma": sigma,
                     "deficit": ident.deficit,
                     "psnr_ceiling": bound.psnr_ceiling,
+                    "prior_psnr_ceiling": bounds.at(sigma).psnr_ceiling,
+                    "prior_only_psnr": psnr_ceiling(bounds.prior_mse, 1.0),
                     "best_attack": best,
                     "best_psnr": psnrs.get(best) if best else None,
                     "psnr": psnrs,
                     "identifiability_seconds": round(ident.seconds, 1),
+                    "fisher_gram_seconds": round(gram_seconds, 1),
                 }
                 cases.append(case)
                 print(
-                    f"{name:16s} crop {index} sigma {sigma:7.0e}  ceiling {_fmt(bound.psnr_ceiling)} dB  "
+                    f"{name:16s} crop {index} sigma {sigma:7.0e}  deficit {ident.deficit}  "
+                    f"ceilings CR {_fmt(bound.psnr_ceiling)} / prior {_fmt(case['prior_psnr_ceiling'])} dB  "
                     f"best {_fmt(case['best_psnr'])} dB ({best})"
                 )
-        _save_section(args.output, "predicted", {"settings": settings, "cases": cases, "complete": False})
-    scored = [c for c in cases if c["psnr_ceiling"] is not None and c["best_psnr"] is not None]
-    rho = spearmanr([c["psnr_ceiling"] for c in scored], [c["best_psnr"] for c in scored])
-    above = [c for c in scored if c["best_psnr"] > c["psnr_ceiling"]]
-    summary = {
+        waiting = [c for c in pending if c["model"] not in {case["model"] for case in cases}]
+        progress = {"settings": settings, "cases": cases + waiting, "complete": False}
+        _save_section(args.output, "predicted", progress)
+    summary = {"cases": len(cases)}
+    for key, label in (("psnr_ceiling", "cramer_rao"), ("prior_psnr_ceiling", "van_trees")):
+        summary[label] = _agreement(cases, key)
+        print(
+            f"{label:10s} ceiling: Spearman with the best attack PSNR {summary[label]['spearman']:.3f} over "
+            f"{summary[label]['cases']} cases; an attack beat it in {len(summary[label]['above_ceiling'])}"
+        )
+    return {"settings": settings, "summary": summary, "cases": cases, "complete": True}
+
+
+def _agreement(cases: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Spearman's rank correlation of one predicted ceiling with the best measured attack, and
+    the cases where an attack beat it."""
+    from scipy.stats import spearmanr
+
+    scored = [c for c in cases if c[key] is not None and c["best_psnr"] is not None]
+    rho = spearmanr([c[key] for c in scored], [c["best_psnr"] for c in scored])
+    above = [c for c in scored if c["best_psnr"] > c[key]]
+    return {
         "cases": len(scored),
         "spearman": float(rho.statistic),
         "spearman_p": float(rho.pvalue),
         "share_above_ceiling": len(above) / len(scored) if scored else None,
         "above_ceiling": [(c["model"], c["crop"], c["sigma"], c["best_attack"]) for c in above],
     }
-    print(
-        f"Spearman(ceiling, best attack PSNR) = {summary['spearman']:.3f} over {len(scored)} cases; "
-        f"an attack beat the ceiling in {len(above)} ({summary['share_above_ceiling']:.0%})"
-    )
-    return {"settings": settings, "summary": summary, "cases": cases, "complete": True}
 
 
 def _fmt(value: float | None) -> str:

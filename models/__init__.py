@@ -12,8 +12,11 @@ from typing import Any
 from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputError, ZooModel
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
+from models.dam import dam_cnn, dam_mlp
 from models.hybrid_contrastive import hybrid_psc, hybrid_sc
 from models.options import ModelOption, builder_options, parse_options
+from models.protopnet import protopnet
+from models.splash_fnn import splash_fnn
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -26,6 +29,10 @@ MODELS: dict[str, ModelBuilder] = {
     "convnet-bn": convnet_bn,
     "convnet-maxpool": convnet_maxpool,
     "resnet-mini": resnet_mini,
+    "splash-fnn": splash_fnn,
+    "dam-mlp": dam_mlp,
+    "dam-cnn": dam_cnn,
+    "protopnet": protopnet,
     "hybrid-sc": hybrid_sc,
     "hybrid-psc": hybrid_psc,
 }

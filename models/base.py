@@ -5,9 +5,12 @@ what input it takes (`spec`), how dataset labels become training targets (`targe
 training loss (`loss`), its named evaluation metrics (`metrics`, `metric_names`), its
 predictions (`predict`), its optimiser with parameter groups (`configure_optimizer`, as
 nanoGPT's `configure_optimizers`) and its local step's objective (`training_loss`). A family
-overrides what it changes; the client loop, the evaluator and the run store only ever call these. Two optional hooks let a family act after
-local training (`after_local_training`, e.g. ProtoPNet's prototype push) and send payloads
-beside its weights (`extra_records`, e.g. statistics a server aggregates instead of weights).
+overrides what it changes; the client loop, the evaluator and the run store only ever call these.
+Two optional hooks let a family act after local training (`after_local_training`, e.g. ProtoPNet's
+push candidates) and send payloads beside its weights (`extra_records`, e.g. statistics a server
+aggregates instead of weights); one server-side hook reads those payloads after aggregation
+(`after_aggregation`, checked first by `extra_record_problem`), e.g. to write ProtoPNet's pushed
+prototypes into the global model.
 A token family splits its forward at the embedding (`embed`, `forward_embedded`) so that
 end-to-end identifiability can differentiate with respect to the embedded input.
 
@@ -16,7 +19,7 @@ Models never import fedsim: the training settings they need arrive as `TrainingS
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -211,3 +214,25 @@ class ZooModel(nn.Module):
         """Named payloads (plain scalars or arrays) the client sends beside its weights after
         training. Default: none."""
         return {}
+
+    # --- server side ---------------------------------------------------------------------------
+    def extra_record_problem(self, name: str, payload: ExtraRecord) -> str | None:
+        """Why a received extra record is unusable (wrong fields or shapes, out of range), or
+        None; the server drops a record with a problem, as it drops an invalid update. Default:
+        none (non-finite numbers are refused before this is asked)."""
+        return None
+
+    def after_aggregation(
+        self,
+        aggregated: Mapping[str, np.ndarray],
+        previous: Mapping[str, np.ndarray],
+        records: Sequence[Mapping[str, ExtraRecord]],
+        settings: TrainingSettings,
+        server_round: int,
+    ) -> dict[str, np.ndarray]:
+        """The server's global model after this round's aggregation: `aggregated` (the
+        strategy's result), given `previous` (the round's starting global model) and the valid
+        extra records of the round's kept replies (partition order). Must be a pure function of
+        its arguments, names, shapes and dtypes unchanged, so runs and resumes repeat exactly.
+        Default: `aggregated` unchanged (the server then skips the hook)."""
+        return dict(aggregated)

@@ -53,6 +53,7 @@ CASES = [
         ["--partitioner", "pathological", "--classes-per-client", "1", "--clients", "1437"],
         "the pathological split leaves",
     ),
+    (["--partitioner", "covariate"], "per-sample covariate, which this dataset does not carry"),
     (["--cpus", "0"], "--cpus must be at least 1 (got 0); leave it out to use every core"),
     (["--stop-after", "0"], "--stop-after must be at least 1"),
     (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),

@@ -31,7 +31,9 @@ def _check(name: str, shape: tuple[int, ...], train: int, test: int) -> None:
 
 
 def test_registry_lists_the_datasets() -> None:
-    assert available_datasets() == ["breast-cancer", "digits", "fashion-mnist", "mnist", "photos"]
+    assert available_datasets() == [
+        "breast-cancer", "digits", "fashion-mnist", "mnist", "photos", "splash", "splash-body",
+    ]  # fmt: skip
 
 
 def test_digits_is_the_zero_install_default() -> None:

@@ -44,23 +44,45 @@ def test_mlp_on_digits_reaches_85_percent(tmp_path: Path) -> None:
     assert (run / "config.json").read_text().count('"model": "mlp"') == 1
 
 
-def test_same_seed_gives_identical_metrics_and_resume_matches_a_straight_run(tmp_path: Path) -> None:
-    """FedAdam (server state) with client sampling: the hardest case for both properties."""
-    strategy = ["--strategy", "fedadam", "--server-learning-rate", "0.05", "--rounds", "4", *SAMPLED]
-    _run(["--name", "a", *strategy], tmp_path)
-    _run(["--name", "b", *strategy], tmp_path)
-    _run(["--name", "c", *strategy, "--stop-after", "2"], tmp_path)
+# FedAdam (server state) with client sampling: the hardest case for a resume. Local training of a
+# second or so per round (4 epochs of batch 4) gives the kill test a round to land in.
+FEDADAM = ["--strategy", "fedadam", "--server-learning-rate", "0.05", "--rounds", "4", *SAMPLED,
+           "--local-epochs", "4", "--batch-size", "4", "--learning-rate", "0.05",
+           "--momentum", "0"]  # fmt: skip
+
+
+# The tests that read it share one pytest-xdist worker, so it runs once.
+SHARES_FEDADAM_RUN = pytest.mark.xdist_group("fedadam-run")
+
+
+@pytest.fixture(scope="module")
+def fedadam_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted FedAdam run: the reference that the same-seed run, the run stopped and
+    resumed, and the run killed and resumed must each reproduce exactly."""
+    cwd = tmp_path_factory.mktemp("fedadam")
+    _run(["--name", "straight", *FEDADAM], cwd)
+    return cwd / "runs" / "straight"
+
+
+@SHARES_FEDADAM_RUN
+def test_same_seed_gives_identical_metrics_and_resume_matches_a_straight_run(
+    fedadam_run: Path, tmp_path: Path
+) -> None:
+    """A second run with the same seed, and one stopped after round 2 and resumed: both
+    reproduce the straight run's metrics (the resumed one its final weights too)."""
+    _run(["--name", "b", *FEDADAM], tmp_path)
+    _run(["--name", "c", *FEDADAM, "--stop-after", "2"], tmp_path)
     runs = tmp_path / "runs"
     assert (runs / "c" / "checkpoints" / "round-0002.safetensors").exists()
     assert not (runs / "c" / "checkpoints" / "round-0003.safetensors").exists()
     _run(["--resume", str(runs / "c")], tmp_path)
 
-    first, second = read_metrics(runs / "a"), read_metrics(runs / "b")
+    first, second = read_metrics(fedadam_run), read_metrics(runs / "b")
     assert _without_timing(first) == _without_timing(second)
     trained = {r["partition_id"] for r in first if r["stage"] == "train" and r["round"] == "1"}
     assert len(trained) == 3, "fraction-train 0.6 of 5 clients trains 3 per round"
 
-    straight = load_file(runs / "a" / "checkpoints" / "round-0004.safetensors")
+    straight = load_file(fedadam_run / "checkpoints" / "round-0004.safetensors")
     resumed = load_file(runs / "c" / "checkpoints" / "round-0004.safetensors")
     assert straight.keys() == resumed.keys()
     assert all((straight[k] == resumed[k]).all() for k in straight), "resumed weights differ"
@@ -99,21 +121,17 @@ def test_cnn6_federation_on_32px_fashion_mnist(tmp_path: Path) -> None:
     assert final_server_accuracy(tmp_path / "runs" / "cnn6") > 0.15  # chance is 0.10
 
 
-# Each round lasts about as long as its local training (a second or two here). The kill lands after
-# round 1 and, under any load, long before round 3 ends: three federations take about a minute.
-KILLABLE = ["--clients", "2", "--rounds", "3", "--local-epochs", "4", "--batch-size", "4",
-            "--learning-rate", "0.05", "--momentum", "0"]  # fmt: skip
-
-
-def test_resume_after_sigkill_mid_round(tmp_path: Path) -> None:
+@SHARES_FEDADAM_RUN
+def test_resume_after_sigkill_mid_round(fedadam_run: Path, tmp_path: Path) -> None:
     """`fedsim run` and its Ray cluster SIGKILLed while a round after round 1 trains; `--resume`
-    redoes that round and ends exactly where an uninterrupted run ends."""
-    runs = tmp_path / "runs"
-    _run(["--name", "straight", *KILLABLE], tmp_path)
-    killed = runs / "killed"
+    redoes that round and ends exactly where an uninterrupted run ends.
+
+    Each round lasts about as long as its local training (a second or so here). The kill lands
+    after round 1 and, under any load, long before round 4 ends."""
+    killed = tmp_path / "runs" / "killed"
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(
-            [*FEDSIM, "run", "--name", "killed", *KILLABLE],
+            [*FEDSIM, "run", "--name", "killed", *FEDADAM],
             cwd=tmp_path,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=log,
@@ -132,16 +150,16 @@ def test_resume_after_sigkill_mid_round(tmp_path: Path) -> None:
     # (a hidden temp file would be a checkpoint write the kill cut short: resume removes it)
     kept = sorted(p.name for p in (killed / "checkpoints").glob("round-*"))
     assert kept[:2] == ["round-0000.safetensors", "round-0001.safetensors"]
-    assert "round-0003.safetensors" not in kept, "the run had finished before the kill"
+    assert "round-0004.safetensors" not in kept, "the run had finished before the kill"
 
     _run(["--resume", str(killed)], tmp_path)
     rows = read_metrics(killed)
     keys = [(r["round"], r["partition_id"], r["stage"]) for r in rows]
     assert len(keys) == len(set(keys)), "duplicate rows after the resume"
-    assert [r["round"] for r in rows if r["stage"] == "server"] == ["0", "1", "2", "3"]
-    assert _without_timing(rows) == _without_timing(read_metrics(runs / "straight"))
-    straight = load_file(runs / "straight" / "checkpoints" / "round-0003.safetensors")
-    resumed = load_file(killed / "checkpoints" / "round-0003.safetensors")
+    assert [r["round"] for r in rows if r["stage"] == "server"] == ["0", "1", "2", "3", "4"]
+    assert _without_timing(rows) == _without_timing(read_metrics(fedadam_run))
+    straight = load_file(fedadam_run / "checkpoints" / "round-0004.safetensors")
+    resumed = load_file(killed / "checkpoints" / "round-0004.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resumed weights differ"
 

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import final_server_accuracy
 
-pytestmark = pytest.mark.slow
+# One at a time under pytest-xdist: every managed local SuperLink listens on the same port.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flwr-superlink")]
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_FILES = ("pyproject.toml", "README.md", "fedsim", "models", "attacks", "audits")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -100,3 +102,24 @@ def test_bad_specs_are_user_errors(spec: PartitionSpec, message: str) -> None:
 def test_pathological_split_that_would_leave_clients_empty_is_refused() -> None:
     with pytest.raises(UserInputError, match=r"leaves .* clients without samples"):
         partition(DIGITS, PartitionSpec("pathological", 1437, classes_per_client=1))
+
+
+def test_covariate_partition_gives_each_client_a_contiguous_range_of_it() -> None:
+    """On the splash drops (labels = impact height above the threshold) the ranges are a label
+    shift: the lowest heights never splash, the highest always do."""
+    data = load_dataset("splash")
+    heights = data.covariate_train
+    parts = partition(data.y_train, PartitionSpec("covariate", 4), heights)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)) == len(heights)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    for lower, upper in itertools.pairwise(parts):
+        assert heights[lower].max() <= heights[upper].min()
+    splash_share = [float(data.y_train[p].mean()) for p in parts]
+    assert splash_share[0] == 0.0 and splash_share[-1] == 1.0
+    assert splash_share == sorted(splash_share)
+
+
+def test_covariate_partition_needs_a_dataset_that_carries_one() -> None:
+    with pytest.raises(UserInputError, match="does not carry"):
+        partition(DIGITS, PartitionSpec("covariate", 3))

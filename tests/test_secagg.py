@@ -210,6 +210,10 @@ def _run(args: list[str], cwd: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
+# The tests that read it share one pytest-xdist worker, so it runs once.
+SHARES_AUDITED_RUN = pytest.mark.xdist_group("secagg-audited-run")
+
+
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One audited SecAgg+ federation, shared by the slow tests that read it."""
@@ -250,6 +254,7 @@ def _fedavg_error(run: Path, server_round: int) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+@SHARES_AUDITED_RUN
 def test_secagg_federation_completes_and_audits_only_the_aggregate(audited_run: Path) -> None:
     rows = read_metrics(audited_run)
     assert [r["round"] for r in rows if r["stage"] == "server"] == ["0", "1", "2"]
@@ -270,6 +275,7 @@ def test_secagg_federation_completes_and_audits_only_the_aggregate(audited_run: 
 
 
 @pytest.mark.slow
+@SHARES_AUDITED_RUN
 def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(audited_run: Path) -> None:
     for server_round in (1, 2):
         error, bound = _fedavg_error(audited_run, server_round)
@@ -278,6 +284,7 @@ def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(audi
 
 
 @pytest.mark.slow
+@SHARES_AUDITED_RUN
 def test_secagg_resume_matches_the_straight_run(audited_run: Path, tmp_path: Path) -> None:
     _run(["--name", "stopped", *SMALL, "--audit", "--stop-after", "1"], tmp_path)
     stopped = tmp_path / "runs" / "stopped"

@@ -173,7 +173,12 @@ class RunConfig:
     # data
     dataset: str = knob("digits", "Embedded dataset (see `fedsim datasets`).", "data")
     image_size: int = knob(0, "Resize images to N×N (e.g. 32 for CNN6); 0 keeps them.", "data", at_least=0)
-    partitioner: str = knob("iid", "How to split: iid, dirichlet, pathological, longtail.", "data")
+    partitioner: str = knob(
+        "iid",
+        "How to split: iid, dirichlet, pathological, longtail, covariate (ranges of the dataset's "
+        "covariate, e.g. splash impact height).",
+        "data",
+    )
     alpha: float = knob(0.5, "Dirichlet concentration (smaller = more skewed).", "data")
     classes_per_client: int = knob(2, "Classes per client (pathological).", "data")
     imbalance_ratio: float = knob(10.0, "Head/tail class ratio (longtail).", "data")

@@ -31,7 +31,8 @@ def dataset_for(config: RunConfig) -> Dataset:
 
 @lru_cache(maxsize=2)
 def _partitions(config: RunConfig) -> list[np.ndarray]:
-    return partition(dataset_for(config).y_train, config.partition_spec())
+    data = dataset_for(config)
+    return partition(data.y_train, config.partition_spec(), data.covariate_train)
 
 
 def client_data(config: RunConfig, partition_id: int) -> ClientData:

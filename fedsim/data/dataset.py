@@ -22,7 +22,13 @@ SPLIT_SEED = 0
 @dataclass(frozen=True)
 class Dataset:
     """A train/test split: x (N, *spec.shape) of `spec.dtype`, y (N,) int64 class ids in
-    [0, spec.num_classes). `tokenizer` turns text into the token ids (token data only)."""
+    [0, spec.num_classes). `tokenizer` turns text into the token ids (token data only).
+
+    A dataset generated from a continuous latent may carry it per sample (`covariate_train`,
+    `covariate_test`, float32 (N,), named by `covariate_name`, e.g. the splash drops' impact
+    height): the `covariate` partitioner gives each client a contiguous range of it, a label
+    shift when the labels follow the covariate.
+    """
 
     name: str
     x_train: np.ndarray
@@ -31,10 +37,14 @@ class Dataset:
     y_test: np.ndarray
     spec: InputSpec
     tokenizer: WordTokenizer | None = None
+    covariate_train: np.ndarray | None = None
+    covariate_test: np.ndarray | None = None
+    covariate_name: str = ""
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             _check_split(self.name, split, x, y, self.spec)
+        self._check_covariate()
         tokens = self.spec.modality == "tokens"
         if tokens != (self.tokenizer is not None):
             raise ValueError(f"dataset {self.name!r}: token data needs its tokenizer, other data has none")
@@ -66,6 +76,25 @@ class Dataset:
             spec,
             tokenizer,
         )
+
+    def _check_covariate(self) -> None:
+        covariates = (self.covariate_train, self.covariate_test)
+        if all(c is None for c in covariates) and not self.covariate_name:
+            return
+        if any(c is None for c in covariates) or not self.covariate_name:
+            raise ValueError(f"dataset {self.name!r}: a covariate needs both splits and a name")
+        for split, covariate, y in (
+            ("train", self.covariate_train, self.y_train),
+            ("test", self.covariate_test, self.y_test),
+        ):
+            if (
+                covariate.dtype != np.float32
+                or covariate.shape != y.shape
+                or not np.isfinite(covariate).all()
+            ):
+                raise ValueError(
+                    f"dataset {self.name!r} ({split}): covariate must be finite float32 of shape {y.shape}"
+                )
 
     @property
     def num_classes(self) -> int:

@@ -1,7 +1,8 @@
-"""Split a labelled dataset among clients: IID, Dirichlet(α), pathological and long-tailed.
+"""Split a labelled dataset among clients: IID, Dirichlet(α), pathological, long-tailed, and by
+ranges of a per-sample covariate.
 
 Each partitioner returns one index array per client. Every kept sample is in exactly one
-partition, and the split depends only on the labels and the seed. flwr-datasets has similar
+partition, and the split depends only on the labels (or the covariate) and the seed. flwr-datasets has similar
 partitioners but needs Hugging Face `datasets` (~500 MB); these are a few lines of numpy each.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from fedsim.errors import UserInputError
 
-PARTITIONERS = ("iid", "dirichlet", "pathological", "longtail")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "longtail", "covariate")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,22 @@ class PartitionSpec:
             )
 
 
-def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
-    """Split sample indices by `spec` (validated first); each array is sorted."""
+def partition(
+    labels: np.ndarray, spec: PartitionSpec, covariate: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Split sample indices by `spec` (validated first); each array is sorted. `covariate` is the
+    dataset's per-sample covariate (`Dataset.covariate_train`), which only "covariate" reads."""
     num_classes = int(labels.max()) + 1
     spec.validate(len(labels), num_classes)
     rng = np.random.default_rng(spec.seed)
-    if spec.kind == "iid":
+    if spec.kind == "covariate":
+        if covariate is None:
+            raise UserInputError(
+                "the covariate partitioner splits by a per-sample covariate, which this dataset does "
+                "not carry; use a dataset that does (splash, splash-body) or another partitioner"
+            )
+        parts = covariate_ranges(covariate, spec.num_partitions)
+    elif spec.kind == "iid":
         parts = iid(len(labels), spec.num_partitions, rng)
     elif spec.kind == "dirichlet":
         parts = dirichlet(labels, spec.num_partitions, spec.alpha, rng)
@@ -132,6 +143,13 @@ def pathological(
             "classes per client"
         )
     return merged
+
+
+def covariate_ranges(covariate: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """Client k gets the k-th of `num_partitions` equal-count, contiguous ranges of the covariate
+    (e.g. the lowest impact heights go to client 0): a label shift whenever the labels follow
+    the covariate. Ties keep index order, so the split needs no seed."""
+    return list(np.array_split(np.argsort(covariate, kind="stable"), num_partitions))
 
 
 def longtail_counts(class_sizes: np.ndarray, imbalance_ratio: float) -> np.ndarray:

@@ -7,6 +7,7 @@ optional dataset raises `UserInputError` with the exact install command.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +21,16 @@ from torch.nn import functional as F
 from fedsim.data.dataset import SPLIT_SEED, Dataset
 from fedsim.data.idx import FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, MNIST_INSTALL, load_idx_split, mnist_dir
 from fedsim.data.photos import photo_crops
+from fedsim.data.splash import splash_images
 from fedsim.data.tabular import breast_cancer
 from fedsim.errors import UserInputError
 from models import InputSpec
 
 PHOTO_TRAIN_COUNT = 2000
 PHOTO_TEST_COUNT = 500
+# The paper's mini setting (4k training images); both splits draw in about a second.
+SPLASH_TRAIN_COUNT = 4000
+SPLASH_TEST_COUNT = 1000
 
 
 def _digits() -> Dataset:
@@ -60,12 +65,33 @@ def _photos() -> Dataset:
     return Dataset("photos", x_train, y_train, x_test, y_test, InputSpec.image((3, 32, 32), 10))
 
 
+def _splash_drops(name: str, droplets: bool) -> Dataset:
+    x_train, y_train, h_train = splash_images(SPLASH_TRAIN_COUNT, seed=SPLIT_SEED, droplets=droplets)
+    x_test, y_test, h_test = splash_images(SPLASH_TEST_COUNT, seed=SPLIT_SEED + 1, droplets=droplets)
+    spec = InputSpec.image((1, 64, 64), 2)
+    return Dataset(
+        name, x_train, y_train, x_test, y_test, spec,
+        covariate_train=h_train, covariate_test=h_test, covariate_name="impact height (cm)",
+    )  # fmt: skip
+
+
+def _splash() -> Dataset:
+    return _splash_drops("splash", droplets=True)
+
+
+def _splash_body() -> Dataset:
+    """The same drops with the ejected droplets removed: the paper's main-body-only retraining."""
+    return _splash_drops("splash-body", droplets=False)
+
+
 DATASETS: dict[str, Callable[[], Dataset]] = {
     "breast-cancer": breast_cancer,
     "digits": _digits,
     "fashion-mnist": _fashion_mnist,
     "mnist": _mnist,
     "photos": _photos,
+    "splash": _splash,
+    "splash-body": _splash_body,
 }
 
 
@@ -105,11 +131,9 @@ def load_dataset(name: str, image_size: int | None = None) -> Dataset:
             "pass --image-size 0"
         )
     channels = data.spec.shape[0]
-    return Dataset(
-        data.name,
-        resize_images(data.x_train, image_size),
-        data.y_train,
-        resize_images(data.x_test, image_size),
-        data.y_test,
-        InputSpec.image((channels, image_size, image_size), data.num_classes),
+    return dataclasses.replace(
+        data,
+        x_train=resize_images(data.x_train, image_size),
+        x_test=resize_images(data.x_test, image_size),
+        spec=InputSpec.image((channels, image_size, image_size), data.num_classes),
     )

@@ -25,7 +25,7 @@ def validate_plan(config: RunConfig) -> None:
     check_attack_names(config.attack_names())  # also without --audit: a typo stored now bites later
     check_transformation_names(config.transformation_names())
     data = dataset_for(config)
-    partition(data.y_train, config.partition_spec())
+    partition(data.y_train, config.partition_spec(), data.covariate_train)
     check_strategy(config)
     check_central_dp(config)
     check_secagg(config)

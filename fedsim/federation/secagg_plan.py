@@ -36,7 +36,8 @@ def max_weight(config: RunConfig) -> int:
     Server and clients derive it from the config alike (partitions are a function of it), so no
     extra key travels; a client's weight `num_examples / max_weight` is then at most 1 (Flower
     warns of overflow above) and as large as possible (its precision grows with it)."""
-    return max(len(part) for part in partition(dataset_for(config).y_train, config.partition_spec()))
+    data = dataset_for(config)
+    return max(len(part) for part in partition(data.y_train, config.partition_spec(), data.covariate_train))
 
 
 def check_secagg(config: RunConfig) -> None:

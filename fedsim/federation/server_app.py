@@ -30,7 +30,7 @@ from fedsim.strategy.chain import StrategyChain, build_chain
 from fedsim.strategy.ordering import partition_of
 from fedsim.strategy.privacy_ledger import PrivacyLedger
 from fedsim.strategy.validation import DIVERGED
-from fedsim.training.local import evaluate, metric_names, model_for
+from fedsim.training.local import evaluate, metric_names, model_for, training_settings
 
 
 @dataclass
@@ -124,6 +124,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         audit=auditing_wrapper(config, store.path),
         model_dtypes={name: tensor.numpy().dtype for name, tensor in model.state_dict().items()},
         output_dir=store.path,
+        model=model,
+        settings=training_settings(config),
     )
     start = _starting_point(store, last_complete, chain, model.state_dict())
     done = start.done

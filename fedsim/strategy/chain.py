@@ -6,13 +6,15 @@
 2. reply validation (`ValidatingStrategy`): drops non-finite, mis-shaped, mis-typed and (if
    configured) norm-outlier updates before anyone else sees them, and stops the run on a round
    with no usable update or a non-finite aggregate;
-3. privacy ledger (when DP-SGD or central DP spends budget): `privacy.csv`, each client's and
+3. model hook (when the model family has one, `fedsim.strategy.model_hook`): rewrites the
+   aggregate from the clients' validated extra records (ProtoPNet's push), frozen tensors reset;
+4. privacy ledger (when DP-SGD or central DP spends budget): `privacy.csv`, each client's and
    central DP's ε (`fedsim.strategy.privacy_ledger`);
-4. audit (optional, the factory given to `build_chain`): attacks the validated updates where an
+5. audit (optional, the factory given to `build_chain`): attacks the validated updates where an
    honest-but-curious server stands, before any central DP noise;
-5. central DP (optional): Flower's DP wrapper directly around the aggregator, because its
+6. central DP (optional): Flower's DP wrapper directly around the aggregator, because its
    accountant needs the plain aggregator as its inner strategy (`fedsim.strategy.central_dp`);
-6. aggregator: the configured Flower strategy (`fedsim.strategy.aggregators.build_strategy`).
+7. aggregator: the configured Flower strategy (`fedsim.strategy.aggregators.build_strategy`).
 
 For resume, each wrapper saves its own state under `<state_prefix>/`, and the aggregator's
 server-optimiser moments go under `aggregator/` (`AggregatorState`).
@@ -33,9 +35,11 @@ from fedsim.strategy import central_dp, privacy_ledger
 from fedsim.strategy.aggregators import AggregatorState, build_strategy
 from fedsim.strategy.base import StrategyWrapper
 from fedsim.strategy.central_dp import CentralPrivacy
+from fedsim.strategy.model_hook import ModelRoundHook, overrides_after_aggregation
 from fedsim.strategy.ordering import RepliesObserver, ReproducibleStrategy
 from fedsim.strategy.privacy_ledger import PrivacyLedger
 from fedsim.strategy.validation import ValidatingStrategy
+from models import TrainingSettings, ZooModel
 
 AuditFactory = Callable[[Strategy], Strategy]
 AGGREGATOR = "aggregator"
@@ -126,6 +130,8 @@ def build_chain(
     audit: AuditFactory | None = None,
     model_dtypes: Mapping[str, np.dtype] | None = None,
     output_dir: Path | None = None,
+    model: ZooModel | None = None,
+    settings: TrainingSettings | None = None,
 ) -> StrategyChain:
     """The chain for a validated config, in the order of the module docstring.
 
@@ -133,7 +139,8 @@ def build_chain(
     round's replies; `audit`: wraps its inner strategy in the auditor, required when
     `config.audit` is set; `model_dtypes`: each array's dtype in the clients' model, which
     replies must match exactly; `output_dir`: where the privacy ledger writes `privacy.csv`
-    (required when the config spends privacy budget).
+    (required when the config spends privacy budget); `model`: the run's model, whose
+    `after_aggregation` hook (if the family has one) runs on each aggregate with `settings`.
     """
     aggregator = build_strategy(config)
     strategy: Strategy = aggregator
@@ -150,6 +157,10 @@ def build_chain(
                 "the config spends privacy budget but build_chain got no output_dir for its ledger"
             )
         strategy = PrivacyLedger(strategy, output_dir, config.target_delta, central)
+    if model is not None and overrides_after_aggregation(model):
+        if settings is None:
+            raise ValueError("build_chain got a model with a server-side hook but no training settings")
+        strategy = ModelRoundHook(strategy, model, settings)
     strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes)
     strategy = ReproducibleStrategy(
         strategy,
