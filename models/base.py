@@ -134,12 +134,15 @@ class ZooModel(nn.Module):
     the security metric need it, and they refuse a model without it. `head` names the loss at the
     output for attacks that solve it analytically: "ce" (softmax cross-entropy over class logits,
     the default `loss`), "logistic" (one logit, BCE on a binary target) or "other" (a family
-    with its own loss; analytic attacks decline it).
+    with its own loss; analytic attacks decline it). `per_sample_loss` is False for a family whose
+    loss couples the samples of a batch (a contrastive loss): DP-SGD's per-sample clipping then
+    bounds no one sample's influence, and the run refuses it.
     """
 
     name: str = "zoo-model"
     head: str = "ce"
     metric_names: tuple[str, ...] = ("accuracy",)
+    per_sample_loss: bool = True
 
     def __init__(self, spec: InputSpec, layers: nn.Sequential | None = None) -> None:
         super().__init__()

@@ -110,6 +110,8 @@ class HybridContrastive(ZooModel):
     learnable prototype per class. `ce_only` trains the same network by plain CE on one augmented
     view of the instance-balanced batch: the baseline the hybrid is compared with."""
 
+    per_sample_loss = False  # the contrastive term compares each sample with the rest of its batch
+
     def __init__(
         self,
         spec: InputSpec,

@@ -25,6 +25,10 @@ CASES = [
     (["--strategy", "fedsgdx"], "unknown strategy 'fedsgdx'; choose one of: fedavg, fedprox"),
     (["--rounds", "0"], "rounds must be at least 1 (got 0)"),
     (
+        ["--model", "hybrid-sc", "--defence", "dp-sgd"],
+        "dp-sgd with model 'hybrid-sc': its loss couples the samples of a batch",
+    ),
+    (
         ["--model-options", "widht=3"],
         "model 'mlp' has no option 'widht'; its options (defaults): hidden=128, depth=2, head=ce",
     ),

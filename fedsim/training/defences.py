@@ -310,6 +310,12 @@ def check_opacus_accepts(model_name: str, spec: InputSpec, options: str = "") ->
     from opacus.validators import ModuleValidator
 
     model = build_run_model(model_name, spec, options)
+    if not model.per_sample_loss:
+        raise UserInputError(
+            f"{DP_SGD} with model {model_name!r}: its loss couples the samples of a batch (a contrastive "
+            "term), so per-sample clipping bounds no one sample's influence; use --central-dp server, "
+            "or --defence clip/gaussian"
+        )
     if not ModuleValidator.validate(model, strict=False):
         return
     for layer_name, layer in trainable_modules(model):
