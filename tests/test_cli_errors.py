@@ -25,6 +25,10 @@ CASES = [
     (["--strategy", "fedsgdx"], "unknown strategy 'fedsgdx'; choose one of: fedavg, fedprox"),
     (["--rounds", "0"], "rounds must be at least 1 (got 0)"),
     (
+        ["--model", "protopnet", "--secagg", "--clients", "3"],
+        "--secagg with model 'protopnet': its server-side step reads each client's extra records",
+    ),
+    (
         ["--model", "hybrid-sc", "--defence", "dp-sgd"],
         "dp-sgd with model 'hybrid-sc': its loss couples the samples of a batch",
     ),

@@ -9,7 +9,7 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
-from fedsim.federation.secagg_plan import check_secagg
+from fedsim.federation.secagg_plan import check_secagg, check_secagg_model
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.strategy.central_dp import check_central_dp
 from fedsim.training.defences import check_client_defences
@@ -33,6 +33,7 @@ def validate_plan(config: RunConfig) -> None:
         config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]), config.model_options
     )
     check_client_defences(config, data.spec)
+    check_secagg_model(config, data.spec)
 
 
 def check_model_fits(

@@ -18,6 +18,9 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
+from fedsim.strategy.model_hook import overrides_after_aggregation
+from fedsim.training.run_model import build_run_model
+from models import InputSpec
 
 # Flower's defaults, passed explicitly so that client checks and docs cannot drift from them.
 CLIPPING_RANGE = 8.0
@@ -87,4 +90,17 @@ def check_secagg(config: RunConfig) -> None:
         raise UserInputError(
             f"secagg-threshold {threshold} must be below secagg-shares {shares} (SecAgg+ rebuilds a dropped "
             f"client's key from that many of its shares); pass --secagg-threshold {shares - 1} or less"
+        )
+
+
+def check_secagg_model(config: RunConfig, spec: InputSpec) -> None:
+    """A family with a server-side step on its clients' extra records (ProtoPNet's push) cannot
+    run under SecAgg+, whose messages carry only the masked weights."""
+    if not config.secagg:
+        return
+    model = build_run_model(config.model, spec, config.model_options)
+    if overrides_after_aggregation(model):
+        raise UserInputError(
+            f"--secagg with model {config.model!r}: its server-side step reads each client's extra "
+            "records (e.g. ProtoPNet's push candidates), which SecAgg+ does not carry; drop --secagg"
         )
