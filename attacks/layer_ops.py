@@ -99,7 +99,7 @@ def op_kind(op: nn.Module) -> str | None:
         return "elementwise"
     if type(op) in BRANCH_ACTIVATIONS:
         return "branch"
-    if callable(getattr(op, "unit_scale", None)):
+    if _declares_unit_scale(op):
         return "affine"
     if isinstance(op, BATCH_NORMS):
         return "batchnorm-train" if op.training or not op.track_running_stats else "affine"
@@ -387,10 +387,15 @@ def _batchnorm_affine(op: nn.Module, batch: np.ndarray | None) -> tuple[np.ndarr
     return scale, beta - scale * mean
 
 
+def _declares_unit_scale(op: nn.Module) -> bool:
+    """A module that states its per-channel scale (`unit_scale()`, e.g. the DAM gate)."""
+    return callable(getattr(op, "unit_scale", None))
+
+
 def _known_affine(op: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (scale, shift) of an op the server knows as affine: eval BatchNorm, or a module
     that declares its per-channel scale (`unit_scale()`, no shift)."""
-    if callable(getattr(op, "unit_scale", None)):
+    if _declares_unit_scale(op):
         scale = op.unit_scale().detach().double().numpy()
         return scale, np.zeros_like(scale)
     return _batchnorm_affine(op, None)

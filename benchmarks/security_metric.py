@@ -213,9 +213,8 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
         "prior": "Ledoit-Wolf covariance of the photos training split (2000 crops)",
     }
     saved = _load(args.output).get("predicted") or {}
-    same = {k: v for k, v in (saved.get("settings") or {}).items() if k != "prior"} == {
-        k: v for k, v in settings.items() if k != "prior"
-    }
+    # The prior only changes the analysis, so attack results under another prior still count.
+    same = _without_prior(saved.get("settings") or {}) == _without_prior(settings)
     earlier = {(c["model"], c["crop"], c["sigma"]): c["psnr"] for c in saved.get("cases", [])} if same else {}
     done = {c["model"] for c in saved.get("cases", []) if "prior_psnr_ceiling" in c} if same else set()
     cases = [c for c in saved.get("cases", []) if c["model"] in done]
@@ -274,6 +273,10 @@ def predicted_section(args: argparse.Namespace) -> dict[str, Any]:
             f"{summary[label]['cases']} cases; an attack beat it in {len(summary[label]['above_ceiling'])}"
         )
     return {"settings": settings, "summary": summary, "cases": cases, "complete": True}
+
+
+def _without_prior(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key != "prior"}
 
 
 def _agreement(cases: list[dict[str, Any]], key: str) -> dict[str, Any]:
