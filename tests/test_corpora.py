@@ -1,0 +1,55 @@
+"""The Debian text corpora: entries split as the files define them, labels as documented."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from fedsim.data import corpora
+from fedsim.errors import UserInputError
+
+
+def _require(present: bool, install: str) -> None:
+    if not present:
+        pytest.skip(f"optional corpus missing; install it with: {install}")
+
+
+def test_fortunes_task_is_balanced_seeded_and_disjoint_from_the_public_corpus() -> None:
+    _require((corpora.FORTUNES_DIR / "computers").is_file(), corpora.FORTUNES_INSTALL)
+    task = corpora.fortunes_task()
+    counts = np.bincount(task.labels)
+    assert counts.tolist() == [corpora.TASK_PER_CATEGORY] * len(corpora.TASK_CATEGORIES)
+    assert all(t.strip() and "\n%\n" not in t for t in task.texts)
+    assert corpora.fortunes_task().texts == task.texts
+    assert corpora.fortunes_task(seed=1).texts != task.texts
+    public = corpora.public_fortunes()
+    others = [c for c in corpora.fortune_categories() if c not in corpora.TASK_CATEGORIES]
+    assert len(others) >= 30 and not set(others) & set(corpora.TASK_CATEGORIES)
+    assert len(public) == sum(len(corpora.fortune_entries(c)) for c in others) > 5000
+
+
+def test_unknown_category_and_too_few_entries_name_the_fix() -> None:
+    _require((corpora.FORTUNES_DIR / "computers").is_file(), corpora.FORTUNES_INSTALL)
+    with pytest.raises(UserInputError, match="unknown fortunes category 'nope'; choose from"):
+        corpora.fortune_entries("nope")
+    with pytest.raises(UserInputError, match="fewer than 5000"):
+        corpora.fortunes_task(("computers", "work"), per_category=5000)
+
+
+def test_missing_fortunes_names_the_install_command(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", tmp_path)
+    with pytest.raises(UserInputError, match="apt-get install -y fortunes"):
+        corpora.fortune_categories()
+
+
+def test_kjv_verses_and_testaments() -> None:
+    _require(shutil.which("bible") is not None, corpora.KJV_INSTALL)
+    verses = corpora.kjv_verses()
+    assert len(verses) == 31102
+    assert verses.texts[0] == "In the beginning God created the heaven and the earth."
+    assert verses.labels[0] == 0 and verses.labels[-1] == 1
+    assert np.all(np.diff(verses.labels) >= 0)  # one switch, at Matthew
+    books = corpora.kjv_books()
+    assert len(books) == 66 and books[0] == "Ge"
