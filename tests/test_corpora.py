@@ -53,3 +53,27 @@ def test_kjv_verses_and_testaments() -> None:
     assert np.all(np.diff(verses.labels) >= 0)  # one switch, at Matthew
     books = corpora.kjv_books()
     assert len(books) == 66 and books[0] == "Ge"
+
+
+def test_text_datasets_share_a_public_vocabulary_and_feature_space() -> None:
+    _require((corpora.FORTUNES_DIR / "computers").is_file(), corpora.FORTUNES_INSTALL)
+    from fedsim.data import load_dataset
+    from fedsim.data.text import split_words
+
+    tokens = load_dataset("fortunes")
+    assert tokens.spec.modality == "tokens" and tokens.class_names == corpora.TASK_CATEGORIES
+    assert np.bincount(tokens.y_train).tolist() == [464] * 6  # stratified 80 % of 580
+    public_words = {w for text in corpora.public_fortunes() for w in split_words(text)}
+    assert set(tokens.tokenizer.vocabulary.words[2:]) <= public_words  # no client word in it
+    features = load_dataset("fortunes-lsa")
+    assert features.spec.shape == (100,) and features.x_train.shape[0] == len(tokens.y_train)
+    assert np.array_equal(features.y_train, tokens.y_train)
+
+
+def test_kjv_dataset_is_balanced_by_testament() -> None:
+    _require(shutil.which("bible") is not None, corpora.KJV_INSTALL)
+    from fedsim.data import load_dataset
+
+    data = load_dataset("kjv")
+    assert np.bincount(data.y_train).tolist() == [2400, 2400]
+    assert data.tokenizer.decode(data.x_test[0]).split()[0].isalpha()

@@ -32,7 +32,8 @@ def _check(name: str, shape: tuple[int, ...], train: int, test: int) -> None:
 
 def test_registry_lists_the_datasets() -> None:
     assert available_datasets() == [
-        "breast-cancer", "digits", "fashion-mnist", "mnist", "photos", "splash", "splash-body",
+        "breast-cancer", "digits", "fashion-mnist", "fortunes", "fortunes-lsa", "kjv", "mnist", "photos",
+        "splash", "splash-body",
     ]  # fmt: skip
 
 

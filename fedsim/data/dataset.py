@@ -27,7 +27,7 @@ class Dataset:
     A dataset generated from a continuous latent may carry it per sample (`covariate_train`,
     `covariate_test`, float32 (N,), named by `covariate_name`, e.g. the splash drops' impact
     height): the `covariate` partitioner gives each client a contiguous range of it, a label
-    shift when the labels follow the covariate.
+    shift when the labels follow the covariate. `class_names`, when given, names each label.
     """
 
     name: str
@@ -40,8 +40,14 @@ class Dataset:
     covariate_train: np.ndarray | None = None
     covariate_test: np.ndarray | None = None
     covariate_name: str = ""
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.class_names and len(self.class_names) != self.spec.num_classes:
+            raise ValueError(
+                f"dataset {self.name!r}: {len(self.class_names)} class names for "
+                f"{self.spec.num_classes} classes"
+            )
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             _check_split(self.name, split, x, y, self.spec)
         self._check_covariate()

@@ -23,6 +23,7 @@ from fedsim.data.idx import FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, MNIST_INST
 from fedsim.data.photos import photo_crops
 from fedsim.data.splash import splash_images
 from fedsim.data.tabular import breast_cancer
+from fedsim.data.text_datasets import fortunes, fortunes_lsa, kjv
 from fedsim.errors import UserInputError
 from models import InputSpec
 
@@ -88,6 +89,9 @@ DATASETS: dict[str, Callable[[], Dataset]] = {
     "breast-cancer": breast_cancer,
     "digits": _digits,
     "fashion-mnist": _fashion_mnist,
+    "fortunes": fortunes,
+    "fortunes-lsa": fortunes_lsa,
+    "kjv": kjv,
     "mnist": _mnist,
     "photos": _photos,
     "splash": _splash,
