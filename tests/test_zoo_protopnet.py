@@ -180,8 +180,9 @@ def test_the_chain_pushes_from_valid_records_and_drops_bad_ones(
     with caplog.at_level(logging.WARNING):
         aggregated, _ = chain.outer.aggregate_train(1, replies)
     assert "extra record 'push' of client 1: field 'distances' holds non-finite values" in caplog.text
-    assert "of client 2: push field 'patches' is not an array of shape (30, 32)" in caplog.text
-    pushed = aggregated[PROTOTYPES].numpy().reshape(30, -1)
+    count, dim = model.prototype_vectors.shape[:2]
+    assert f"of client 2: push field 'patches' is not an array of shape ({count}, {dim})" in caplog.text
+    pushed = aggregated[PROTOTYPES].numpy().reshape(count, -1)
     assert np.array_equal(pushed, good["patches"]), "only the valid client's candidates are used"
     assert np.array_equal(aggregated["features.0.weight"].numpy(), weights["features.0.weight"])
 
@@ -189,8 +190,11 @@ def test_the_chain_pushes_from_valid_records_and_drops_bad_ones(
 def test_builder_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         build_model("protopnet", DIGITS, prototypes_per_class=0)
-    with pytest.raises(ValueError, match="too small"):
-        build_model("protopnet", InputSpec.image((1, 3, 3), 10))
+    with pytest.raises(ValueError, match="too small for 3 2x2 poolings; use 8x8 or more, or fewer blocks"):
+        build_model("protopnet", InputSpec.image((1, 7, 7), 10))
+    assert build_model("protopnet", InputSpec.image((1, 7, 7), 10), blocks=2).features[-1].kernel_size == 2
+    with pytest.raises(ValueError, match="blocks must be at least 1"):
+        build_model("protopnet", DIGITS, blocks=0)
 
 
 def test_audit_reports_the_push_disclosure_and_runs_the_attacks() -> None:
