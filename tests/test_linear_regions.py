@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,11 @@ from audits.linear_regions import (
     serra_bound,
     unique_patterns,
 )
+from fedsim.config.run_config import RunConfig
+from fedsim.errors import UserInputError
+from fedsim.run_regions import run_linear_regions
+from fedsim.store.run_store import RunStore
+from fedsim.training.local import model_for
 from models import InputSpec, build_model
 
 DIGITS = InputSpec((1, 8, 8), 10)
@@ -187,3 +193,19 @@ def test_counts_are_seeded_and_follow_the_weights_over_rounds() -> None:
 def test_bad_settings_raise_one_line(bad: dict) -> None:
     with pytest.raises(ValueError, match="must be an integer"):
         RegionSettings(**bad)
+
+
+def test_a_run_directory_is_read_round_by_round(tmp_path: Path) -> None:
+    config = RunConfig.from_mapping({"model": "mlp", "dataset": "digits", "name": "r", "rounds": 1})
+    store = RunStore.create(tmp_path, config, ("accuracy",))
+    model = model_for(config)
+    zeroed = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    store.save_checkpoint(0, model.state_dict(), {})
+    store.save_checkpoint(1, zeroed, {})
+    store.append_rows([{"round": 1, "stage": "server", "eval_accuracy": 0.5}])
+    settings = RegionSettings(lines=2, planes=1, plane_grid=12, line_points=32)
+    rows = run_linear_regions(store.path, samples=3, settings=settings)
+    assert [(r["round"], r["accuracy"]) for r in rows] == [(0, None), (1, 0.5)]
+    assert rows[0]["mean_line_regions"] > 1 and rows[1]["line_regions"] == [1, 1]
+    with pytest.raises(UserInputError, match="samples must be at least 2"):
+        run_linear_regions(store.path, samples=1)
