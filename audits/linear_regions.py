@@ -27,12 +27,15 @@ stated. A network with no piecewise-linear op at all (a sigmoid LeNet, a linear 
 
 1. lines: the segment between two data points, sampled at `line_points` evenly spaced points;
    neighbours whose patterns differ in more than one unit are bisected up to `refine_depth`
-   times (a generic line crosses one boundary at a time). Regions met = boundary crossings + 1.
+   times within `max_evaluations` new points (a generic line crosses one boundary at a time;
+   see `line_crossings` for what an unresolved interval counts). Regions met = crossings + 1.
    Beside it, the exact number of first-group crossings (the first op's pre-activations are
    affine along the line, so each unit's breakpoint is solved for): a sampled count below it
    means the sampling missed regions, and the report flags it.
 2. planes: through three data points p0, p1, p2, the parallelogram p0 + u (p1 − p0) + v (p2 − p0),
-   u, v in [0, 1], on a `plane_grid` x `plane_grid` grid; regions met = unique patterns (each
+   u, v in [0, `plane_extent`], on a `plane_grid` x `plane_grid` grid (extent 1 spans the three
+   points; a smaller one is a patch at p0 that a coarse grid can resolve); regions met = unique
+   patterns (each
    region is convex, so one pattern is one connected piece of the plane).
 
 **Upper bounds** (worst case over weights, for the input dimension d; the plane's and the line's
@@ -101,6 +104,11 @@ PRODUCT = (
 )
 NOT_APPLICABLE = "not applicable: no piecewise-linear activation"
 EXACT_LIMIT = 10**15  # exact integers above this are given as log10 only
+CODE = torch.int16
+# A max-pool code is the winner's flat input index modulo this prime: two entries of one window
+# never collide while the window spans fewer flat positions (inputs up to 16,000 wide).
+POOL_MODULUS = 32749
+CODE_BUDGET = 2**24  # codes held at once (32 MiB of int16): bounds the rows per forward chunk
 
 
 @dataclass(frozen=True)
@@ -110,15 +118,21 @@ class RegionSettings:
     lines: int = 6
     line_points: int = 256
     refine_depth: int = 12
+    max_evaluations: int = 1024  # new points per segment for the bisection
     planes: int = 2
     plane_grid: int = 48
+    plane_extent: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        extent = self.plane_extent
+        if isinstance(extent, bool) or not isinstance(extent, (int, float)) or not 0 < extent < math.inf:
+            raise ValueError(f"plane_extent must be a number > 0, got {extent!r}; pass e.g. plane_extent=1")
         for name, low in (
             ("lines", 0),
             ("line_points", 2),
             ("refine_depth", 0),
+            ("max_evaluations", 0),
             ("planes", 0),
             ("plane_grid", 2),
         ):
@@ -167,7 +181,7 @@ class _Recorder(TorchFunctionMode):
         x = x.detach()  # codes are computed before the call: an in-place op overwrites its input
         batch = x.shape[0]
         if name in _RELU_LIKE:
-            code = (x > 0).reshape(batch, -1).to(torch.int32)
+            code = (x > 0).reshape(batch, -1).to(CODE)
             per_unit = 1
         elif name in _MAX_POOLS:
             bound = _POOL_SIGNATURE.bind(*args, **kwargs).arguments
@@ -175,11 +189,12 @@ class _Recorder(TorchFunctionMode):
             kernel = bound["kernel_size"]
             window = math.prod(kernel) if isinstance(kernel, Sequence) else kernel ** _MAX_POOLS[name]
             options = {k: bound[k] for k in ("stride", "padding", "dilation", "ceil_mode") if k in bound}
-            code = pool(x, kernel, **options, return_indices=True)[1].reshape(batch, -1).to(torch.int32)
+            index = pool(x, kernel, **options, return_indices=True)[1].reshape(batch, -1)
+            code = (index % POOL_MODULUS).to(CODE)
             per_unit = math.comb(window, 2)
         else:
             low, high = _thresholds(name, args, kwargs)
-            code = sum((x > t).to(torch.int32) for t in (low, high) if t is not None)
+            code = sum((x > t).to(CODE) for t in (low, high) if t is not None)
             code = torch.as_tensor(code).reshape(batch, -1)
             per_unit = sum(t is not None for t in (low, high))
         self.codes.append(code)
@@ -199,7 +214,7 @@ def _thresholds(name: str, args: tuple, kwargs: dict) -> tuple[Any, Any]:
 
 class PatternProbe:
     """Activation patterns of a frozen, eval-mode copy of `model` at points of its (embedded)
-    input space; `patterns(x)` returns one int32 row of codes per point."""
+    input space; `patterns(x)` returns one int16 row of codes per point."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = copy.deepcopy(model).eval()
@@ -208,16 +223,24 @@ class PatternProbe:
         self.forward = getattr(self.model, "forward_embedded", self.model)
         self.calls: list[PiecewiseCall] = []
         self.smooth: tuple[str, ...] = ()
+        self.chunk = 256  # points per forward pass; set from the unit count after the first one
 
-    def patterns(self, points: Tensor, chunk: int = 2048) -> Tensor:
+    def pool_columns(self) -> Tensor:
+        """Which code columns are max-pool winners (the rest are unit signs or thresholds)."""
+        parts = [torch.full((c.units,), c.op.startswith("max_pool")) for c in self.calls]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+    def patterns(self, points: Tensor) -> Tensor:
         rows = []
-        for start in range(0, len(points), chunk):
+        step = self.chunk
+        for start in range(0, len(points), step):
             recorder = _Recorder()
-            x = points[start : start + chunk].detach().clone().requires_grad_(True)
+            x = points[start : start + step].detach().clone().requires_grad_(True)
             with recorder:
                 self.forward(x)
             self.calls, self.smooth = recorder.calls, tuple(sorted(recorder.smooth))
-            codes = recorder.codes or [torch.zeros(len(x), 0, dtype=torch.int32)]
+            self.chunk = max(16, CODE_BUDGET // max(1, sum(c.units for c in self.calls)))
+            codes = recorder.codes or [torch.zeros(len(x), 0, dtype=CODE)]
             rows.append(torch.cat(codes, dim=1))
         return torch.cat(rows)
 
@@ -251,32 +274,59 @@ class _FirstInput(TorchFunctionMode):
 # --- estimators ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LineCount:
+    """Boundary crossings found on one segment; `unresolved` intervals were still changing in
+    several units when the evaluation budget ran out (counted by their changed units)."""
+
+    crossings: int
+    evaluations: int
+    unresolved: int
+
+
 def line_crossings(
-    probe: PatternProbe, start: Tensor, end: Tensor, points: int = 256, refine_depth: int = 12
-) -> int:
-    """Boundary crossings on the segment start -> end: pattern changes between `points` evenly
-    spaced samples, intervals whose ends differ in more than one unit bisected up to
-    `refine_depth` times. A lower estimate (a region entered and left within one step is missed)."""
-    ts = torch.linspace(0, 1, points, dtype=start.dtype)
+    probe: PatternProbe,
+    start: Tensor,
+    end: Tensor,
+    points: int = 256,
+    refine_depth: int = 12,
+    max_evaluations: int = 1024,
+) -> LineCount:
+    """Boundary crossings on the segment start -> end, from `points` evenly spaced samples.
+
+    An interval whose end patterns differ in one unit holds one crossing. One whose patterns
+    differ in several is bisected (a generic line crosses one boundary at a time), at most
+    `refine_depth` times and `max_evaluations` new points in all; at the depth limit it counts
+    as one crossing (units flipping together, e.g. a ReLU turning on and winning its pooling
+    window), and where the budget ran out as the number of its units other than max-pool
+    winners that differ (each flipped an odd number of times, so at least once). A lower
+    estimate: a region entered and left within one interval is missed."""
+    ts = torch.linspace(0, 1, points, dtype=torch.float64)
     codes = probe.patterns(_on_line(start, end, ts))
-    intervals = [(ts[i], ts[i + 1], codes[i], codes[i + 1]) for i in range(points - 1)]
-    crossings = 0
+    signs = ~probe.pool_columns()
+    lo_t, hi_t, lo_c, hi_c = ts[:-1], ts[1:], codes[:-1], codes[1:]
+    crossings = evaluations = unresolved = 0
+    cap = max(1, CODE_BUDGET // max(1, codes.shape[1]))  # new rows held at once
     for depth in range(refine_depth + 1):
-        pending = []
-        for lo, hi, code_lo, code_hi in intervals:
-            changed = int((code_lo != code_hi).sum())
-            if changed == 1 or (changed > 1 and depth == refine_depth):
-                crossings += 1
-            elif changed > 1:
-                pending.append((lo, hi, code_lo, code_hi))
-        if not pending:
+        changed = (lo_c != hi_c).sum(dim=1)
+        crossings += int((changed == 1).sum())
+        several = (changed > 1).nonzero().flatten()
+        if depth == refine_depth:
+            crossings += len(several)
             break
-        mids = torch.stack([(lo + hi) / 2 for lo, hi, _, _ in pending])
-        mid_codes = probe.patterns(_on_line(start, end, mids))
-        intervals = []
-        for (lo, hi, code_lo, code_hi), mid, code_mid in zip(pending, mids, mid_codes, strict=True):
-            intervals += [(lo, mid, code_lo, code_mid), (mid, hi, code_mid, code_hi)]
-    return crossings
+        room = max(0, min(max_evaluations - evaluations, cap))
+        rest, several = several[room:], several[:room]
+        if len(rest):
+            crossings += int((lo_c[rest][:, signs] != hi_c[rest][:, signs]).sum(dim=1).clamp(min=1).sum())
+            unresolved += len(rest)
+        if not len(several):
+            break
+        mids = (lo_t[several] + hi_t[several]) / 2
+        mid_c = probe.patterns(_on_line(start, end, mids))
+        evaluations += len(several)
+        lo_t, hi_t = torch.cat([lo_t[several], mids]), torch.cat([mids, hi_t[several]])
+        lo_c, hi_c = torch.cat([lo_c[several], mid_c]), torch.cat([mid_c, hi_c[several]])
+    return LineCount(crossings, points + evaluations, unresolved)
 
 
 def first_group_crossings(probe: PatternProbe, start: Tensor, end: Tensor) -> int | None:
@@ -293,27 +343,30 @@ def first_group_crossings(probe: PatternProbe, start: Tensor, end: Tensor) -> in
     return len(np.unique(np.round(inside.numpy(), 9)))
 
 
-def plane_regions(probe: PatternProbe, p0: Tensor, p1: Tensor, p2: Tensor, grid: int = 48) -> int:
+def plane_regions(
+    probe: PatternProbe, p0: Tensor, p1: Tensor, p2: Tensor, grid: int = 48, extent: float = 1.0
+) -> int:
     """Unique activation patterns on a grid x grid lattice of p0 + u (p1 − p0) + v (p2 − p0),
-    u, v in [0, 1] (ends included)."""
-    us = torch.linspace(0, 1, grid, dtype=p0.dtype)
+    u, v in [0, extent] (ends included)."""
+    us = torch.linspace(0, extent, grid, dtype=p0.dtype)
     u, v = torch.meshgrid(us, us, indexing="ij")
     shape = (-1,) + (1,) * p0.dim()
     points = p0 + u.reshape(shape) * (p1 - p0) + v.reshape(shape) * (p2 - p0)
     return unique_patterns(probe, points)
 
 
-def unique_patterns(probe: PatternProbe, points: Tensor, chunk: int = 4096) -> int:
+def unique_patterns(probe: PatternProbe, points: Tensor) -> int:
     """How many distinct activation patterns the points have."""
     seen: set[bytes] = set()
-    for start in range(0, len(points), chunk):
-        codes = probe.patterns(points[start : start + chunk]).numpy()
+    probe.patterns(points[:1])  # sets the chunk size
+    for start in range(0, len(points), probe.chunk):
+        codes = probe.patterns(points[start : start + probe.chunk]).numpy()
         seen.update(row.tobytes() for row in np.ascontiguousarray(codes))
     return len(seen)
 
 
 def _on_line(start: Tensor, end: Tensor, ts: Tensor) -> Tensor:
-    return start + ts.reshape((-1,) + (1,) * start.dim()) * (end - start)
+    return start + ts.to(start.dtype).reshape((-1,) + (1,) * start.dim()) * (end - start)
 
 
 # --- bounds --------------------------------------------------------------------------------------
@@ -357,36 +410,58 @@ class RegionBound:
 
 
 def region_bound(calls: Sequence[PiecewiseCall], input_dim: int, chain: bool) -> RegionBound:
-    """The tightest of the bounds that apply: Serra's for a chain of ReLUs, else the product."""
-    relu_chain = chain and all(c.op == "relu" for c in calls)
-    if relu_chain:
-        name = SERRA
-
-        def bound(d: int) -> int:
-            return serra_bound([c.units for c in calls], d)
+    """The tightest of the bounds that apply: Serra's for a chain of ReLUs, else the product.
+    Exact integers for the plane and the line; log10 for the input space (its integers have
+    thousands of digits for an image)."""
+    if chain and all(c.op == "relu" for c in calls):
+        name, widths = SERRA, [c.units for c in calls]
+        exact, log10 = serra_bound, serra_log10
     else:
-        name = PRODUCT
-
-        def bound(d: int) -> int:
-            return product_bound([c.hyperplanes for c in calls], d)
-
-    plane, line = bound(2), bound(1)
+        name, widths = PRODUCT, [c.hyperplanes for c in calls]
+        exact, log10 = product_bound, product_log10
+    plane, line = exact(widths, 2), exact(widths, 1)
     return RegionBound(
         name=name,
         input_dim=input_dim,
-        log10_input=_log10(bound(input_dim)),
+        log10_input=log10(widths, input_dim),
         plane=plane if plane <= EXACT_LIMIT else None,
-        log10_plane=_log10(plane),
+        log10_plane=math.log10(plane),
         line=line if line <= EXACT_LIMIT else None,
-        log10_line=_log10(line),
+        log10_line=math.log10(line),
     )
 
 
-def _log10(value: int) -> float:
-    digits = len(str(value))
-    if digits <= 300:
-        return math.log10(value)
-    return math.log10(int(str(value)[:17])) + digits - 17
+_LN10 = math.log(10)
+
+
+def _log_comb(n: int, upto: int) -> np.ndarray:
+    """ln C(n, j) for j = 0 .. upto (upto <= n)."""
+    j = torch.arange(upto + 1, dtype=torch.float64)
+    return (math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)).numpy()
+
+
+def product_log10(hyperplanes: Sequence[int], dim: int) -> float:
+    """log10 of `product_bound`, in floating point."""
+    return sum(float(np.logaddexp.reduce(_log_comb(h, min(dim, h)))) for h in hyperplanes) / _LN10
+
+
+def serra_log10(widths: Sequence[int], dim: int) -> float:
+    """log10 of `serra_bound` in O(dim) per layer: the new running minimum s comes either from
+    m = s with j <= min(s, n - s), or from any m >= max(s + 1, n - s) with j = n - s."""
+    weights = np.full(dim + 1, -np.inf)
+    weights[dim] = 0.0  # ln 1 at the running minimum d
+    for n in widths:
+        top = min(n, len(weights) - 1)
+        log_c = _log_comb(n, n)
+        prefix = np.logaddexp.accumulate(log_c)  # ln sum_{j<=k} C(n, j)
+        # ln sum_{m>=k} W[m], with a -inf past the end
+        suffix = np.append(np.logaddexp.accumulate(weights[::-1])[::-1], -np.inf)
+        s = np.arange(top + 1)
+        stay = weights[s] + prefix[np.minimum(s, n - s)]
+        first = np.maximum(s + 1, n - s)
+        drop = log_c[n - s] + suffix[np.minimum(first, len(weights))]
+        weights = np.logaddexp(stay, drop)
+    return float(np.logaddexp.reduce(weights)) / _LN10
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -406,6 +481,7 @@ class LinearRegions:
     units: int = 0
     line_regions: list[int] = field(default_factory=list)
     line_first_group_crossings: list[int | None] = field(default_factory=list)
+    line_unresolved: list[int] = field(default_factory=list)  # intervals left when the budget ran out
     plane_regions: list[int] = field(default_factory=list)
     bound: RegionBound | None = None
     settings: RegionSettings = field(default_factory=RegionSettings)
@@ -450,7 +526,9 @@ class LinearRegions:
         s = self.settings
         parts = []
         if self.line_regions:
-            missed = f", {self.sampling_missed} lines undersampled" if self.sampling_missed else ""
+            missed = f", {self.sampling_missed} undersampled" if self.sampling_missed else ""
+            cut = sum(n > 0 for n in self.line_unresolved)
+            missed += f", {cut} hit the {s.max_evaluations}-point budget" if cut else ""
             parts.append(
                 f"{self.mean_line_regions:.1f} per segment between data points "
                 f"(max {max(self.line_regions)}, {len(self.line_regions)} segments x {s.line_points} "
@@ -461,7 +539,7 @@ class LinearRegions:
             parts.append(
                 f"{self.mean_plane_regions:.1f} per plane through 3 data points "
                 f"(max {max(self.plane_regions)}, {len(self.plane_regions)} planes, "
-                f"{s.plane_grid}x{s.plane_grid} grid{saturated})"
+                f"{s.plane_grid}x{s.plane_grid} grid{_extent(s.plane_extent)}{saturated})"
             )
         measured = "; ".join(parts) or "no measurement"
         ops = ", ".join(f"{units} {op}" for op, units in self.ops.items())
@@ -474,6 +552,10 @@ class LinearRegions:
             f"{_fmt_bound(b.plane, b.log10_plane)} per plane, {_fmt_bound(None, b.log10_input)} in "
             f"R^{b.input_dim} [{b.name}]{'; ' + self.note if self.note else ''}"
         )
+
+
+def _extent(extent: float) -> str:
+    return "" if extent == 1 else f" over {extent:g} of the span"
 
 
 def _fmt_bound(exact: int | None, log10: float) -> str:
@@ -512,13 +594,15 @@ def linear_regions(
     )
     rng = np.random.default_rng(settings.seed)
     for i, j in _choose(rng, len(points), 2, settings.lines):
-        result.line_regions.append(
-            line_crossings(probe, points[i], points[j], settings.line_points, settings.refine_depth) + 1
+        count = line_crossings(
+            probe, points[i], points[j], settings.line_points, settings.refine_depth, settings.max_evaluations
         )
+        result.line_regions.append(count.crossings + 1)
+        result.line_unresolved.append(count.unresolved)
         result.line_first_group_crossings.append(first_group_crossings(probe, points[i], points[j]))
     for i, j, k in _choose(rng, len(points), 3, settings.planes):
         result.plane_regions.append(
-            plane_regions(probe, points[i], points[j], points[k], settings.plane_grid)
+            plane_regions(probe, points[i], points[j], points[k], settings.plane_grid, settings.plane_extent)
         )
     notes = []
     if len(points) < 3:

@@ -24,8 +24,10 @@ from audits.linear_regions import (
     linear_regions,
     plane_regions,
     product_bound,
+    product_log10,
     regions_over_rounds,
     serra_bound,
+    serra_log10,
     unique_patterns,
 )
 from fedsim.config.run_config import RunConfig
@@ -88,6 +90,11 @@ def test_plane_estimator_matches_exact_enumeration_of_a_tiny_relu_net() -> None:
     assert brute == exact
     assert exact >= 8  # a non-trivial arrangement
     assert plane_regions(probe, *box_corners(BOX), grid=400) == exact
+    # A patch at p0: half the span on each side is the box's lower-left quarter.
+    quarter = torch.linspace(-BOX, 0, 601)
+    assert plane_regions(probe, *box_corners(BOX), grid=200, extent=0.5) == unique_patterns(
+        probe, torch.cartesian_prod(quarter, quarter)
+    )
     # A coarse grid misses regions, and the comparison sees it.
     assert plane_regions(probe, *box_corners(BOX), grid=4) < exact
     # The bound holds (Serra's, at d = 2 = the input dimension).
@@ -109,14 +116,34 @@ def test_line_estimator_counts_the_exact_crossings_of_a_one_hidden_layer_net() -
     analytic = int(((roots > 0) & (roots < 1)).sum())
     assert analytic >= 10
     probe = PatternProbe(net)
-    assert line_crossings(probe, start, end, points=64, refine_depth=14) == analytic
+    count = line_crossings(probe, start, end, points=64, refine_depth=14)
+    assert (count.crossings, count.unresolved) == (analytic, 0)
     assert first_group_crossings(probe, start, end) == analytic
-    # Without refinement, a coarse sampling undercounts, and that is detectable.
-    assert line_crossings(probe, start, end, points=4, refine_depth=0) < analytic
+    # With neither refinement nor budget, only the changed intervals are counted (one each):
+    # too few, and the comparison sees it.
+    coarse = line_crossings(probe, start, end, points=4, refine_depth=0)
+    assert coarse.crossings < analytic
+    # Out of budget, an interval counts its changed units: exact for one hidden layer, where
+    # every unit crosses at most once.
+    assert line_crossings(probe, start, end, points=4, max_evaluations=0).crossings == analytic
     report = linear_regions(net, torch.stack([start, end]), RegionSettings(planes=0))
     assert report.line_regions == [analytic + 1] and report.sampling_missed == 0
     coarse = linear_regions(net, torch.stack([start, end]), RegionSettings(line_points=3, refine_depth=0))
     assert coarse.sampling_missed == 1  # flagged against the exact first-layer count
+
+
+def test_bisection_finds_the_regions_a_deep_net_enters_and_leaves_between_samples() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    generator = torch.Generator().manual_seed(3)
+    start, end = torch.randn(4, generator=generator) * 3, torch.randn(4, generator=generator) * 3
+    probe = PatternProbe(net)
+    dense = line_crossings(probe, start, end, points=20000, refine_depth=0).crossings
+    refined = line_crossings(probe, start, end, points=2, refine_depth=16, max_evaluations=100_000)
+    unrefined = line_crossings(probe, start, end, points=2, refine_depth=16, max_evaluations=0)
+    assert refined.unresolved == 0 and unrefined.unresolved > 0
+    assert refined.crossings == dense  # bisection from the two ends finds what 20,000 samples see
+    assert unrefined.crossings < dense  # changed units alone miss units that flip back
 
 
 def test_bounds_hold_for_measured_counts_and_serra_is_tighter_at_a_bottleneck() -> None:
@@ -189,9 +216,11 @@ def test_counts_are_seeded_and_follow_the_weights_over_rounds() -> None:
     assert rows[1]["line_regions"] == [1, 1, 1] and rows[1]["plane_regions"] == [1]
 
 
-@pytest.mark.parametrize("bad", [{"lines": -1}, {"line_points": 1}, {"plane_grid": 1}, {"planes": 1.5}])
+@pytest.mark.parametrize(
+    "bad", [{"lines": -1}, {"line_points": 1}, {"plane_grid": 1}, {"planes": 1.5}, {"plane_extent": 0}]
+)
 def test_bad_settings_raise_one_line(bad: dict) -> None:
-    with pytest.raises(ValueError, match="must be an integer"):
+    with pytest.raises(ValueError, match=r"must be an? (integer|number)"):
         RegionSettings(**bad)
 
 
@@ -209,3 +238,13 @@ def test_a_run_directory_is_read_round_by_round(tmp_path: Path) -> None:
     assert rows[0]["mean_line_regions"] > 1 and rows[1]["line_regions"] == [1, 1]
     with pytest.raises(UserInputError, match="samples must be at least 2"):
         run_linear_regions(store.path, samples=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_log_space_bounds_match_the_exact_integers(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    widths = [int(w) for w in rng.integers(1, 40, size=int(rng.integers(1, 5)))]
+    dim = int(rng.integers(1, 50))
+    assert serra_log10(widths, dim) == pytest.approx(math.log10(serra_bound(widths, dim)), rel=1e-9)
+    assert product_log10(widths, dim) == pytest.approx(math.log10(product_bound(widths, dim)), rel=1e-9)
+    assert serra_bound(widths, dim) <= product_bound(widths, dim)
