@@ -15,6 +15,10 @@ Three predictions, each honest about where it stops:
   ulp of a weight near zero is tiny) that its Gram needs float64 products throughout, several
   times the cost; the uniform one shares the unwhitened J with the deficit.
 
+Beside the security score, the linear regions a piecewise-linear network realises near the data
+(`audits.linear_regions`: activation-pattern changes on segments between the audited samples,
+unique patterns on planes through three of them) and the arrangement upper bound.
+
 Beside them, each attack's PSNR on that sample and its mean over all samples. The ceiling holds
 for unbiased attackers only; an attack with an image prior that beats it is flagged, not hidden.
 """
@@ -36,6 +40,7 @@ from audits.disclosure import Disclosure, disclosures
 from audits.engine import RECONSTRUCTED, AuditRow, SecurityMeasure, measure_security
 from audits.identifiability import Identifiability, identifiability
 from audits.leakage_bound import LeakageBound, leakage_bound, weight_delta_rounding_std
+from audits.linear_regions import LinearRegions, RegionSettings, linear_regions
 from audits.security_metric import SecurityReport
 from models.base import ZooModel, model_label
 
@@ -108,6 +113,9 @@ class ArchitectureReport:
     seconds: float = 0.0
     # What the family's protocol sends beside its updates (e.g. ProtoPNet's push), measured.
     disclosures: list[Disclosure] = field(default_factory=list)
+    # Linear regions near the data (None with a note in `regions_note` if they failed).
+    regions: LinearRegions | None = None
+    regions_note: str = ""
 
     @property
     def score(self) -> int | None:
@@ -147,6 +155,8 @@ class ArchitectureReport:
             "psnr_ceiling": self.psnr_ceiling,
             "attacks": [asdict(a) for a in self.attacks],
             "disclosures": [d.to_dict() for d in self.disclosures],
+            "linear_regions": None if self.regions is None else self.regions.to_dict(),
+            "linear_regions_note": self.regions_note or None,
             "seconds": self.seconds,
         }
 
@@ -158,6 +168,9 @@ class ArchitectureReport:
             if self.layerwise is not None
             else f"layer-wise metric: {self.layerwise_note}"
         ]
+        lines.append(
+            self.regions.line() if self.regions is not None else f"linear regions: {self.regions_note}"
+        )
         lines.append(_end_to_end_line(self))
         lines.append(_bound_line(self))
         if self.attacks:
@@ -178,13 +191,17 @@ def architecture_report(
     gradients: Mapping[str, torch.Tensor] | None = None,
     method: str = "auto",
     seed: int = 0,
+    data: torch.Tensor | None = None,
+    regions: RegionSettings | None = None,
 ) -> ArchitectureReport:
     """Predictions for `model` at the sample `inputs` (1, *shape) with dataset `labels` (1,), and
     the attacks' outcomes from `rows` (rows of `bound_sample` give the at-sample PSNR).
 
     security: the layer-wise metric if already computed (else computed here). gradients: the
     sample's exact gradient if already computed (the rounding noise of an exact-gradient audit
-    is that of a step along it). Nothing raises: a part that fails leaves a note."""
+    is that of a step along it). data: the samples (N, *shape) the linear regions are counted
+    between (default `inputs`); regions: their sampling settings (seeded by `seed` unless set).
+    Nothing raises: a part that fails leaves a note."""
     start = time.perf_counter()
     noise = noise or ObservationNoise()
     shape = tuple(int(d) for d in inputs.shape[1:])
@@ -211,6 +228,11 @@ def architecture_report(
         report.disclosures = [
             Disclosure("side channels", f"could not be measured: {type(err).__name__}: {err}")
         ]
+    try:
+        settings = regions or RegionSettings(seed=seed)
+        report.regions = linear_regions(model, inputs if data is None else data, settings)
+    except Exception as err:  # a report states what it could not compute, it does not raise
+        report.regions_note = f"failed: {type(err).__name__}: {err}"
     # The verdict compares like with like: only attacks that faced the bound's noise are judged.
     report.attacks = attack_outcomes(rows, bound_sample, report.psnr_ceiling if noise.sigma > 0 else None)
     report.seconds = time.perf_counter() - start

@@ -4,7 +4,8 @@ For N samples it computes the exact gradient a FedSGD client with batch 1 would 
 asked, seeded Gaussian noise of a given std per entry, which the attacks are told about), runs
 the configured attacks on it through the same engine as the federated auditor, and scores them;
 it also reports the architecture's predictions (`audits.architecture_report`): the layer-wise
-metric, the end-to-end rank and the PSNR ceiling at the noise the attacks faced.
+metric, the linear regions between the attacked samples, the end-to-end rank and the PSNR
+ceiling at the noise the attacks faced.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def audit_model(
         security=security,
         gradients=exact_gradients[0] if exact_gradients else None,
         seed=seed,
+        data=torch.from_numpy(np.ascontiguousarray(inputs)),  # linear regions between the samples
     )
     return StandaloneAudit(security, updates, architecture, threat)
 

@@ -35,6 +35,10 @@ def test_every_registered_model_gets_a_report(name: str) -> None:
     json.dumps(report.to_dict())  # plain enough for report.json
     table = report.to_table()
     assert "end-to-end J" in table and "PSNR ceiling" in table
+    # Linear regions: counted for every piecewise-linear model, "not applicable" for the rest.
+    assert report.regions is not None, report.regions_note
+    assert report.regions.applicable == (name not in {"lenet", "splash-fnn"})
+    assert report.regions.line() in table.splitlines()
 
 
 def test_noise_the_attacks_face_sets_the_ceiling_and_reaches_the_attacks() -> None:
@@ -73,3 +77,9 @@ def test_fedsim_audit_writes_the_architecture_report(tmp_path: Path) -> None:
     assert architecture["end_to_end_deficit"] == 0 and architecture["psnr_ceiling"] > 0
     assert [a["attack"] for a in architecture["attacks"]] == ["layerwise", "analytic-fc"]
     assert "end-to-end J" in result.output and "PSNR ceiling" in result.output
+    # The linear regions on the segment between the two samples, next to the security score.
+    regions = architecture["linear_regions"]
+    assert regions["applicable"] and regions["ops"] == {"relu": 1536, "max_pool2d": 384}
+    assert len(regions["line_regions"]) == 1 and regions["plane_regions"] == []  # a plane needs 3 samples
+    assert 1 < regions["line_regions"][0] <= regions["bound"]["line"]
+    assert "linear regions (1536 relu, 384 max_pool2d units)" in result.output
