@@ -143,7 +143,7 @@ class TextDNN(ZooModel):
         round's groups; the others are frozen (requires_grad off) for the round."""
         if self.nesterov and settings.momentum <= 0:
             raise ValueError(
-                "text-dnn with nesterov=true needs a momentum > 0 (got 0); "
+                "nesterov=true needs a momentum > 0 (got 0); "
                 "set e.g. --momentum 0.9, or model option nesterov=false"
             )
         self._pretraining = self.schedule.layer(server_round, settings.rounds)

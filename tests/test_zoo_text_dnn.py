@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import fedsim
+from fedsim.config.run_config import RunConfig
 from fedsim.data import corpora
 from fedsim.data.registry import load_dataset
+from fedsim.errors import UserInputError
+from fedsim.federation.planning import validate_plan
 from models import InputSpec, TrainingSettings, build_model, parse_model_options
 from models.text_dnn import PretrainSchedule, TextDNN
 from tests.conftest import final_server_accuracy, read_metrics, run_fedsim
@@ -125,6 +128,11 @@ def test_nesterov_without_momentum_is_refused_naming_the_fix() -> None:
     with pytest.raises(ValueError, match=r"nesterov=true needs a momentum > 0.*--momentum 0\.9"):
         _dnn().configure_optimizer(TrainingSettings(0.05, momentum=0.0, rounds=4), 1)
     _dnn(nesterov=False).configure_optimizer(TrainingSettings(0.05, momentum=0.0, rounds=4), 1)
+    # a run is refused at planning, before any client fails on it
+    config = RunConfig(dataset="breast-cancer", model="text-dnn", momentum=0.0, num_clients=3)
+    with pytest.raises(UserInputError, match=r"model 'text-dnn': nesterov=true needs a momentum > 0"):
+        validate_plan(config)
+    validate_plan(RunConfig(dataset="breast-cancer", model="text-dnn", momentum=0.9, num_clients=3))
 
 
 def test_glorot_initialisation_with_tanh_gain() -> None:
