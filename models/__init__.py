@@ -17,6 +17,7 @@ from models.hybrid_contrastive import hybrid_psc, hybrid_sc
 from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
 from models.splash_fnn import splash_fnn
+from models.text_dnn import text_dnn
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -35,6 +36,7 @@ MODELS: dict[str, ModelBuilder] = {
     "protopnet": protopnet,
     "hybrid-sc": hybrid_sc,
     "hybrid-psc": hybrid_psc,
+    "text-dnn": text_dnn,
 }
 
 

@@ -13,6 +13,7 @@ from fedsim.federation.secagg_plan import check_secagg, check_secagg_model
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.strategy.central_dp import check_central_dp
 from fedsim.training.defences import check_client_defences
+from fedsim.training.local import training_settings
 from fedsim.training.run_model import build_run_model
 from fedsim.training.transforms import check_transformation_names
 from models import InputSpec, UnsupportedInputError, available_models, build_model
@@ -32,6 +33,7 @@ def validate_plan(config: RunConfig) -> None:
     check_model_fits(
         config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]), config.model_options
     )
+    check_model_optimiser(config, data.spec)
     check_client_defences(config, data.spec)
     check_secagg_model(config, data.spec)
 
@@ -59,6 +61,16 @@ def check_model_fits(
             f"model {model_name!r} does not fit {dataset!r} {spec.modality} inputs of shape {spec.shape} "
             f"({str(err).splitlines()[0]}); {hint}"
         ) from None
+
+
+def check_model_optimiser(config: RunConfig, spec: InputSpec) -> None:
+    """Build the model's round-1 optimiser with the run's training settings: a family that refuses
+    them (e.g. Nesterov's momentum with --momentum 0) fails here and not on every client."""
+    model = build_run_model(config.model, spec, config.model_options)
+    try:
+        model.configure_optimizer(training_settings(config), 1)
+    except ValueError as err:
+        raise UserInputError(f"model {config.model!r}: {str(err).splitlines()[0]}") from None
 
 
 def _models_taking(spec: InputSpec) -> list[str]:
