@@ -14,7 +14,7 @@ CASES = [
     (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn6, cnn6-d, cnn6-relu, convnet-bn"),
     (
         ["--dataset", "cifar10"],
-        "unknown dataset 'cifar10'; choose one of: breast-cancer, digits, fashion-mnist, mnist, photos",
+        "unknown dataset 'cifar10'; choose one of: breast-cancer, digits, fashion-mnist, fortunes",
     ),
     (
         ["--dataset", "breast-cancer", "--model", "cnn6"],
