@@ -76,7 +76,7 @@ def _sizes(quick: bool) -> dict[str, int]:
         "task": 5000,
         "test": 5000,
         "pretrain_epochs": 2,
-        "epochs": 6,
+        "epochs": 12,
         "audit_samples": 1,
     }
 
