@@ -190,10 +190,13 @@ def architecture_report(
     shape = tuple(int(d) for d in inputs.shape[1:])
     security = security or measure_security(model, shape, seed=seed)
     ident, ident_note, bound = None, "", None
-    try:
-        ident, bound = _end_to_end(model, inputs, labels, noise, gradients, method, seed)
-    except Exception as err:  # a report states what it could not compute, it does not raise
-        ident_note = f"failed: {type(err).__name__}: {err}"
+    if not model.trained_by_gradients:
+        ident_note = "not applicable: the model is not trained by gradients, so no client sends one"
+    else:
+        try:
+            ident, bound = _end_to_end(model, inputs, labels, noise, gradients, method, seed)
+        except Exception as err:  # a report states what it could not compute, it does not raise
+            ident_note = f"failed: {type(err).__name__}: {err}"
     report = ArchitectureReport(
         model=model_label(model),
         input_shape=shape,

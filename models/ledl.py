@@ -152,7 +152,8 @@ class Ledl(ZooModel):
     def code(self, inputs: Tensor) -> Tensor:
         """Test-time codes (K×N): the lasso min ‖x − Bs‖² + 2α_test‖s‖₁ on B alone."""
         b = self.B.detach()
-        return admm_codes(b.T @ b, b.T @ self.flatten(inputs), self.alpha_test, self.rho, self.admm_iterations)
+        correlation = b.T @ self.flatten(inputs)
+        return admm_codes(b.T @ b, correlation, self.alpha_test, self.rho, self.admm_iterations)
 
     def training_codes(self, inputs: Tensor, labels: Tensor) -> Tensor:
         """Training codes (K×N) under the full objective, labels included."""
@@ -163,9 +164,10 @@ class Ledl(ZooModel):
         correlation = b.T @ self.flatten(inputs) + self.lam * w.T @ y + self.omega * a.T @ q
         return admm_codes(gram, correlation, self.alpha, self.rho, self.admm_iterations)
 
-    def statistics(self, inputs: Tensor, labels: Tensor) -> Statistics:
-        """The dictionary step's sufficient statistics of these samples."""
-        codes = self.training_codes(inputs, labels)
+    def statistics(self, inputs: Tensor, labels: Tensor, codes: Tensor | None = None) -> Statistics:
+        """The dictionary step's sufficient statistics of these samples (coded here unless
+        their training `codes` are given)."""
+        codes = self.training_codes(inputs, labels) if codes is None else codes
         y = F.one_hot(labels.long(), self.spec.num_classes).T.to(DTYPE)
         return Statistics(codes @ codes.T, self.flatten(inputs) @ codes.T, y @ codes.T, len(labels))
 
@@ -193,8 +195,7 @@ class Ledl(ZooModel):
         inputs = torch.cat([batch[0] for batch in batches])
         labels = torch.cat([batch[1] for batch in batches])
         codes = self.training_codes(inputs, labels)
-        y = F.one_hot(labels.long(), self.spec.num_classes).T.to(DTYPE)
-        self._statistics = Statistics(codes @ codes.T, self.flatten(inputs) @ codes.T, y @ codes.T, len(labels))
+        self._statistics = self.statistics(inputs, labels, codes)
         return self.objective(inputs, labels, codes) / len(labels)
 
     def extra_records(self) -> dict[str, ExtraRecord]:
