@@ -187,6 +187,15 @@ class Ledl(ZooModel):
     def forward(self, inputs: Tensor) -> Tensor:
         return (self.W.detach() @ self.code(inputs)).T.to(torch.float32)
 
+    def centralised_step(self, inputs: Tensor, labels: Tensor) -> None:
+        """One centralised LEDL iteration on these samples (code them all, then one
+        coordinate-descent sweep), in place: the reference a federated round must equal."""
+        stats = self.statistics(inputs, labels)
+        new = dictionary_step(self.B.detach(), self.W.detach(), self.A.detach(), stats, self.atom_classes)
+        with torch.no_grad():
+            for parameter, value in zip((self.B, self.W, self.A), new, strict=True):
+                parameter.copy_(value)
+
     # --- the federated step -----------------------------------------------------------------
     def local_update(self, data_loader: DataLoader, settings: TrainingSettings, server_round: int) -> float:
         """Code every training sample once (whatever the epochs and step cap) and keep the
