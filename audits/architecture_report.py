@@ -159,11 +159,17 @@ class ArchitectureReport:
             else f"layer-wise metric: {self.layerwise_note}"
         ]
         lines.append(_end_to_end_line(self))
-        lines.append(_bound_line(self))
-        if self.attacks:
-            lines.append(_attack_table(self))
+        if self.identifiability_note == NO_GRADIENT:  # no ceiling, no gradient attack to judge
+            lines.append("gradient attacks: none apply (declined below); the side channels are what leaks")
+        else:
+            lines.append(_bound_line(self))
+            if self.attacks:
+                lines.append(_attack_table(self))
         lines += [f"beside the update, {d.line()}" for d in self.disclosures]
         return "\n".join(lines)
+
+
+NO_GRADIENT = "not applicable: the model is not trained by gradients, so no client sends one"
 
 
 def architecture_report(
@@ -191,7 +197,7 @@ def architecture_report(
     security = security or measure_security(model, shape, seed=seed)
     ident, ident_note, bound = None, "", None
     if not model.trained_by_gradients:
-        ident_note = "not applicable: the model is not trained by gradients, so no client sends one"
+        ident_note = NO_GRADIENT
     else:
         try:
             ident, bound = _end_to_end(model, inputs, labels, noise, gradients, method, seed)
