@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from attacks.statistics_inversion import invert_statistics
+from audits.standalone import audit_model
 from fedsim.config.run_config import RunConfig
 from fedsim.data.registry import load_dataset
 from fedsim.errors import UserInputError
@@ -158,6 +159,17 @@ def test_one_sample_statistics_give_the_sample_back(digits) -> None:
     recovered, classes = invert_statistics(stats.xct.numpy(), stats.yct.numpy())
     assert classes.tolist() == [int(y[0])]
     np.testing.assert_allclose(recovered[:, 0], x.reshape(-1).double().numpy(), atol=1e-8)
+
+
+def test_the_audit_declines_gradient_attacks_and_measures_the_statistics(digits) -> None:
+    model = fresh(digits.spec)
+    audit = audit_model(model, digits.x_test[:2], digits.y_test[:2], ["auto", "inverting-gradients"])
+    assert {row.status for row in audit.rows} == {"declined"} and len(audit.rows) == 4
+    assert all("not trained by gradients" in row.note for row in audit.rows)
+    (disclosure,) = audit.architecture.disclosures
+    assert disclosure.channel == "dictionary statistics"
+    assert disclosure.psnr > 100 > 20 > disclosure.baseline_psnr
+    assert "gradient attacks: none apply" in audit.architecture.to_table()
 
 
 @pytest.mark.parametrize(
