@@ -172,11 +172,17 @@ class ArchitectureReport:
             self.regions.line() if self.regions is not None else f"linear regions: {self.regions_note}"
         )
         lines.append(_end_to_end_line(self))
-        lines.append(_bound_line(self))
-        if self.attacks:
-            lines.append(_attack_table(self))
+        if self.identifiability_note == NO_GRADIENT:  # no ceiling, no gradient attack to judge
+            lines.append("gradient attacks: none apply (declined below); the side channels are what leaks")
+        else:
+            lines.append(_bound_line(self))
+            if self.attacks:
+                lines.append(_attack_table(self))
         lines += [f"beside the update, {d.line()}" for d in self.disclosures]
         return "\n".join(lines)
+
+
+NO_GRADIENT = "not applicable: the model is not trained by gradients, so no client sends one"
 
 
 def architecture_report(
@@ -207,10 +213,13 @@ def architecture_report(
     shape = tuple(int(d) for d in inputs.shape[1:])
     security = security or measure_security(model, shape, seed=seed)
     ident, ident_note, bound = None, "", None
-    try:
-        ident, bound = _end_to_end(model, inputs, labels, noise, gradients, method, seed)
-    except Exception as err:  # a report states what it could not compute, it does not raise
-        ident_note = f"failed: {type(err).__name__}: {err}"
+    if not model.trained_by_gradients:
+        ident_note = NO_GRADIENT
+    else:
+        try:
+            ident, bound = _end_to_end(model, inputs, labels, noise, gradients, method, seed)
+        except Exception as err:  # a report states what it could not compute, it does not raise
+            ident_note = f"failed: {type(err).__name__}: {err}"
     report = ArchitectureReport(
         model=model_label(model),
         input_shape=shape,

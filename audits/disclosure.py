@@ -15,7 +15,10 @@ import numpy as np
 import torch
 
 from attacks.latent_patch import invert_latent_patch
+from attacks.statistics_inversion import invert_statistics
+from audits.image_metrics import reported_psnr
 from models.base import ZooModel
+from models.ledl import Ledl
 from models.protopnet import ProtoPNet, push_candidates
 
 # Inversions per audit (prototypes of the sample's class) and Adam steps each: about 1.5 s apiece.
@@ -38,7 +41,12 @@ class Disclosure:
 
     def line(self) -> str:
         measured = ""
-        if self.psnr is not None:
+        if self.psnr is not None and self.channel == STATISTICS_CHANNEL:
+            measured = (
+                f" Measured: a client holding only the audited sample sends statistics from which it is "
+                f"recovered at {self.psnr:.1f} dB PSNR (a grey guess: {self.baseline_psnr:.1f} dB)."
+            )
+        elif self.psnr is not None:
             measured = (
                 f" Measured: inverting the feature extractor on that latent (Adam, {PUSH_ITERATIONS} steps, "
                 f"position known) recovers the {self.window} receptive-field window of the audited sample "
@@ -51,7 +59,39 @@ def disclosures(model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor) -> 
     """The side channels of `model`'s protocol, measured at the first sample of `inputs`."""
     if isinstance(model, ProtoPNet):
         return [push_disclosure(model, inputs[:1], labels[:1])]
+    if isinstance(model, Ledl):
+        return [statistics_disclosure(model, inputs[:1], labels[:1])]
     return []
+
+
+STATISTICS_CHANNEL = "dictionary statistics"
+
+
+def statistics_disclosure(model: Ledl, inputs: torch.Tensor, labels: torch.Tensor) -> Disclosure:
+    """LEDL's statistics of a client holding the one audited sample, inverted
+    (`attacks.statistics_inversion`): YCᵀ's non-zero row is the sample's code, E = XCᵀ = x·cᵀ."""
+    atoms, dim = model.B.shape[1], model.B.shape[0]
+    statement = (
+        f"every round each client sends CCᵀ ({atoms}x{atoms}), XCᵀ ({dim}x{atoms}) and YCᵀ "
+        f"({model.spec.num_classes}x{atoms}), sums over its samples of their sparse codes' products; "
+        "YCᵀ's row of a class is the sum of that class's codes, so a class with one sample on the client "
+        "hands over that sample's code and XCᵀ then gives the sample itself (least squares)."
+    )
+    with torch.no_grad():
+        stats = model.statistics(inputs, labels)
+    recovered, _ = invert_statistics(stats.xct.numpy(), stats.yct.numpy())
+    truth = inputs[:1].double().numpy()
+    guess = recovered[:, 0].reshape(truth.shape)
+    grey = np.full_like(truth, 0.5)
+    if model.spec.value_range != (0.0, 1.0):  # PSNR here assumes peak 1: report the statement only
+        return Disclosure(STATISTICS_CHANNEL, statement)
+    return Disclosure(
+        STATISTICS_CHANNEL,
+        statement,
+        psnr=float(reported_psnr(truth, np.clip(guess, 0, 1))[0]),
+        baseline_psnr=float(reported_psnr(truth, grey)[0]),
+        window=f"{dim}-value",
+    )
 
 
 def push_disclosure(model: ProtoPNet, inputs: torch.Tensor, labels: torch.Tensor) -> Disclosure:

@@ -184,6 +184,11 @@ class UpdateAuditor:
         rows = [_row(context, a.name, DECLINED, None, 0.0, note) for a in self.attacks]
         return UpdateAudit(rows, None, original_note="reply not\nreadable")
 
+    def not_applicable(self, context: AuditContext, truth: Truth | None, note: str) -> UpdateAudit:
+        """Rows for a model no attack here can face (e.g. one not trained by gradients)."""
+        rows = [_row(context, a.name, DECLINED, truth, 0.0, note) for a in self.attacks]
+        return _with_images(rows, {}, truth)
+
     def _audit(self, update: ObservedUpdate, truth: Truth | None, context: AuditContext) -> UpdateAudit:
         truth, truth_note = _usable_truth(update, truth)
         if not all(bool(torch.isfinite(g).all()) for g in update.gradients.values()):

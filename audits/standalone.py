@@ -30,6 +30,7 @@ from audits.engine import (
     threat_model,
 )
 from models import ZooModel
+from models.base import model_label
 
 THREAT = threat_model(1, 1, exact=True)
 
@@ -83,13 +84,17 @@ def audit_model(
     threat = threat_label(gradient_noise)
     updates, exact_gradients = [], []
     for sample, x, y in zip(ids, inputs, labels, strict=True):
+        context = AuditContext(threat, sample=sample, rank_score=security.score)
+        if not model.trained_by_gradients:
+            truth = Truth(x[None], np.array([int(y)]))
+            updates.append(auditor.not_applicable(context, truth, no_gradient_note(model)))
+            continue
         # observe_gradient turns labels into targets itself, as a client's training does.
         update = observe_gradient(
             model, torch.from_numpy(np.ascontiguousarray(x[None])), torch.tensor([int(y)])
         )
         exact_gradients.append(update.gradients)
         update = with_gradient_noise(update, gradient_noise, seed, sample)
-        context = AuditContext(threat, sample=sample, rank_score=security.score)
         updates.append(auditor.audit(update, Truth(x[None], np.array([int(y)])), context))
     rows = [row for update in updates for row in update.rows]
     architecture = architecture_report(
@@ -105,6 +110,14 @@ def audit_model(
         data=torch.from_numpy(np.ascontiguousarray(inputs)),  # linear regions between the samples
     )
     return StandaloneAudit(security, updates, architecture, threat)
+
+
+def no_gradient_note(model: ZooModel) -> str:
+    """Why the gradient attacks decline a family not trained by gradients."""
+    return (
+        f"not applicable: {model_label(model)} is not trained by gradients; its clients send no "
+        "gradient and an unchanged model, but statistics of their samples (see the side channel below)"
+    )
 
 
 def with_gradient_noise(update: ObservedUpdate, sigma: float, seed: int, sample: int) -> ObservedUpdate:

@@ -11,6 +11,10 @@ push candidates) and send payloads beside its weights (`extra_records`, e.g. sta
 aggregates instead of weights); one server-side hook reads those payloads after aggregation
 (`after_aggregation`, checked first by `extra_record_problem`), e.g. to write ProtoPNet's pushed
 prototypes into the global model.
+A family not trained by gradients (LEDL's sparse coding) sets `trained_by_gradients = False` and
+does its whole local round in `local_update`; the client loop then builds no optimiser and runs
+no gradient step, and the run refuses what assumes one (DP-SGD, update defences, server
+optimisers).
 A token family splits its forward at the embedding (`embed`, `forward_embedded`) so that
 end-to-end identifiability can differentiate with respect to the embedded input.
 
@@ -136,13 +140,15 @@ class ZooModel(nn.Module):
     the default `loss`), "logistic" (one logit, BCE on a binary target) or "other" (a family
     with its own loss; analytic attacks decline it). `per_sample_loss` is False for a family whose
     loss couples the samples of a batch (a contrastive loss): DP-SGD's per-sample clipping then
-    bounds no one sample's influence, and the run refuses it.
+    bounds no one sample's influence, and the run refuses it. `trained_by_gradients` is False for
+    a family whose local round is `local_update` (no optimiser, no gradient, weights unchanged).
     """
 
     name: str = "zoo-model"
     head: str = "ce"
     metric_names: tuple[str, ...] = ("accuracy",)
     per_sample_loss: bool = True
+    trained_by_gradients: bool = True
 
     def __init__(self, spec: InputSpec, layers: nn.Sequential | None = None) -> None:
         super().__init__()
@@ -203,6 +209,13 @@ class ZooModel(nn.Module):
         return torch.optim.SGD(
             self.trainable_parameters(), lr=settings.learning_rate, momentum=settings.momentum
         )
+
+    def local_update(self, data_loader: DataLoader, settings: TrainingSettings, server_round: int) -> float:
+        """The whole local round of a family with `trained_by_gradients = False`, called instead of
+        the optimiser loop with the client's training data (batches of inputs, labels, sample
+        indices); returns its training loss. What it computes goes out through `extra_records`.
+        Never called for a gradient-trained family."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by gradients; it has no local_update")
 
     def before_local_training(self, data_loader: DataLoader, server_round: int) -> None:
         """Round hook, run before the local loop with the client's training data (the unwrapped

@@ -9,6 +9,7 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
+from fedsim.federation.gradient_free_plan import check_gradient_free
 from fedsim.federation.secagg_plan import check_secagg, check_secagg_model
 from fedsim.strategy.aggregators import check_strategy
 from fedsim.strategy.central_dp import check_central_dp
@@ -34,6 +35,7 @@ def validate_plan(config: RunConfig) -> None:
         config.model, config.dataset, data.spec, torch.from_numpy(data.x_train[:1]), config.model_options
     )
     check_model_optimiser(config, data.spec)
+    check_gradient_free(config, data.spec)
     check_client_defences(config, data.spec)
     check_secagg_model(config, data.spec)
 

@@ -31,13 +31,15 @@ def load_weights(model: ZooModel, path: Path) -> None:
         state = load_file(path)
     except (OSError, SafetensorError) as err:
         raise UserInputError(f"cannot read weights {path}: {err}; pass a .safetensors file") from None
-    problems = state_fit_problems(state, model.state_dict())
+    own = model.state_dict()
+    problems = state_fit_problems(state, own)
     if problems:
         raise UserInputError(
             f"weights {path} do not fit this model ({', '.join(problems[:3])}); "
             "pass the --model, --dataset and --image-size they were trained with"
         )
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    # In the model's own dtype: float32 for the zoo's networks, float64 for LEDL's dictionary.
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def check_output_folder(folder: Path) -> None:

@@ -10,6 +10,9 @@ Local training is one seam, the same for every model family and every client-sid
           -> update-level defences transform w_local − w_global, in list order (clip, topk, ...)
           -> TrainResult (weights, metrics, extra records, samples seen)
 
+A family not trained by gradients (`model.trained_by_gradients` False, e.g. LEDL) replaces the
+optimiser, the transformations and the loop with its own `model.local_update(data_loader, ...)`.
+
 Every random choice is seeded from (run seed, round, partition id), so a client's update
 depends only on those and the global weights: runs repeat exactly and resume exactly.
 """
@@ -151,6 +154,8 @@ def train_locally(
     start = time.perf_counter()
     seed = round_seed(config, server_round, partition_id)
     torch.manual_seed(seed)  # for layers that draw randomness (dropout) inside the step
+    if not model.trained_by_gradients:
+        return _solve_locally(model, data, config, server_round, seed, start)
     global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = model.configure_optimizer(training_settings(config), server_round)
     loader = client_loader(data, config.batch_size, seed)
@@ -194,6 +199,28 @@ def train_locally(
         extra_records=model.extra_records(),
         defences=tuple(t.label for t in transformations),
         privacy=tuple(spend for t in transformations if (spend := t.privacy_spent()) is not None),
+    )
+
+
+def _solve_locally(
+    model: ZooModel, data: ClientData, config: RunConfig, server_round: int, seed: int, start: float
+) -> TrainResult:
+    """The local round of a family not trained by gradients (`ZooModel.local_update`): no
+    optimiser, no client transformations (the plan refuses them for such a family), every sample
+    used once; what it computed leaves through its extra records."""
+    if config.transformation_names():
+        raise ValueError(f"{model.name} is not trained by gradients; client defences cannot wrap it")
+    loader = client_loader(data, config.batch_size, seed)
+    loss = model.local_update(loader, training_settings(config), server_round)
+    size = len(data.y_train)
+    return TrainResult(
+        train_loss=float(loss),
+        num_examples=size,
+        steps=0,
+        seconds=time.perf_counter() - start,
+        seen=torch.arange(min(size, MAX_TRUTH_SAMPLES)),
+        weights=model.state_dict(),
+        extra_records=model.extra_records(),
     )
 
 
