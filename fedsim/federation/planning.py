@@ -67,8 +67,11 @@ def check_model_fits(
 
 def check_model_optimiser(config: RunConfig, spec: InputSpec) -> None:
     """Build the model's round-1 optimiser with the run's training settings: a family that refuses
-    them (e.g. Nesterov's momentum with --momentum 0) fails here and not on every client."""
+    them (e.g. Nesterov's momentum with --momentum 0) fails here and not on every client. A family
+    not trained by gradients builds no optimiser."""
     model = build_run_model(config.model, spec, config.model_options)
+    if not model.trained_by_gradients:
+        return
     try:
         model.configure_optimizer(training_settings(config), 1)
     except ValueError as err:
