@@ -14,6 +14,7 @@ from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
 from models.dam import dam_cnn, dam_mlp
 from models.hybrid_contrastive import hybrid_psc, hybrid_sc
+from models.learning_to_weight import learning_to_weight
 from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
 from models.splash_fnn import splash_fnn
@@ -35,6 +36,7 @@ MODELS: dict[str, ModelBuilder] = {
     "protopnet": protopnet,
     "hybrid-sc": hybrid_sc,
     "hybrid-psc": hybrid_psc,
+    "ltw": learning_to_weight,
 }
 
 
