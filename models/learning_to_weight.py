@@ -6,9 +6,9 @@
 
 (tpr_kt, fpr_kt) = (P(t | c_k), P(t | not c_k)) come from the term×class document-frequency
 contingency counts of the training data. `weighting="learned"` makes g a small MLP 2→H→1
-(ReLU hidden layer, softplus output so that g > 0: the paper has a ReLU, `forcepos`), trained end to end with the classifier; the fixed
-weightings "idf", "chi2" and "ig" are the paper's baselines (tf-idf, tf-χ², tf-ig) on the same
-head, so the comparison changes the weighting and nothing else.
+(ReLU hidden layer, softplus output so that g > 0; the paper's `forcepos` is a ReLU), trained
+end to end with the classifier; the fixed weightings "idf", "chi2" and "ig" are the paper's
+baselines (tf-idf, tf-χ², tf-ig) on the same head, so a comparison changes the weighting only.
 
 Multiclass (our choice; the paper's tasks are binary, one class against the rest): one
 one-vs-rest weighting per class with g shared across classes, each class scoring its own
@@ -49,10 +49,10 @@ CLASS_DOCS = "class_docs"
 PADDING_ID = 0
 
 
-def term_frequencies(tokens: Tensor, vocab_size: int) -> Tensor:
+def term_frequencies(tokens: Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, V) float counts of each term in each document; padding (id 0) is not a term."""
-    counts = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.float32, device=tokens.device)
-    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+    counts = torch.zeros(tokens.shape[0], vocab_size, dtype=dtype, device=tokens.device)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=dtype))
     counts[:, PADDING_ID] = 0.0
     return counts
 
@@ -137,9 +137,11 @@ class LearningToWeight(ZooModel):
             self.g[2].bias.fill_(1.0)
         if weighting != "learned":
             self.g.requires_grad_(False)
-        bound = vocab**-0.5
-        self.classifier_weight = nn.Parameter(torch.empty(classes, vocab).uniform_(-bound, bound))
-        self.classifier_bias = nn.Parameter(torch.zeros(classes))
+        # The scorer: row k of its weight and bias score class k's own weighted vector (see
+        # forward_embedded), so it is never called as a layer; registered last, it is the
+        # model's output layer for attacks that read one (iDLG's label rule).
+        self.classifier = nn.Linear(vocab, classes)
+        nn.init.zeros_(self.classifier.bias)
         self.register_buffer(TERM_CLASS_DF, torch.zeros(classes, vocab, dtype=torch.int64))
         self.register_buffer(CLASS_DOCS, torch.zeros(classes, dtype=torch.int64))
         self._record: dict[str, np.ndarray] | None = None
@@ -149,30 +151,38 @@ class LearningToWeight(ZooModel):
         return bool(self.class_docs.sum() > 0)
 
     def term_weights(self) -> Tensor:
-        """w (K, V): the weighting of every term for every class, from the model's counts."""
-        df, n_k = self.term_class_df, self.class_docs
+        """w (K, V): the weighting of every term for every class, from the model's counts, in
+        the parameters' dtype (an auditor may run the model in float64)."""
+        df, n_k, dtype = self.term_class_df, self.class_docs, self.classifier.weight.dtype
         if self.weighting == "idf":
-            return inverse_document_frequency(df, n_k)
+            return inverse_document_frequency(df, n_k).to(dtype)
         if self.weighting == "chi2":
-            return chi_square(df, n_k)
+            return chi_square(df, n_k).to(dtype)
         if self.weighting == "ig":
-            return information_gain(df, n_k)
-        tpr, fpr = rates(df, n_k)
-        return self.g(torch.stack([tpr, fpr], dim=-1)).squeeze(-1)
+            return information_gain(df, n_k).to(dtype)
+        tpr, fpr = (rate.to(dtype) for rate in rates(df, n_k))
+        # g on each distinct (tpr, fpr) pair once: counts take few values (most terms are rare,
+        # all are (0, 0) before the counts are known), and an auditor differentiating the
+        # gradient would otherwise carry g's hidden layer for all K·V terms per tangent.
+        pairs, where = torch.unique(
+            torch.stack([tpr, fpr], dim=-1).reshape(-1, 2), dim=0, return_inverse=True
+        )
+        return self.g(pairs).squeeze(-1)[where].reshape(tpr.shape)
 
     # --- forward -------------------------------------------------------------------------------
     def embed(self, inputs: Tensor) -> Tensor:
         """The continuous input is the bag of words: term counts (B, V)."""
-        return term_frequencies(inputs, self.classifier_weight.shape[1])
+        weight = self.classifier.weight
+        return term_frequencies(inputs, weight.shape[1], weight.dtype)
 
     def forward_embedded(self, embedded: Tensor) -> Tensor:
         """logit_k = <W_k, l ⊙ w_k> / ‖l ⊙ w_k‖ + b_k with l = log(1 + tf), computed as two
         (B, V)·(V, K) products instead of K weighted copies of the batch."""
         logtf = torch.log1p(embedded)
         weights = self.term_weights()
-        scores = logtf @ (weights * self.classifier_weight).T
+        scores = logtf @ (weights * self.classifier.weight).T
         norms = torch.sqrt((logtf**2) @ (weights**2).T + 1e-12)
-        return scores / norms + self.classifier_bias
+        return scores / norms + self.classifier.bias
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.forward_embedded(self.embed(inputs))

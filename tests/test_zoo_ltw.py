@@ -174,8 +174,8 @@ def test_forward_is_the_l2_normalised_weighted_log_tf_under_each_class() -> None
     logtf = torch.log1p(term_frequencies(DOCS, 8))
     expected = torch.stack(
         [
-            torch.nn.functional.normalize(logtf * weights[k], dim=1) @ model.classifier_weight[k]
-            + model.classifier_bias[k]
+            torch.nn.functional.normalize(logtf * weights[k], dim=1) @ model.classifier.weight[k]
+            + model.classifier.bias[k]
             for k in range(3)
         ],
         dim=1,
