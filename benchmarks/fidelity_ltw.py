@@ -209,12 +209,17 @@ def zoo_audit(samples: int) -> dict[str, Any]:
     """`fedsim audit --model ltw --dataset fortunes` (default attacks) as a library call."""
     start = time.perf_counter()
     result = fedsim.audit(model="ltw", dataset="fortunes", samples=samples, attacks="layerwise,auto")
-    summary = result.summary.to_dict(orient="records")
-    report = result.security_report
+    architecture = result.architecture
+    ident, bound = architecture.identifiability, architecture.bound
     return {
-        "summary": summary,
-        "security_score": None if report is None else report.score,
-        "report": str(report.to_table() if report is not None and hasattr(report, "to_table") else ""),
+        "summary": result.summary.to_dict(orient="records"),
+        "security_error": result.security_error,
+        "end_to_end_rank": None if ident is None or ident.rank is None else int(ident.rank),
+        "end_to_end_unknowns": None if ident is None else int(ident.unknowns),
+        "end_to_end_deficit": architecture.end_to_end_deficit,
+        "identifiability_note": architecture.identifiability_note,
+        "mse_floor": None if bound is None else float(bound.mse_floor),
+        "psnr_ceiling": architecture.psnr_ceiling,
         "seconds": round(time.perf_counter() - start, 1),
     }
 

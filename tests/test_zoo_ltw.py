@@ -224,13 +224,13 @@ def test_g_surface_plot_writes_a_png(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ltw_learns_in_a_federation_on_summed_counts(tmp_path: Path) -> None:
     args = ["run", "--name", "ltw", "--model", "ltw", "--dataset", "fortunes", "--batch-size", "32"]
-    args += ["--clients", "3", "--rounds", "3", "--fraction-evaluate", "0", "--cpus", "2"]
+    args += ["--clients", "3", "--rounds", "2", "--fraction-evaluate", "0", "--cpus", "2"]
     result = run_fedsim(args, cwd=tmp_path)
     if "fortunes" in result.stderr and "apt-get install" in result.stderr:
         pytest.skip("the fortunes corpus is not installed: apt-get install -y fortunes")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "ltw"
-    assert final_server_accuracy(run) >= 0.45  # measured 0.57; chance is 1/6
+    assert final_server_accuracy(run) >= 0.45  # measured 0.54; chance is 1/6
     server = [r for r in read_metrics(run) if r["stage"] == "server"]
     f1 = macro_f1(
         {k.removeprefix("eval_"): float(v) for k, v in server[-1].items() if k.startswith("eval_")}, 6
