@@ -245,3 +245,18 @@ def test_ltw_learns_in_a_federation_on_summed_counts(tmp_path: Path) -> None:
         model = build_model("ltw", InputSpec.tokens(48, 5000, 6))
         load_weights(model, checkpoint)
         assert torch.equal(model.term_class_df, pooled[0]) and torch.equal(model.class_docs, pooled[1])
+
+
+def test_attacks_say_why_they_do_not_apply_and_idlg_reads_the_label() -> None:
+    from attacks.analytic import recover_labels_idlg
+    from attacks.auto import AutoAttack
+    from attacks.base import AttackError, observe_gradient
+
+    model = _ltw()
+    update = observe_gradient(model, DOCS[2:3], LABELS[2:3])
+    assert recover_labels_idlg(update).tolist() == [1], "the classifier bias gradient names the label"
+    with pytest.raises(AttackError, match="token ids are discrete") as declined:
+        AutoAttack().reconstruct(update)
+    assert "no flat `layers`" in str(declined.value)
+    grad = update.gradients["classifier.weight"]
+    assert (grad.abs().sum(0) > 0).nonzero().flatten().tolist() == [3, 5, 6], "support = the token set"
