@@ -37,6 +37,12 @@ class _Target:
 
 
 def _target(update: ObservedUpdate) -> _Target:
+    spec = getattr(update.model, "spec", None)
+    if spec is not None and spec.modality == "tokens":
+        raise AttackError(
+            "it optimises a continuous dummy input, and token ids are discrete (the end-to-end "
+            "analysis differentiates at the model's embedded input instead)"
+        )
     named = [(n, p) for n, p in update.model.named_parameters() if p.requires_grad]
     if not named:
         raise AttackError("the model has no trainable parameters, so its update carries no gradient")
