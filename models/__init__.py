@@ -14,8 +14,8 @@ from models.classifiers import cnn6, cnn6_d, lenet, mlp
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
 from models.dam import dam_cnn, dam_mlp
 from models.hybrid_contrastive import hybrid_psc, hybrid_sc
-from models.ledl import ledl
 from models.learning_to_weight import learning_to_weight
+from models.ledl import ledl
 from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
 from models.splash_fnn import splash_fnn
