@@ -71,7 +71,13 @@ WORKLOADS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "dam-cnn": {
-        "full": {"train": {**TRAIN, "model": "dam-cnn"}, "lam": 0.1, "cold_rounds": 1, "audit_samples": 2},
+        # At 12 rounds λ 0.1 removed 44.3 % for 1.17 points.
+        "full": {
+            "train": {**TRAIN, "model": "dam-cnn", "rounds": 24},
+            "lam": 0.08,
+            "cold_rounds": 1,
+            "audit_samples": 2,
+        },
         "quick": {
             "train": {**QUICK_TRAIN, "model": "dam-cnn"},
             "lam": 0.5,
