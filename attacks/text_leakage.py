@@ -1,0 +1,257 @@
+"""Exact text leakage from the gradients of token models: the token set, then the sequences.
+
+`token-set`: a token embedding's gradient is non-zero exactly in the rows of the tokens in the
+batch (the lookup routes each position's gradient to its token's row), so the server reads the
+set of tokens off the update; positions and counts are not revealed. A `padding_idx` row gets no
+gradient, so the padding token is never revealed by it (the attack says so).
+
+`dager` (Petrov et al., NeurIPS 2024): the gradient of a Linear layer applied per token is
+Σ_i δ_i x_iᵀ, so every token's input x_i lies in the row space of ∂L/∂W, of rank at most B·L. A
+candidate token t at position p belongs to the batch exactly when its layer input (embedding of t,
+plus position p's embedding, plus whatever per-token map comes before, e.g. a LayerNorm) has zero
+distance to that span. With positional embeddings the test is per position, so a batch-1 sequence
+is recovered in order; for B > 1 the per-position token sets are recovered, and the sequences
+are assembled naively (the k-th closest token of each position to sequence k): DAGER's
+assembly through the next layer is not implemented here.
+
+Assumptions (each checked, else the attack declines with the reason): the model takes tokens and
+has an `nn.Embedding` of `vocab_size` rows; some `nn.Linear` is applied per token to a
+(B, L, d) tensor; the input of the first such Linear at a position depends on that position's
+token and index alone (no mixing before it); B·L < d (else the span is the whole space and every
+candidate passes). Where the token embedding is frozen the candidates are the whole vocabulary
+(slower, still exact); a LoRA adapter with B = 0 at initialisation has a zero A-gradient, but its
+frozen base layer gives no gradient at all, so the span test needs a trainable per-token Linear.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from attacks.base import AttackError, ObservedUpdate, Reconstruction
+from models.base import ZooModel
+
+UNKNOWN = -1  # a position no candidate passed at
+ORDERED_KEY = "ordered"  # diagnostics: True when the reconstruction claims positions
+TOKEN_SET_KEY = "token_set"  # diagnostics: the recovered set of token ids (sorted)
+CHUNK = 256  # candidate tokens per forward pass
+
+
+def token_embedding(model: ZooModel) -> tuple[str, nn.Embedding]:
+    """The model's token embedding: its first `nn.Embedding` with `vocab_size` rows."""
+    spec = model.spec
+    if spec.modality != "tokens":
+        raise AttackError(f"the model takes {spec.modality} inputs; text attacks need token inputs")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.num_embeddings == spec.vocab_size:
+            return name, module
+    raise AttackError(
+        f"{type(model).__name__} has no nn.Embedding of {spec.vocab_size} rows (the vocabulary); "
+        "the text attacks read tokens through one"
+    )
+
+
+def embedding_token_set(update: ObservedUpdate) -> tuple[Tensor, str]:
+    """Token ids whose embedding-gradient row is non-zero (sorted), and a note on padding."""
+    name, embedding = token_embedding(update.model)
+    grad = update.gradients[f"{name}.weight"]
+    if not embedding.weight.requires_grad or not bool((grad != 0).any()):
+        raise AttackError(
+            f"the token embedding {name!r} is frozen (its gradient is zero), so it reveals no tokens; "
+            "use dager, which tests the whole vocabulary against a trainable per-token Linear"
+        )
+    tokens = (grad != 0).any(dim=1).nonzero().reshape(-1)
+    note = ""
+    if embedding.padding_idx is not None:
+        note = f"padding id {embedding.padding_idx} has no gradient (padding_idx), so it is never revealed"
+    return tokens, note
+
+
+class TokenSetAttack:
+    """The exact set of tokens in the batch, from the non-zero rows of the embedding gradient."""
+
+    name = "token-set"
+
+    def reconstruct(self, update: ObservedUpdate) -> Reconstruction:
+        start = time.perf_counter()
+        tokens, note = embedding_token_set(update)
+        diagnostics = {ORDERED_KEY: False, TOKEN_SET_KEY: tokens.tolist()}
+        if note:
+            diagnostics["note"] = note
+        return Reconstruction(tokens[None].float(), None, time.perf_counter() - start, diagnostics)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The first per-token Linear layers (all that share its input) and their input width."""
+
+    names: tuple[str, ...]
+    module: nn.Linear  # the first one: its input is what `layer_inputs` captures
+    width: int
+
+
+def first_projection(model: ZooModel, length: int) -> Projection:
+    """Find the first nn.Linear applied to a (B, length, d) tensor, and the Linears sharing its input."""
+    calls: list[tuple[str, nn.Linear, Tensor]] = []
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, m, args[0].detach())))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    probe = torch.arange(length, dtype=torch.int64)[None] % model.spec.vocab_size
+    try:
+        _forward(model, probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_token = [(n, m, x) for n, m, x in calls if x.dim() == 3 and tuple(x.shape[:2]) == (1, length)]
+    if not per_token:
+        raise AttackError(
+            f"no nn.Linear of {type(model).__name__} is applied per token to a (B, {length}, d) input; "
+            "the span test needs one (a bag-of-words or pooled model mixes the tokens first)"
+        )
+    _, module, first = per_token[0]
+    names = tuple(
+        dict.fromkeys(n for n, _, x in per_token if x.shape == first.shape and torch.equal(x, first))
+    )
+    return Projection(names, module, int(first.shape[-1]))
+
+
+def layer_inputs(model: ZooModel, projection: Projection, tokens: Tensor) -> Tensor:
+    """The first projection's input (N, L, d) for token sequences (N, L)."""
+    captured: list[Tensor] = []
+    hook = projection.module.register_forward_hook(lambda m, args, out: captured.append(args[0].detach()))
+    try:
+        _forward(model, tokens)
+    finally:
+        hook.remove()
+    return captured[0].double()
+
+
+def _forward(model: ZooModel, tokens: Tensor) -> None:
+    """A forward pass in eval mode (no dropout: the same input must give the same layer input)."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        model.train(training)
+
+
+def _check_per_token(model: ZooModel, projection: Projection, length: int) -> bool:
+    """Decline unless a position's layer input is a function of its token and index alone;
+    return whether that input depends on the index (positional embeddings: order is recoverable)."""
+    generator = torch.Generator().manual_seed(0)
+    sequence = torch.randint(0, model.spec.vocab_size, (1, length), generator=generator)
+    mixed = layer_inputs(model, projection, sequence)[0]
+    alone = layer_inputs(model, projection, sequence.reshape(-1, 1).expand(length, length))
+    own = alone[torch.arange(length), torch.arange(length)]
+    if not torch.allclose(mixed, own, rtol=1e-5, atol=1e-6):
+        raise AttackError(
+            f"the input of {projection.names[0]!r} at a position depends on other positions (tokens "
+            "are mixed before the first per-token Linear); the span test needs per-token inputs"
+        )
+    return not torch.allclose(alone[:, 0], alone[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def gradient_span(update: ObservedUpdate, projection: Projection, rank_tol: float) -> tuple[Tensor, int]:
+    """An orthonormal basis (d, r) of the row space of the projections' stacked weight gradients."""
+    grads = torch.cat([update.gradients[f"{n}.weight"].double() for n in projection.names], dim=0)
+    singular, basis = torch.linalg.svd(grads, full_matrices=False)[1:]
+    if float(singular[0]) == 0.0:
+        raise AttackError(f"the weight gradient of {projection.names[0]!r} is zero; it spans no inputs")
+    rank = int((singular > singular[0] * rank_tol).sum())
+    if rank >= projection.width:
+        raise AttackError(
+            f"the weight gradient of {projection.names[0]!r} has full rank {rank} = its input width: "
+            f"the batch holds at least {projection.width} token positions (B·L ≥ d), so every "
+            "candidate lies in the span; dager needs B·L < d"
+        )
+    return basis[:rank].T, rank
+
+
+class DagerAttack:
+    """DAGER's span test at the first per-token Linear: the batch's tokens, per position."""
+
+    name = "dager"
+
+    def __init__(self, rank_tol: float = 1e-6, distance_tol: float = 1e-3) -> None:
+        self.rank_tol = rank_tol  # singular values below this share of the largest are noise
+        self.distance_tol = distance_tol  # a candidate passes below this relative distance to the span
+
+    def reconstruct(self, update: ObservedUpdate) -> Reconstruction:
+        start = time.perf_counter()
+        model = update.model
+        token_embedding(model)  # declines for models without one
+        length = int(model.spec.shape[0])
+        projection = first_projection(model, length)
+        positional = _check_per_token(model, projection, length)
+        basis, rank = gradient_span(update, projection, self.rank_tol)
+        candidates, source = self._candidates(update)
+        distances = self._distances(model, projection, basis, candidates, length)  # (N, L)
+        passed = distances < self.distance_tol
+        token_set = sorted({int(t) for t in candidates[passed.any(dim=1)]})
+        diagnostics = {
+            ORDERED_KEY: positional,
+            TOKEN_SET_KEY: token_set,
+            "projections": list(projection.names),
+            "span_rank": rank,
+            "candidates": source,
+        }
+        if not positional:
+            inputs = torch.tensor(token_set, dtype=torch.float32)[None]
+            diagnostics["note"] = "no positional input before the projection: the token set only"
+            return Reconstruction(inputs, None, time.perf_counter() - start, diagnostics)
+        sequences = self._assemble(candidates, distances, passed, update.batch_size)
+        diagnostics["positions_unresolved"] = int((sequences == UNKNOWN).sum())
+        if update.batch_size > 1:
+            diagnostics["note"] = (
+                "per-position token sets are exact; sequences assembled naively (no next-layer assembly)"
+            )
+        return Reconstruction(sequences.float(), None, time.perf_counter() - start, diagnostics)
+
+    @staticmethod
+    def _candidates(update: ObservedUpdate) -> tuple[Tensor, str]:
+        """The embedding-gradient token set where the embedding trains, else the whole vocabulary;
+        the padding row, which gets no gradient under `padding_idx`, is always a candidate."""
+        _, embedding = token_embedding(update.model)
+        try:
+            tokens, _ = embedding_token_set(update)
+            source = "the embedding gradient's token set"
+        except AttackError:
+            tokens = torch.arange(update.model.spec.vocab_size)
+            source = "the whole vocabulary (frozen embedding)"
+        if embedding.padding_idx is not None:
+            tokens = torch.unique(torch.cat([tokens, torch.tensor([embedding.padding_idx])]))
+        return tokens, source
+
+    @staticmethod
+    def _distances(
+        model: ZooModel, projection: Projection, basis: Tensor, candidates: Tensor, length: int
+    ) -> Tensor:
+        """Relative distance of each candidate's layer input at each position to the span."""
+        out = []
+        for chunk in candidates.split(CHUNK):
+            inputs = layer_inputs(model, projection, chunk[:, None].expand(-1, length))  # (n, L, d)
+            residual = inputs - (inputs @ basis) @ basis.T
+            out.append(residual.norm(dim=-1) / inputs.norm(dim=-1).clamp_min(1e-30))
+        return torch.cat(out)
+
+    @staticmethod
+    def _assemble(candidates: Tensor, distances: Tensor, passed: Tensor, batch: int) -> Tensor:
+        """(batch, L) sequences: at each position, sequence k takes the k-th closest passing token
+        (the closest one where fewer passed: a token the sequences share, such as padding)."""
+        length = distances.shape[1]
+        sequences = torch.full((batch, length), UNKNOWN, dtype=torch.int64)
+        for p in range(length):
+            members = passed[:, p].nonzero().reshape(-1)
+            if not len(members):
+                continue
+            ranked = candidates[members[distances[members, p].argsort()]]
+            for k in range(batch):
+                sequences[k, p] = ranked[min(k, len(ranked) - 1)]
+        return sequences
