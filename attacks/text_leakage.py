@@ -10,9 +10,11 @@ gradient, so the padding token is never revealed by it (the attack says so).
 candidate token t at position p belongs to the batch exactly when its layer input (embedding of t,
 plus position p's embedding, plus whatever per-token map comes before, e.g. a LayerNorm) has zero
 distance to that span. With positional embeddings the test is per position, so a batch-1 sequence
-is recovered in order; for B > 1 the per-position token sets are recovered, and the sequences
-are assembled naively (the k-th closest token of each position to sequence k): DAGER's
-assembly through the next layer is not implemented here.
+is recovered in order. For B > 1 the token set stays exact, but the per-position sets can hold
+extra tokens: with additive positions, a token s at position a and a token t at positions a and b
+put (s, b) in the span too, as e_s + p_b = (e_s + p_a) - (e_t + p_a) + (e_t + p_b). The
+sequences are then assembled naively (the k-th closest token of each position to sequence k);
+DAGER's assembly through the next layer, which removes such combinations, is not implemented.
 
 Assumptions (each checked, else the attack declines with the reason): the model takes tokens and
 has an `nn.Embedding` of `vocab_size` rows; some `nn.Linear` is applied per token to a
@@ -165,13 +167,27 @@ def gradient_span(update: ObservedUpdate, projection: Projection, rank_tol: floa
     if float(singular[0]) == 0.0:
         raise AttackError(f"the weight gradient of {projection.names[0]!r} is zero; it spans no inputs")
     rank = int((singular > singular[0] * rank_tol).sum())
-    if rank >= projection.width:
+    space = input_space_rank(update.model, projection, rank_tol)
+    if rank >= space:
         raise AttackError(
-            f"the weight gradient of {projection.names[0]!r} has full rank {rank} = its input width: "
-            f"the batch holds at least {projection.width} token positions (B·L ≥ d), so every "
-            "candidate lies in the span; dager needs B·L < d"
+            f"the weight gradient of {projection.names[0]!r} has full rank {rank}: the layer's inputs "
+            f"span only {space} of its {projection.width} dimensions and the batch fills them "
+            "(too many token positions, B·L ≥ d), so every candidate lies in the span; dager needs "
+            "fewer positions than dimensions"
         )
     return basis[:rank].T, rank
+
+
+def input_space_rank(model: ZooModel, projection: Projection, rank_tol: float) -> int:
+    """The dimension of the space the layer's inputs can take at all (a LayerNorm, say, keeps them
+    in the d - 1 dimensions of zero mean): a gradient of that rank spans every candidate."""
+    length = int(model.spec.shape[0])
+    count = -(-4 * projection.width // length)  # enough random inputs to span the space
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.spec.vocab_size, (count, length), generator=generator)
+    inputs = layer_inputs(model, projection, tokens).reshape(-1, projection.width)
+    singular = torch.linalg.svdvals(inputs)
+    return int((singular > singular[0] * rank_tol).sum())
 
 
 class DagerAttack:
@@ -210,7 +226,8 @@ class DagerAttack:
         diagnostics["positions_unresolved"] = int((sequences == UNKNOWN).sum())
         if update.batch_size > 1:
             diagnostics["note"] = (
-                "per-position token sets are exact; sequences assembled naively (no next-layer assembly)"
+                "B > 1: token set exact, per-position sets may hold extra tokens and the sequences "
+                "are assembled naively (no next-layer assembly)"
             )
         return Reconstruction(sequences.float(), None, time.perf_counter() - start, diagnostics)
 
