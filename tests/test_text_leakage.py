@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from attacks.base import AttackError, ObservedUpdate, observe_gradient
+from attacks.base import AttackError, observe_gradient
 from attacks.registry import build_attack
 from attacks.text_leakage import ORDERED_KEY, TOKEN_SET_KEY, DagerAttack, TokenSetAttack
 from audits.engine import AUDIT_COLUMNS, RECONSTRUCTED, TEXT_COLUMNS, AuditRow
@@ -39,16 +39,6 @@ def _batch(seed: int, batch: int, lengths: list[int] | None = None) -> tuple[Ten
 
 def _true_set(tokens: Tensor) -> set[int]:
     return {int(t) for t in tokens.reshape(-1) if int(t) != 0}
-
-
-def _observe(model: ZooModel, tokens: Tensor, labels: Tensor) -> ObservedUpdate:
-    """The update a client sends; a frozen tensor's entry is zero, as in its weight delta."""
-    params = dict(model.named_parameters())
-    trainable = [n for n, p in params.items() if p.requires_grad]
-    loss = model.loss(model(tokens), model.targets(labels))
-    grads = dict(zip(trainable, torch.autograd.grad(loss, [params[n] for n in trainable]), strict=True))
-    full = {n: grads.get(n, torch.zeros_like(p)).detach() for n, p in params.items()}
-    return ObservedUpdate(model, full, (12,), 3, batch_size=len(tokens))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -88,7 +78,7 @@ def test_dager_recovers_the_token_set_of_a_batch_and_positions_of_its_unique_tok
 def test_frozen_embedding_token_set_declines_but_dager_searches_the_vocabulary() -> None:
     model = _model(3, frozen_embedding=True)
     tokens, labels = _batch(3, 1)
-    update = _observe(model, tokens, labels)
+    update = observe_gradient(model, tokens, labels)  # the frozen embedding's entry is zero
     with pytest.raises(AttackError, match="frozen"):
         TokenSetAttack().reconstruct(update)
     rec = DagerAttack().reconstruct(update)
