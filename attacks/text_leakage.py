@@ -40,6 +40,10 @@ UNKNOWN = -1  # a position no candidate passed at
 ORDERED_KEY = "ordered"  # diagnostics: True when the reconstruction claims positions
 TOKEN_SET_KEY = "token_set"  # diagnostics: the recovered set of token ids (sorted)
 CHUNK = 256  # candidate tokens per forward pass
+NAIVE_NOTE = (
+    "B > 1: token set exact, per-position sets may hold extra tokens and the sequences are "
+    "assembled naively (a non-causal model: no prefix extension)"
+)
 
 
 def token_embedding(model: ZooModel) -> tuple[str, nn.Embedding]:
@@ -95,8 +99,8 @@ class Projection:
     width: int
 
 
-def first_projection(model: ZooModel, length: int) -> Projection:
-    """Find the first nn.Linear applied to a (B, length, d) tensor, and the Linears sharing its input."""
+def _per_token_linears(model: ZooModel, length: int) -> list[tuple[str, nn.Linear, Tensor]]:
+    """Every nn.Linear applied to a (1, length, d) tensor in a probe forward pass, in call order."""
     calls: list[tuple[str, nn.Linear, Tensor]] = []
     hooks = [
         module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, m, args[0].detach())))
@@ -109,17 +113,51 @@ def first_projection(model: ZooModel, length: int) -> Projection:
     finally:
         for hook in hooks:
             hook.remove()
-    per_token = [(n, m, x) for n, m, x in calls if x.dim() == 3 and tuple(x.shape[:2]) == (1, length)]
+    return [(n, m, x) for n, m, x in calls if x.dim() == 3 and tuple(x.shape[:2]) == (1, length)]
+
+
+def _group(per_token: list[tuple[str, nn.Linear, Tensor]], index: int) -> Projection:
+    _, module, first = per_token[index]
+    names = tuple(
+        dict.fromkeys(n for n, _, x in per_token if x.shape == first.shape and torch.equal(x, first))
+    )
+    return Projection(names, module, int(first.shape[-1]))
+
+
+def first_projection(model: ZooModel, length: int) -> Projection:
+    """Find the first nn.Linear applied to a (B, length, d) tensor, and the Linears sharing its input."""
+    per_token = _per_token_linears(model, length)
     if not per_token:
         raise AttackError(
             f"no nn.Linear of {type(model).__name__} is applied per token to a (B, {length}, d) input; "
             "the span test needs one (a bag-of-words or pooled model mixes the tokens first)"
         )
-    _, module, first = per_token[0]
-    names = tuple(
-        dict.fromkeys(n for n, _, x in per_token if x.shape == first.shape and torch.equal(x, first))
-    )
-    return Projection(names, module, int(first.shape[-1]))
+    return _group(per_token, 0)
+
+
+def later_projections(model: ZooModel, length: int, first: Projection) -> list[Projection]:
+    """The per-token Linears after `first` (grouped by shared input, in forward order), where
+    prefixes can be tested: the attention output projection, a feed-forward layer, ..."""
+    per_token = _per_token_linears(model, length)
+    groups: list[Projection] = []
+    seen = set(first.names)
+    for index, (name, _, _) in enumerate(per_token):
+        if name not in seen:
+            groups.append(_group(per_token, index))
+            seen.update(groups[-1].names)
+    return groups
+
+
+def is_causal(model: ZooModel, projection: Projection, length: int) -> bool:
+    """Whether the projection's input at a position ignores every later token (a causal model)."""
+    generator = torch.Generator().manual_seed(2)
+    sequence = torch.randint(0, model.spec.vocab_size, (1, length), generator=generator)
+    changed = sequence.clone()
+    half = length // 2
+    changed[0, half:] = torch.randint(0, model.spec.vocab_size, (length - half,), generator=generator)
+    before = layer_inputs(model, projection, torch.cat([sequence, changed]))
+    changes_later = not torch.allclose(before[0, half:], before[1, half:], rtol=1e-5, atol=1e-6)
+    return changes_later and torch.allclose(before[0, :half], before[1, :half], rtol=1e-5, atol=1e-6)
 
 
 def layer_inputs(model: ZooModel, projection: Projection, tokens: Tensor) -> Tensor:
@@ -195,7 +233,8 @@ class DagerAttack:
 
     name = "dager"
 
-    def __init__(self, rank_tol: float = 1e-6, distance_tol: float = 1e-3) -> None:
+    def __init__(self, rank_tol: float = 1e-6, distance_tol: float = 1e-3, max_prefixes: int = 8) -> None:
+        self.max_prefixes = max_prefixes  # prefix extension gives up beyond this many per sequence
         self.rank_tol = rank_tol  # singular values below this share of the largest are noise
         self.distance_tol = distance_tol  # a candidate passes below this relative distance to the span
 
@@ -222,14 +261,61 @@ class DagerAttack:
             inputs = torch.tensor(token_set, dtype=torch.float32)[None]
             diagnostics["note"] = "no positional input before the projection: the token set only"
             return Reconstruction(inputs, None, time.perf_counter() - start, diagnostics)
-        sequences = self._assemble(candidates, distances, passed, update.batch_size)
+        sequences, notes = None, []
+        later = later_projections(model, length, projection) if update.batch_size > 1 else []
+        for second in later:  # the first later layer at which prefixes stay few
+            if sequences is None and is_causal(model, second, length):
+                sequences, note = self._extend_prefixes(update, second, candidates, passed, length)
+                notes.append(note)
+        if notes:
+            diagnostics["note"] = "; ".join(notes)
+        if sequences is None:
+            sequences = self._assemble(candidates, distances, passed, update.batch_size)
+            if update.batch_size > 1:
+                diagnostics["note"] = "; ".join(filter(None, [diagnostics.get("note"), NAIVE_NOTE]))
         diagnostics["positions_unresolved"] = int((sequences == UNKNOWN).sum())
-        if update.batch_size > 1:
-            diagnostics["note"] = (
-                "B > 1: token set exact, per-position sets may hold extra tokens and the sequences "
-                "are assembled naively (no next-layer assembly)"
-            )
         return Reconstruction(sequences.float(), None, time.perf_counter() - start, diagnostics)
+
+    def _extend_prefixes(
+        self, update: ObservedUpdate, second: Projection, candidates: Tensor, passed: Tensor, length: int
+    ) -> tuple[Tensor | None, str]:
+        """DAGER's second stage for causal models: grow prefixes one position at a time, keeping
+        those whose input to the next per-token Linear lies in the span of its weight gradient.
+        A prefix none of whose extensions passes is a whole sequence. None (and why) where the
+        prefixes multiply beyond `max_prefixes` per sequence or none survives."""
+        model = update.model
+        try:
+            basis, _ = gradient_span(update, second, self.rank_tol)
+        except AttackError as err:
+            return None, f"{second.names[0]!r}: {err}"
+        limit = self.max_prefixes * update.batch_size
+        prefixes: list[list[int]] = [[]]
+        finished: list[list[int]] = []
+        for p in range(length):
+            tokens = candidates[passed[:, p]].tolist()
+            trials = [[*prefix, t] for prefix in prefixes for t in tokens]
+            if not trials:
+                finished += prefixes
+                prefixes = []
+                break
+            padded = torch.zeros((len(trials), length), dtype=torch.int64)
+            padded[:, : p + 1] = torch.tensor(trials)
+            inputs = torch.cat([layer_inputs(model, second, chunk) for chunk in padded.split(CHUNK)])[:, p]
+            residual = inputs - (inputs @ basis) @ basis.T
+            keep = (residual.norm(dim=-1) / inputs.norm(dim=-1).clamp_min(1e-30)) < self.distance_tol
+            extended = {tuple(trial[:-1]) for trial, ok in zip(trials, keep.tolist(), strict=True) if ok}
+            finished += [prefix for prefix in prefixes if tuple(prefix) not in extended and prefix]
+            prefixes = [trial for trial, ok in zip(trials, keep.tolist(), strict=True) if ok]
+            if len(prefixes) > limit:
+                return None, f"{second.names[0]!r}: {len(prefixes)} prefixes at position {p}, too many"
+        finished += prefixes
+        if not finished:
+            return None, f"{second.names[0]!r}: no prefix passes"
+        sequences = torch.full((max(len(finished), 1), length), UNKNOWN, dtype=torch.int64)
+        for k, sequence in enumerate(finished):
+            sequences[k, : len(sequence)] = torch.tensor(sequence)
+        note = f"causal: {len(finished)} sequences grown through {second.names[0]!r}"
+        return sequences, note
 
     @staticmethod
     def _candidates(update: ObservedUpdate) -> tuple[Tensor, str]:

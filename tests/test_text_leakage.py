@@ -75,6 +75,16 @@ def test_dager_recovers_the_token_set_of_a_batch_and_positions_of_its_unique_tok
     assert torch.equal(recovered[0, 8:], true_first)
 
 
+def test_dager_grows_the_sequences_of_a_causal_batch_exactly() -> None:
+    """A causal model: prefixes extended through a later per-token Linear give every sequence."""
+    tokens, labels = _batch(6, 3, lengths=[12, 7, 4])
+    rec = DagerAttack().reconstruct(observe_gradient(_model(6, causal=True), tokens, labels))
+    assert "sequences grown through" in rec.diagnostics["note"]
+    score = score_text(rec.inputs.long().numpy(), tokens.numpy(), ordered=True)
+    assert (score.exact_sequence, score.rouge1, score.rouge2) == (1.0, 1.0, 1.0)
+    assert len(rec.inputs) == 3
+
+
 def test_frozen_embedding_token_set_declines_but_dager_searches_the_vocabulary() -> None:
     model = _model(3, frozen_embedding=True)
     tokens, labels = _batch(3, 1)
