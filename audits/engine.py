@@ -379,7 +379,8 @@ def _with_tokens(
     tokens = {name: np.rint(images).astype(np.int64) for name, (images, _) in recs.items()}
     true = None if truth is None else np.asarray(truth.inputs)
     note = "text: see\nthe text table" if truth is not None else "not shared\nby the node"
-    return UpdateAudit(rows, None, original_note=note, true_tokens=true, tokens=tokens)
+    images = {name: images[0] for name, (images, _) in recs.items()}  # the grid says "not an image"
+    return UpdateAudit(rows, None, images, original_note=note, true_tokens=true, tokens=tokens)
 
 
 def _optional(kind: type, cell: str) -> Any:

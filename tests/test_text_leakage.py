@@ -17,6 +17,7 @@ from audits.engine import AUDIT_COLUMNS, RECONSTRUCTED, TEXT_COLUMNS, AuditRow
 from audits.standalone import audit_model
 from audits.text_metrics import score_text, token_precision_recall
 from audits.text_table import marked_pair
+from fedsim.store.audit_folder import AUDIT_FILE, TEXT_TABLE_FILE, write_audit
 from models.base import InputSpec, ZooModel
 from models.tiny_transformer import tiny_transformer
 
@@ -197,3 +198,18 @@ def test_audit_rows_and_csv_carry_the_text_metrics(tmp_path) -> None:
 
 def _words(ids) -> str:
     return " ".join(f"t{int(i)}" for i in ids)
+
+
+def test_audit_folder_writes_the_text_columns_and_the_text_table(tmp_path) -> None:
+    tokens, labels = _batch(8, 2, lengths=[10, 4])
+    audit = audit_model(_model(8), tokens.numpy(), labels.numpy(), ["token-set", "dager"], decode=_words)
+    folder = tmp_path / "audit"
+    write_audit(folder, audit, {"model": "tiny-transformer", "dataset": "random tokens", "weights": None})
+    with (folder / AUDIT_FILE).open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == AUDIT_COLUMNS
+        written = list(reader)
+    assert {r["exact_sequence"] for r in written if r["attack"] == "dager"} == {"1.0"}
+    assert {r["exact_sequence"] for r in written if r["attack"] == "token-set"} == {""}
+    table = (folder / TEXT_TABLE_FILE).read_text()
+    assert " ".join(f"t{int(t)}" for t in tokens[1, :4]) in table
