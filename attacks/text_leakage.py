@@ -13,8 +13,12 @@ distance to that span. With positional embeddings the test is per position, so a
 is recovered in order. For B > 1 the token set stays exact, but the per-position sets can hold
 extra tokens: with additive positions, a token s at position a and a token t at positions a and b
 put (s, b) in the span too, as e_s + p_b = (e_s + p_a) - (e_t + p_a) + (e_t + p_b). The
-sequences are then assembled naively (the k-th closest token of each position to sequence k);
-DAGER's assembly through the next layer, which removes such combinations, is not implemented.
+For a causal model (a later per-token Linear's input at a position ignores later tokens) the
+attack grows the sequences prefix by prefix, keeping the prefixes whose input to that later Linear
+lies in its gradient's span (DAGER's second stage). Otherwise (a bidirectional model, or no later
+layer that keeps the prefixes few) the sequences are assembled naively, the k-th closest token of
+each position to sequence k: DAGER's search for encoders is not implemented. Noise on the
+gradient (DP) fills the span, and the attack declines as for a batch too large.
 
 Assumptions (each checked, else the attack declines with the reason): the model takes tokens and
 has an `nn.Embedding` of `vocab_size` rows; some `nn.Linear` is applied per token to a
@@ -42,7 +46,7 @@ TOKEN_SET_KEY = "token_set"  # diagnostics: the recovered set of token ids (sort
 CHUNK = 256  # candidate tokens per forward pass
 NAIVE_NOTE = (
     "B > 1: token set exact, per-position sets may hold extra tokens and the sequences are "
-    "assembled naively (a non-causal model: no prefix extension)"
+    "assembled naively (no prefix extension: the model is not causal, or it failed)"
 )
 
 
@@ -210,8 +214,8 @@ def gradient_span(update: ObservedUpdate, projection: Projection, rank_tol: floa
         raise AttackError(
             f"the weight gradient of {projection.names[0]!r} has full rank {rank}: the layer's inputs "
             f"span only {space} of its {projection.width} dimensions and the batch fills them "
-            "(too many token positions, B·L ≥ d), so every candidate lies in the span; dager needs "
-            "fewer positions than dimensions"
+            "(too many token positions for its width, or noise on the gradient), so every candidate "
+            "lies in the span; dager needs an exact gradient of fewer positions than dimensions"
         )
     return basis[:rank].T, rank
 

@@ -213,3 +213,15 @@ def test_audit_folder_writes_the_text_columns_and_the_text_table(tmp_path) -> No
     assert {r["exact_sequence"] for r in written if r["attack"] == "token-set"} == {""}
     table = (folder / TEXT_TABLE_FILE).read_text()
     assert " ".join(f"t{int(t)}" for t in tokens[1, :4]) in table
+
+
+def test_gradient_noise_fills_the_span_and_every_embedding_row() -> None:
+    """DP-style noise: dager declines (the span is everything), token-set claims every token."""
+    tokens, labels = _batch(1, 1)
+    audit = audit_model(
+        _model(1), tokens.numpy(), labels.numpy(), ["token-set", "dager"], gradient_noise=1e-4
+    )
+    rows = {row.attack: row for row in audit.rows}
+    assert rows["dager"].status == "declined" and "noise on the gradient" in rows["dager"].note
+    assert rows["token-set"].token_recall == 1.0
+    assert rows["token-set"].token_precision == pytest.approx(len(_true_set(tokens)) / (SPEC.vocab_size - 1))
