@@ -105,14 +105,18 @@ def _rounding_std(
 def observe_gradient(model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor) -> ObservedUpdate:
     """The exact gradient a client would send for this batch of dataset labels (FedSGD), as the
     server sees it; the labels become targets as in the client's training loop. A parameter the
-    loss does not reach (e.g. a contrastive projection head beside the classifier) has gradient 0."""
+    loss does not reach (e.g. a contrastive projection head beside the classifier) has gradient 0,
+    and so has a frozen one (requires_grad False: its weight delta is zero)."""
     model.zero_grad(set_to_none=True)
     loss = model.loss(model(inputs), model.targets(labels))
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
-    grads = torch.autograd.grad(loss, params, materialize_grads=True)
+    grads = dict(zip(names, torch.autograd.grad(loss, params, materialize_grads=True), strict=True))
     return ObservedUpdate(
         model=model,
-        gradients={n: g.detach().clone() for n, g in zip(names, grads, strict=True)},
+        gradients={
+            n: grads[n].detach().clone() if n in grads else torch.zeros_like(p.detach())
+            for n, p in model.named_parameters()
+        },
         input_shape=tuple(inputs.shape[1:]),
         num_classes=model.spec.num_classes,
         batch_size=int(inputs.shape[0]),

@@ -16,6 +16,7 @@ from attacks.auto import AutoAttack
 from attacks.base import Attack
 from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation import DLG, IDLG, InvertingGradients
+from attacks.text_leakage import DagerAttack, TokenSetAttack
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,16 @@ ATTACKS: dict[str, AttackEntry] = {
         lambda: InvertingGradients(iterations=1000),
         "Inverting Gradients: cosine gradient distance + TV prior, signed Adam (1,000 steps).",
         "any twice-differentiable model and batch size; images in [0, 1]",
+    ),
+    "token-set": AttackEntry(
+        TokenSetAttack,
+        "The exact set of tokens in the batch: the rows of the embedding gradient that are non-zero.",
+        "token models with a trainable nn.Embedding (positions and counts are not revealed)",
+    ),
+    "dager": AttackEntry(
+        DagerAttack,
+        "DAGER: tokens whose first-projection input lies in the span of its weight gradient, per position.",
+        "token models with a per-token Linear after the embedding and B·L < its width; order needs positions",
     ),
 }
 

@@ -20,9 +20,11 @@ import torch
 from attacks.auto import CHOICE_KEY
 from attacks.base import Attack, AttackError, ObservedUpdate, Reconstruction
 from attacks.registry import build_attack
+from attacks.text_leakage import ORDERED_KEY, TOKEN_SET_KEY
 from audits.image_metrics import reported_psnr
 from audits.leakage import score_reconstruction
 from audits.security_metric import SecurityReport, security_report
+from audits.text_metrics import Decode, TextScore, score_text
 
 # Row status: the attack returned a reconstruction, refused the update (it does not apply to
 # this model or threat model), or raised.
@@ -60,6 +62,9 @@ class AuditContext:
     rank_score: float | None = None  # the model's security metric, computed once per model and round
 
 
+TEXT_COLUMNS = ("token_precision", "token_recall", "exact_sequence", "rouge1", "rouge2", "bleu")
+
+
 @dataclass
 class AuditRow:
     """One attack on one update: the one row type of every `audit.csv`."""
@@ -76,6 +81,14 @@ class AuditRow:
     psnr: float | None  # mean over reconstructed images, each against its nearest true sample
     ssim: float | None
     label_score: float | None  # share of recovered labels matching a distinct true label (0..1)
+    # Text attacks on token models (empty for images): token-set precision and recall, the share
+    # of true sequences recovered verbatim, ROUGE-1/2 F and BLEU (0..100) of the recovered words.
+    token_precision: float | None
+    token_recall: float | None
+    exact_sequence: float | None
+    rouge1: float | None
+    rouge2: float | None
+    bleu: float | None
     recovered_labels: str  # space-separated, as the model's targets
     true_labels: str  # space-separated dataset labels; empty without truth
     rank_score: float | None
@@ -98,6 +111,7 @@ class AuditRow:
             psnr=_optional(float, record["psnr"]),
             ssim=_optional(float, record["ssim"]),
             label_score=_optional(float, record["label_score"]),
+            **{key: _optional(float, record.get(key, "")) for key in TEXT_COLUMNS},
             recovered_labels=record["recovered_labels"],
             true_labels=record["true_labels"],
             rank_score=_optional(float, record["rank_score"]),
@@ -122,6 +136,9 @@ class UpdateAudit:
     images: dict[str, np.ndarray | None] = field(default_factory=dict)
     image_psnr: dict[str, float | None] = field(default_factory=dict)
     original_note: str = "not shared\nby the node"  # shown in place of a missing original
+    # Token models: the true batch (B, L) and each attack's recovered ids, for the text table.
+    true_tokens: np.ndarray | None = None
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,8 +183,9 @@ def threat_model(batch_size: int, local_steps: int, exact: bool = False) -> str:
 class UpdateAuditor:
     """Runs attacks (registry names or `Attack` objects) on observed updates and scores them."""
 
-    def __init__(self, attacks: Sequence[str | Attack]) -> None:
+    def __init__(self, attacks: Sequence[str | Attack], decode: Decode | None = None) -> None:
         self.attacks: list[Attack] = [build_attack(a) if isinstance(a, str) else a for a in attacks]
+        self.decode = decode  # token ids -> words, for ROUGE and BLEU (the dataset's tokenizer)
 
     def audit(self, update: ObservedUpdate, truth: Truth | None, context: AuditContext) -> UpdateAudit:
         threads = torch.get_num_threads()
@@ -195,6 +213,7 @@ class UpdateAuditor:
             rows = [_row(context, a.name, DECLINED, truth, 0.0, NON_FINITE_NOTE) for a in self.attacks]
             return _with_images(rows, {}, truth)
         targets = None if truth is None else _targets(update, truth)
+        text = update.model.spec.modality == "tokens"
         sparsity_note = _sparsity_note(update)
         rows, recs = [], {}
         for attack in self.attacks:
@@ -203,11 +222,14 @@ class UpdateAuditor:
                 rec = _checked(attack.reconstruct(update))
                 images = rec.inputs.detach().float().cpu().numpy()
                 recovered = None if rec.labels is None else rec.labels.detach().reshape(-1).cpu().numpy()
-                score = (
-                    None
-                    if targets is None
-                    else score_reconstruction(images, recovered, truth.inputs, targets)
-                )
+                if text:
+                    score = None if truth is None else self._text_score(rec, truth)
+                else:
+                    score = (
+                        None
+                        if targets is None
+                        else score_reconstruction(images, recovered, truth.inputs, targets)
+                    )
             except AttackError as err:
                 rows.append(
                     _row(context, attack.name, DECLINED, truth, time.perf_counter() - start, str(err))
@@ -222,10 +244,25 @@ class UpdateAuditor:
             note = "; ".join(filter(None, [choice, _deficit_note(rec), sparsity_note, truth_note]))
             row = _row(context, attack.name, RECONSTRUCTED, truth, rec.seconds, note)
             row.recovered_labels = _label_text(recovered)
-            if score is not None:
+            if isinstance(score, TextScore):
+                for key in TEXT_COLUMNS:
+                    setattr(row, key, getattr(score, key))
+            elif score is not None:
                 row.psnr, row.ssim, row.label_score = score.psnr, score.ssim, score.label_score
             rows.append(row)
+        if text:
+            return _with_tokens(rows, recs, truth)
         return _with_images(rows, recs, truth)
+
+    def _text_score(self, rec: Reconstruction, truth: Truth) -> TextScore:
+        token_set = rec.diagnostics.get(TOKEN_SET_KEY)
+        return score_text(
+            rec.inputs.detach().long().cpu().numpy(),
+            truth.inputs,
+            ordered=bool(rec.diagnostics.get(ORDERED_KEY, False)),
+            decode=self.decode,
+            token_set=None if token_set is None else [int(t) for t in token_set],
+        )
 
 
 def _deficit_note(rec: Reconstruction) -> str:
@@ -270,6 +307,8 @@ def _usable_truth(update: ObservedUpdate, truth: Truth | None) -> tuple[Truth | 
             f"leakage not measurable: the shared samples {truth.inputs.shape} with {len(truth.labels)} "
             f"labels do not fit the model's inputs {tuple(update.input_shape)}"
         )
+    if update.model.spec.modality == "tokens":  # scored by the text metrics
+        return truth, ""
     if update.model.spec.modality != "image":  # PSNR and SSIM score images; others need their own metric
         return None, f"leakage not measurable: {update.model.spec.modality} samples are not images"
     return truth, ""
@@ -297,6 +336,7 @@ def _row(
         psnr=None,
         ssim=None,
         label_score=None,
+        **dict.fromkeys(TEXT_COLUMNS),
         recovered_labels="",
         true_labels="" if truth is None else _label_text(truth.labels),
         rank_score=context.rank_score,
@@ -314,6 +354,8 @@ def _with_images(
 ) -> UpdateAudit:
     """Pick what the grid shows: the true sample the best attack came closest to, and for each
     attack its reconstruction nearest to that sample, captioned with that image's own PSNR."""
+    if truth is not None and np.asarray(truth.inputs).dtype.kind in "iu":  # token ids, not images
+        return _with_tokens(rows, recs, truth)
     if truth is None:
         return UpdateAudit(rows, None, {name: images[0] for name, (images, _) in recs.items()})
     scored = [r for r in rows if r.psnr is not None]
@@ -328,6 +370,17 @@ def _with_images(
         nearest = int(np.argmax(psnrs))
         audit.images[name], audit.image_psnr[name] = images[nearest], float(psnrs[nearest])
     return audit
+
+
+def _with_tokens(
+    rows: list[AuditRow], recs: dict[str, tuple[np.ndarray, Any]], truth: Truth | None
+) -> UpdateAudit:
+    """A token update: no image for the grid, the true and recovered ids for the text table."""
+    tokens = {name: np.rint(images).astype(np.int64) for name, (images, _) in recs.items()}
+    true = None if truth is None else np.asarray(truth.inputs)
+    note = "text: see\nthe text table" if truth is not None else "not shared\nby the node"
+    images = {name: images[0] for name, (images, _) in recs.items()}  # the grid says "not an image"
+    return UpdateAudit(rows, None, images, original_note=note, true_tokens=true, tokens=tokens)
 
 
 def _optional(kind: type, cell: str) -> Any:

@@ -29,6 +29,8 @@ from audits.engine import (
     measure_security,
     threat_model,
 )
+from audits.text_metrics import Decode
+from audits.text_table import text_table
 from models import ZooModel
 from models.base import model_label
 
@@ -50,6 +52,7 @@ class StandaloneAudit:
     updates: list[UpdateAudit]
     architecture: ArchitectureReport
     threat: str = THREAT
+    text_table: str = ""  # token models: true vs recovered text, Markdown (`audits.text_table`)
 
     @property
     def rows(self) -> list[AuditRow]:
@@ -70,16 +73,18 @@ def audit_model(
     seed: int = 0,
     sample_ids: Sequence[int] | None = None,
     gradient_noise: float = 0.0,
+    decode: Decode | None = None,
 ) -> StandaloneAudit:
     """Attack each sample's batch-1 gradient (exact, or plus N(0, gradient_noise^2) per entry,
     drawn from `seed` and the sample); the security metric and the end-to-end analysis (at the
     first sample) are computed once.
 
     `sample_ids` name the samples in the rows (e.g. their test-split indices; default 0..N-1).
+    `decode` turns token ids into words for the text metrics (the dataset's tokenizer).
     """
     noise = ObservationNoise(gradient_noise)
     security = measure_security(model, tuple(inputs.shape[1:]), seed=seed)
-    auditor = UpdateAuditor(attacks)
+    auditor = UpdateAuditor(attacks, decode)
     ids = list(range(len(inputs))) if sample_ids is None else [int(i) for i in sample_ids]
     threat = threat_label(gradient_noise)
     updates, exact_gradients = [], []
@@ -109,7 +114,8 @@ def audit_model(
         seed=seed,
         data=torch.from_numpy(np.ascontiguousarray(inputs)),  # linear regions between the samples
     )
-    return StandaloneAudit(security, updates, architecture, threat)
+    table = "" if decode is None else text_table(updates, decode)
+    return StandaloneAudit(security, updates, architecture, threat, table)
 
 
 def no_gradient_note(model: ZooModel) -> str:

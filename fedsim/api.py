@@ -240,7 +240,14 @@ def audit(
     )
     inputs, labels = data.x_test[chosen], data.y_test[chosen]
     result = audit_model(
-        net, inputs, labels, names, seed=seed, sample_ids=chosen, gradient_noise=gradient_noise
+        net,
+        inputs,
+        labels,
+        names,
+        seed=seed,
+        sample_ids=chosen,
+        gradient_noise=gradient_noise,
+        decode=None if data.tokenizer is None else data.tokenizer.decode,
     )
     settings = {
         "model": model,

@@ -1,4 +1,5 @@
-"""`fedsim audit`'s output folder and the weights it reads: report.json, audit.csv, reconstructions.png."""
+"""`fedsim audit`'s output folder and the weights it reads: report.json, audit.csv,
+reconstructions.png (and text_table.md for token models)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from models import ZooModel
 
 AUDIT_FILE = "audit.csv"  # the same name and columns as a federated run's audit log
 GRID_FILE = "reconstructions.png"
+TEXT_TABLE_FILE = "text_table.md"  # token models: true vs recovered text, differences marked
 
 
 def load_weights(model: ZooModel, path: Path) -> None:
@@ -83,6 +85,8 @@ def write_audit(folder: Path, audit: StandaloneAudit, settings: dict[str, Any]) 
         CsvLog(staging / AUDIT_FILE, AUDIT_COLUMNS).append(rows)
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         save_audit_grid(audit.updates, staging / GRID_FILE, title, column_titles)
+        if audit.text_table:
+            (staging / TEXT_TABLE_FILE).write_text(f"# {title}\n\n{audit.text_table}")
 
 
 def _json_default(value: Any) -> Any:

@@ -42,7 +42,9 @@ from audits.engine import (
     threat_model,
 )
 from audits.report import save_audit_grid
+from audits.text_metrics import Decode
 from fedsim.config.run_config import RunConfig
+from fedsim.data.clients import dataset_for
 from fedsim.federation import wire
 from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
@@ -178,13 +180,19 @@ def _truth(reply: Message) -> Truth | None:
     return Truth(*wire.decode_truth(reply.content.config_records[wire.AUDIT_TRUTH]))
 
 
+def _decoder(config: RunConfig) -> Decode | None:
+    """The dataset's tokenizer, so the auditor's ROUGE and BLEU read words; None for other data."""
+    tokenizer = dataset_for(config).tokenizer
+    return None if tokenizer is None else tokenizer.decode
+
+
 def auditing_wrapper(config: RunConfig, output_dir: Path) -> Callable[[Strategy], AuditingStrategy]:
     """The auditor as a factory for the strategy chain: wraps whatever strategy comes after it."""
 
     def wrap(inner: Strategy) -> AuditingStrategy:
         return AuditingStrategy(
             inner,
-            UpdateAuditor(config.attack_names()),
+            UpdateAuditor(config.attack_names(), _decoder(config)),
             make_model=lambda: model_for(config),
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
