@@ -107,7 +107,7 @@ def observe_gradient(model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor
     server sees it; the labels become targets as in the client's training loop. A parameter the
     loss does not reach (e.g. a contrastive projection head beside the classifier) has gradient 0."""
     model.zero_grad(set_to_none=True)
-    loss = model.loss(model(inputs), model.targets(labels))
+    loss = model.loss(model(inputs), model.sample_targets(inputs, labels))
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
     grads = torch.autograd.grad(loss, params, materialize_grads=True)
     return ObservedUpdate(
