@@ -96,7 +96,7 @@ def main() -> None:
         "goal": "held-out loss and perplexity fall; cloze fill-in accuracy > same-size forward model's",
         "goal_met": bool(falls and beats),
         "seconds": round(time.perf_counter() - start, 1),
-        "platform": f"{platform.python_version()} torch {torch.__version__} threads {torch.get_num_threads()}",
+        "platform": f"{platform.python_version()} torch {torch.__version__}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
