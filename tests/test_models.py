@@ -147,7 +147,7 @@ def test_default_optimizer_is_sgd_over_trainable_parameters() -> None:
 
 
 def test_unknown_model_lists_the_choices() -> None:
-    with pytest.raises(KeyError, match="choose one of: cnn6"):
+    with pytest.raises(KeyError, match="choose one of: cloze, cnn6"):
         build_model("resnet", InputSpec((3, 32, 32), 10))
 
 
