@@ -108,7 +108,7 @@ def observe_gradient(model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor
     loss does not reach (e.g. a contrastive projection head beside the classifier) has gradient 0,
     and so has a frozen one (requires_grad False: its weight delta is zero)."""
     model.zero_grad(set_to_none=True)
-    loss = model.loss(model(inputs), model.targets(labels))
+    loss = model.loss(model(inputs), model.sample_targets(inputs, labels))
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
     grads = dict(zip(names, torch.autograd.grad(loss, params, materialize_grads=True), strict=True))
     return ObservedUpdate(

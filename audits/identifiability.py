@@ -320,7 +320,7 @@ class _ObservedGradient:
         net = _functional_copy(model, dtype)
         self.loss_module = _LossOfEmbedded(net)
         self.raw = inputs.detach().to(dtype) if inputs.is_floating_point() else inputs.detach()
-        self.targets = model.targets(labels.detach())
+        self.targets = model.sample_targets(inputs.detach(), labels.detach())
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = {f"model.{n}": p.detach() for n, p in named}

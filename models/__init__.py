@@ -11,6 +11,7 @@ from typing import Any
 
 from models.base import InputSpec, Modality, TrainingSettings, UnsupportedInputError, ZooModel
 from models.classifiers import cnn6, cnn6_d, lenet, mlp
+from models.cloze_transformer import cloze_transformer
 from models.convnets import cnn6_relu, convnet_bn, convnet_maxpool, resnet_mini
 from models.dam import dam_cnn, dam_mlp
 from models.hybrid_contrastive import hybrid_psc, hybrid_sc
@@ -41,6 +42,7 @@ MODELS: dict[str, ModelBuilder] = {
     "text-dnn": text_dnn,
     "ledl": ledl,
     "ltw": learning_to_weight,
+    "cloze": cloze_transformer,
 }
 
 

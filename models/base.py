@@ -175,6 +175,18 @@ class ZooModel(nn.Module):
         itself here; e.g. its parity for a single-logit head."""
         return labels
 
+    def sample_targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A batch's training targets, what every caller asks (the client loop, the evaluator,
+        the observed gradient). Default `targets(labels)`; a self-supervised family (a language
+        model predicting its own input) derives them from the inputs instead."""
+        return self.targets(labels)
+
+    def metric_weight(self, targets: torch.Tensor) -> float:
+        """How many units a batch's `loss` and `metrics` are means over, the evaluator's weight
+        for that batch: its samples by default; a family averaging over tokens (padding
+        excluded) returns their count, so evaluation is an exact mean over tokens."""
+        return float(len(targets))
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean training loss over the batch, on targets already converted by `targets`."""
         return F.cross_entropy(outputs, targets)

@@ -51,7 +51,7 @@ def test_every_registered_model_gets_a_report(name: str) -> None:
     assert "end-to-end J" in table and "PSNR ceiling" in table
     # Linear regions: counted for every piecewise-linear model, "not applicable" for the rest.
     assert report.regions is not None, report.regions_note
-    assert report.regions.applicable == (name not in {"lenet", "splash-fnn", "text-dnn", "ltw"})
+    assert report.regions.applicable == (name not in {"lenet", "splash-fnn", "text-dnn", "ltw", "cloze"})
     assert report.regions.line() in table.splitlines()
 
 

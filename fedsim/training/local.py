@@ -5,7 +5,7 @@ Local training is one seam, the same for every model family and every client-sid
     model -> model.configure_optimizer(settings, round) -> DataLoader over the client's train split
           -> model.before_local_training(data_loader, round)
           -> client transformations wrap (module, optimizer, data_loader)   (fedsim.training.transforms)
-          -> loop: loss = model.training_loss(module, x, model.targets(y)) [+ FedProx term], step
+          -> loop: loss = model.training_loss(module, x, model.sample_targets(x, y)) [+ FedProx], step
           -> unwrap -> model.after_local_training(data_loader, round)
           -> update-level defences transform w_local − w_global, in list order (clip, topk, ...)
           -> TrainResult (weights, metrics, extra records, samples seen)
@@ -174,7 +174,7 @@ def train_locally(
             if step_limit is not None and steps >= step_limit:
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss = model.training_loss(module, inputs, model.targets(labels))
+            loss = model.training_loss(module, inputs, model.sample_targets(inputs, labels))
             total = loss if proximal is None else loss + proximal(model)
             total.backward()
             optimizer.step()
@@ -241,24 +241,30 @@ def evaluate(
     model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
 ) -> Evaluation:
     """Mean loss and every metric of `model` on a labelled set; per-batch means are weighted
-    by batch size, so the result does not depend on `batch_size`."""
+    by what they average over (`model.metric_weight`: the batch size, or e.g. its tokens), so
+    the result does not depend on `batch_size`."""
     model.eval()
     count = len(labels)
     total_loss = 0.0
+    total_weight = 0.0
     totals = dict.fromkeys(model.metric_names, 0.0)
     for start in range(0, count, batch_size):
         x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
-        targets = model.targets(y)
+        targets = model.sample_targets(x, y)
         outputs = model(x)
-        total_loss += float(model.loss(outputs, targets)) * len(y)
+        weight = model.metric_weight(targets)
+        total_weight += weight
+        total_loss += float(model.loss(outputs, targets)) * weight
         batch = model.metrics(outputs, targets)
         if set(batch) != set(totals):
             raise ValueError(
                 f"{model.name}.metrics returned {sorted(batch)} but declares metric_names {sorted(totals)}"
             )
         for name, value in batch.items():
-            totals[name] += value * len(y)
-    return Evaluation(total_loss / count, {name: value / count for name, value in totals.items()}, count)
+            totals[name] += value * weight
+    total_weight = total_weight or 1.0  # nothing to average (e.g. only padding): zeros
+    metrics = {name: value / total_weight for name, value in totals.items()}
+    return Evaluation(total_loss / total_weight, metrics, count)
 
 
 def _ordered_unique(batches: list[torch.Tensor]) -> torch.Tensor:
