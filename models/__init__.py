@@ -20,6 +20,7 @@ from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
 from models.splash_fnn import splash_fnn
 from models.text_dnn import text_dnn
+from models.ulmfit import ulmfit
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -41,6 +42,7 @@ MODELS: dict[str, ModelBuilder] = {
     "text-dnn": text_dnn,
     "ledl": ledl,
     "ltw": learning_to_weight,
+    "ulmfit": ulmfit,
 }
 
 
