@@ -153,7 +153,8 @@ def main() -> None:
             classifier = build_model("ulmfit", data.spec, lm_rounds=0)
             classifier.load_state_dict(model.state_dict())
             assert isinstance(classifier, ULMFiT)
-            train_rounds(classifier, x_few, y_few, settings["classifier_rounds"], settings["classifier_lr"], seed)
+            rounds, lr = settings["classifier_rounds"], settings["classifier_lr"]
+            train_rounds(classifier, x_few, y_few, rounds, lr, seed)
             acc = accuracy(classifier, x_test, y_test)
             rows.append({"variant": variant, "seed": seed, "accuracy": round(acc, 4),
                          "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
@@ -165,7 +166,8 @@ def main() -> None:
     for variant, value in means.items():
         print(f"| {variant} | {value:.4f} |")
     result = {
-        "claim": "LM pretraining (KJV, then target LM fine-tuning) beats a classifier from scratch with few labels",
+        "claim": "LM pretraining (KJV, then target LM fine-tuning) beats training from scratch "
+        "with few labels",
         "dataset": "fortunes",
         "settings": settings,
         "quick": args.quick,

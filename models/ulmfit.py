@@ -56,10 +56,7 @@ def slanted_triangular(t: int, total: int, cut_frac: float = 0.1, ratio: float =
     cut = ⌊T·cut_frac⌋, p = t/cut before the cut, else 1 − (t − cut)/(cut·(1/cut_frac − 1));
     η_t = η_max·(1 + p·(ratio − 1))/ratio. The paper's formula; p is clamped at 0 past T."""
     cut = max(1, int(total * cut_frac))
-    if t < cut:
-        p = t / cut
-    else:
-        p = max(0.0, 1.0 - (t - cut) / (cut * (1.0 / cut_frac - 1.0)))
+    p = t / cut if t < cut else max(0.0, 1.0 - (t - cut) / (cut * (1.0 / cut_frac - 1.0)))
     return (1.0 + p * (ratio - 1.0)) / ratio
 
 
@@ -261,7 +258,8 @@ class ULMFiT(ZooModel):
         self._settings = settings
         self._stage_position = (index, length)
         names = self.group_names(stage)
-        rates = dict(zip(names, discriminative_rates(settings.learning_rate, len(names), self.decay)))
+        peaks = discriminative_rates(settings.learning_rate, len(names), self.decay)
+        rates = dict(zip(names, peaks, strict=True))
         trained = set(self.trained_groups(server_round, settings.rounds))
         modules = self._group_modules()
         groups = []
@@ -364,7 +362,7 @@ def pretrain_language_model(
     names = model.group_names("lm")
     modules = model._group_modules()
     rates = discriminative_rates(lr, len(names), model.decay)
-    groups = [{"params": list(modules[n].parameters()), "lr": r} for n, r in zip(names, rates)]
+    groups = [{"params": list(modules[n].parameters()), "lr": r} for n, r in zip(names, rates, strict=True)]
     optimizer = torch.optim.Adam(groups, betas=ADAM_BETAS)
     per_epoch = -(-len(tokens) // batch_size)
     total = epochs * per_epoch
@@ -439,7 +437,9 @@ def ulmfit(
     if pretrained:
         path = Path(pretrained)
         if not path.is_file():
-            raise ValueError(f"pretrained file {pretrained} not found; make one with models.ulmfit.save_pretrained")
+            raise ValueError(
+                f"pretrained file {pretrained} not found; make one with models.ulmfit.save_pretrained"
+            )
         from safetensors.torch import load_file
 
         model.load_language_model(load_file(str(path)), pretrained)

@@ -4,6 +4,7 @@ dropout, the safetensors LM, and a federation that learns."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,8 @@ def test_stlr_follows_the_papers_formula() -> None:
     assert slanted_triangular(1000, 1000) == pytest.approx(1 / 32)
     values = [slanted_triangular(t, 1000) for t in range(1001)]
     assert int(np.argmax(values)) == 100
-    assert all(a < b for a, b in zip(values[:100], values[1:101], strict=True))
-    assert all(a > b for a, b in zip(values[100:-1], values[101:], strict=True))
+    assert all(a < b for a, b in itertools.pairwise(values[:101]))
+    assert all(a > b for a, b in itertools.pairwise(values[100:]))
 
 
 def test_discriminative_rates_divide_by_2_6_per_group_down_from_the_top() -> None:
@@ -110,7 +111,8 @@ def test_gradual_unfreezing_trains_one_more_group_per_round_and_resets_the_froze
     ]
     settings = TrainingSettings(learning_rate=0.05, rounds=rounds)
     group_of = model.group_of()
-    for server_round, trained in ((1, {"embedding", "lstm0", "lstm1", "decoder"}), (3, {"lstm1", "classifier"})):
+    lm_groups = {"embedding", "lstm0", "lstm1", "decoder"}
+    for server_round, trained in ((1, lm_groups), (3, {"lstm1", "classifier"})):
         before = _state(model)
         _round(model, settings, server_round)
         after = _state(model)
@@ -184,9 +186,7 @@ def test_pretrained_language_model_round_trips_through_safetensors(tmp_path: Pat
     path = tmp_path / "lm.safetensors"
     save_pretrained(general, path)
     torch.manual_seed(1)
-    loaded = build_model(
-        "ulmfit", TOKENS, embedding=8, hidden=16, classifier_hidden=6, pretrained=str(path)
-    )
+    loaded = build_model("ulmfit", TOKENS, embedding=8, hidden=16, classifier_hidden=6, pretrained=str(path))
     for name, tensor in general.language_model_state().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert not torch.equal(loaded.state_dict()["classifier.0.weight"], general.classifier[0].weight)
