@@ -21,6 +21,7 @@ from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
 from models.splash_fnn import splash_fnn
 from models.text_dnn import text_dnn
+from models.ulmfit import ulmfit
 
 ModelBuilder = Callable[..., ZooModel]
 
@@ -43,6 +44,7 @@ MODELS: dict[str, ModelBuilder] = {
     "ledl": ledl,
     "ltw": learning_to_weight,
     "cloze": cloze_transformer,
+    "ulmfit": ulmfit,
 }
 
 
