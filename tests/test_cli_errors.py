@@ -11,7 +11,7 @@ from fedsim.cli import cli
 from tests.conftest import run_fedsim
 
 CASES = [
-    (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn6, cnn6-d, cnn6-relu, convnet-bn"),
+    (["--model", "resnet"], "unknown model 'resnet'; choose one of: cloze, cnn6, cnn6-d, cnn6-relu"),
     (
         ["--dataset", "cifar10"],
         "unknown dataset 'cifar10'; choose one of: breast-cancer, digits, fashion-mnist, fortunes",
