@@ -23,7 +23,7 @@ Models never import fedsim: the training settings they need arrive as `TrainingS
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +42,15 @@ ExtraRecord = Mapping[str, float | int | np.ndarray]
 def model_label(model: nn.Module) -> str:
     """The name reports give a model: a zoo model's registry name, else its class name."""
     return str(getattr(model, "name", type(model).__name__))
+
+
+def keep_trained(
+    aggregated: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray], trained: Callable[[str], bool]
+) -> dict[str, np.ndarray]:
+    """The aggregate with every tensor not `trained` this round put back to the round's global
+    value, bit-exact: an average of equal arrays may round differently and a server optimiser may
+    move them, so a family that freezes groups by round (`after_aggregation`) resets them here."""
+    return {name: array if trained(name) else previous[name] for name, array in aggregated.items()}
 
 
 class UnsupportedInputError(ValueError):

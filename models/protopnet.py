@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from models.base import ExtraRecord, InputSpec, TrainingSettings, ZooModel
+from models.base import ExtraRecord, InputSpec, TrainingSettings, ZooModel, keep_trained
 
 Stage = Literal["warm", "joint", "last"]
 # The reference settings (cfchen-duke/ProtoPNet settings.py / train_and_test.py).
@@ -241,8 +241,7 @@ class ProtoPNet(ZooModel):
         arrays may round differently, a server optimiser may move them), then, in the push round,
         each prototype becomes the globally nearest candidate of the clients' push records."""
         trained = self.trained_groups(self.schedule.stage(server_round, settings.rounds))
-        frozen = {name for name in aggregated if _group_of(name) not in trained}
-        result = {name: (previous[name] if name in frozen else array) for name, array in aggregated.items()}
+        result = keep_trained(aggregated, previous, lambda name: _group_of(name) in trained)
         if server_round == self.schedule.push_round(settings.rounds):
             candidates = [PushCandidates.from_record(r[PUSH_RECORD]) for r in records if PUSH_RECORD in r]
             result[PROTOTYPES] = global_push(result[PROTOTYPES], candidates)

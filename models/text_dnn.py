@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.base import ExtraRecord, InputSpec, TrainingSettings, ZooModel
+from models.base import ExtraRecord, InputSpec, TrainingSettings, ZooModel, keep_trained
 from models.dam import parse_widths
 
 TANH_GAIN = 5.0 / 3.0  # nn.init.calculate_gain("tanh")
@@ -169,10 +169,7 @@ class TextDNN(ZooModel):
         """Tensors frozen this round back to the round's global values, bit-exact."""
         trained = self.trained_groups(self.schedule.layer(server_round, settings.rounds))
         group_of = self.group_of()
-        return {
-            name: array if group_of.get(name) in trained else previous[name]
-            for name, array in aggregated.items()
-        }
+        return keep_trained(aggregated, previous, lambda name: group_of.get(name) in trained)
 
 
 def _glorot(layer: nn.Linear, gain: float) -> nn.Linear:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from models.base import ExtraRecord, InputSpec, TrainingSettings, ZooModel
+from models.base import ExtraRecord, InputSpec, TrainingSettings, ZooModel, keep_trained
 
 PADDING_ID = 0
 EMBEDDING, DECODER, CLASSIFIER = "embedding", "decoder", "classifier"
@@ -319,10 +319,7 @@ class ULMFiT(ZooModel):
         """Tensors frozen this round back to the round's global values, bit-exact."""
         trained = set(self.trained_groups(server_round, settings.rounds))
         group_of = self.group_of()
-        return {
-            name: array if group_of.get(name) in trained else previous[name]
-            for name, array in aggregated.items()
-        }
+        return keep_trained(aggregated, previous, lambda name: group_of.get(name) in trained)
 
     # --- the pretrained language model ---------------------------------------------------------
     def language_model_state(self) -> dict[str, Tensor]:
