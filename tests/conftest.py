@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fedsim.data import corpora
 
 FEDSIM = [sys.executable, "-m", "fedsim"]
 
@@ -28,6 +31,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def final_server_accuracy(run_dir: Path) -> float:
     return float([r for r in read_metrics(run_dir) if r["stage"] == "server"][-1]["eval_accuracy"])
+
+
+def require_fortunes() -> None:
+    """Skip, naming the install command, where Debian's fortunes corpus is missing."""
+    if not (corpora.FORTUNES_DIR / "computers").is_file():
+        pytest.skip(f"optional corpus missing; install it with: {corpora.FORTUNES_INSTALL}")
+
+
+def require_kjv() -> None:
+    """Skip, naming the install command, where Debian's KJV Bible is missing."""
+    if shutil.which("bible") is None:
+        pytest.skip(f"optional corpus missing; install it with: {corpora.KJV_INSTALL}")
 
 
 @pytest.fixture

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 from fedsim.data import corpora
 from fedsim.errors import UserInputError
-
-
-def _require(present: bool, install: str) -> None:
-    if not present:
-        pytest.skip(f"optional corpus missing; install it with: {install}")
+from tests.conftest import require_fortunes, require_kjv
 
 
 def test_fortunes_task_is_balanced_seeded_and_disjoint_from_the_public_corpus() -> None:
-    _require((corpora.FORTUNES_DIR / "computers").is_file(), corpora.FORTUNES_INSTALL)
+    require_fortunes()
     task = corpora.fortunes_task()
     counts = np.bincount(task.labels)
     assert counts.tolist() == [corpora.TASK_PER_CATEGORY] * len(corpora.TASK_CATEGORIES)
@@ -31,7 +25,7 @@ def test_fortunes_task_is_balanced_seeded_and_disjoint_from_the_public_corpus() 
 
 
 def test_unknown_category_and_too_few_entries_name_the_fix() -> None:
-    _require((corpora.FORTUNES_DIR / "computers").is_file(), corpora.FORTUNES_INSTALL)
+    require_fortunes()
     with pytest.raises(UserInputError, match="unknown fortunes category 'nope'; choose from"):
         corpora.fortune_entries("nope")
     with pytest.raises(UserInputError, match="fewer than 5000"):
@@ -45,7 +39,7 @@ def test_missing_fortunes_names_the_install_command(monkeypatch, tmp_path) -> No
 
 
 def test_kjv_verses_and_testaments() -> None:
-    _require(shutil.which("bible") is not None, corpora.KJV_INSTALL)
+    require_kjv()
     verses = corpora.kjv_verses()
     assert len(verses) == 31102
     assert verses.texts[0] == "In the beginning God created the heaven and the earth."
@@ -56,7 +50,7 @@ def test_kjv_verses_and_testaments() -> None:
 
 
 def test_text_datasets_share_a_public_vocabulary_and_feature_space() -> None:
-    _require((corpora.FORTUNES_DIR / "computers").is_file(), corpora.FORTUNES_INSTALL)
+    require_fortunes()
     from fedsim.data import load_dataset
     from fedsim.data.text import split_words
 
@@ -71,7 +65,7 @@ def test_text_datasets_share_a_public_vocabulary_and_feature_space() -> None:
 
 
 def test_kjv_dataset_is_balanced_by_testament() -> None:
-    _require(shutil.which("bible") is not None, corpora.KJV_INSTALL)
+    require_kjv()
     from fedsim.data import load_dataset
 
     data = load_dataset("kjv")

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsim.data import corpora
 from fedsim.training.local import evaluate
 from models import InputSpec, build_model
 from models.cloze_transformer import PAD, ClozeTransformer, combination_mask
-from tests.conftest import read_metrics, run_fedsim
+from tests.conftest import read_metrics, require_fortunes, run_fedsim
 
 SPEC = InputSpec.tokens(10, 30, 2)
 
@@ -141,14 +140,9 @@ def test_loss_falls_and_fill_in_beats_chance_on_a_tiny_corpus() -> None:
     assert evaluate(model, tokens, labels).metrics["accuracy"] > 0.5  # chance: 1/28
 
 
-def _require_fortunes() -> None:
-    if not (corpora.FORTUNES_DIR / "computers").is_file():
-        pytest.skip(f"optional corpus missing; install it with: {corpora.FORTUNES_INSTALL}")
-
-
 @pytest.mark.slow
 def test_cloze_learns_in_a_federation(tmp_path: Path) -> None:
-    _require_fortunes()
+    require_fortunes()
     args = ["run", "--name", "cloze", "--model", "cloze", "--dataset", "fortunes"]
     args += ["--model-options", "width=32,layers=1,dropout=0"]
     args += ["--clients", "2", "--rounds", "3", "--max-local-steps", "15", "--batch-size", "32"]

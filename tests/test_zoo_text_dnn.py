@@ -13,13 +13,12 @@ import torch
 
 import fedsim
 from fedsim.config.run_config import RunConfig
-from fedsim.data import corpora
 from fedsim.data.registry import load_dataset
 from fedsim.errors import UserInputError
 from fedsim.federation.planning import validate_plan
 from models import InputSpec, TrainingSettings, build_model, parse_model_options
 from models.text_dnn import PretrainSchedule, TextDNN
-from tests.conftest import final_server_accuracy, read_metrics, run_fedsim
+from tests.conftest import final_server_accuracy, read_metrics, require_fortunes, run_fedsim
 
 LSA = InputSpec.features(100, 6, value_range=None)
 
@@ -171,13 +170,8 @@ def test_token_input_is_refused() -> None:
         build_model("text-dnn", InputSpec.tokens(8, 50, 2))
 
 
-def _require_fortunes() -> None:
-    if not (corpora.FORTUNES_DIR / "computers").is_file():
-        pytest.skip(f"optional corpus missing; install it with: {corpora.FORTUNES_INSTALL}")
-
-
 def test_svm_baseline_and_the_dnn_consume_the_same_lsa_features() -> None:
-    _require_fortunes()
+    require_fortunes()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import fidelity_text_dnn as bench
 
@@ -214,7 +208,7 @@ def test_audit_reports_text_dnn_and_which_attacks_apply(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_text_dnn_pretrains_then_learns_in_a_federation(tmp_path: Path) -> None:
-    _require_fortunes()
+    require_fortunes()
     args = ["run", "--name", "dnn", "--model", "text-dnn", "--dataset", "fortunes-lsa"]
     args += ["--model-options", "widths=64-32,pretrain_rounds_per_layer=1"]
     args += ["--clients", "3", "--rounds", "6", "--learning-rate", "0.01", "--momentum", "0.9"]

@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.data import corpora
 from models import InputSpec, TrainingSettings, build_model
 from models.ulmfit import ULMFiT, discriminative_rates, save_pretrained, slanted_triangular
-from tests.conftest import final_server_accuracy, read_metrics, run_fedsim
+from tests.conftest import final_server_accuracy, read_metrics, require_fortunes, run_fedsim
 
 TOKENS = InputSpec.tokens(12, 40, 3)
 
@@ -216,16 +215,11 @@ def test_ulmfit_takes_tokens_only() -> None:
         build_model("ulmfit", InputSpec((1, 8, 8), 10))
 
 
-def _require_fortunes() -> None:
-    if not (corpora.FORTUNES_DIR / "computers").is_file():
-        pytest.skip(f"optional corpus missing; install it with: {corpora.FORTUNES_INSTALL}")
-
-
 @pytest.mark.slow
 def test_ulmfit_learns_with_gradual_unfreezing_in_a_federation(tmp_path: Path) -> None:
     # No LM stage here: from a random initialisation two clients' LM round left the classifier
     # stuck at ln 6 for the rest of a short run (measured); the LM stage is for a pretrained LM.
-    _require_fortunes()
+    require_fortunes()
     args = ["run", "--name", "ulm", "--model", "ulmfit", "--dataset", "fortunes"]
     args += ["--model-options", "lm_rounds=0"]
     args += ["--clients", "2", "--rounds", "5", "--local-epochs", "2", "--learning-rate", "0.01"]
