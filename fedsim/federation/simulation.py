@@ -10,6 +10,7 @@ from typing import Any
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
+from fedsim.data.clients import dataset_for
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation.client_app import build_client_app
 from fedsim.federation.secagg_client import route_secagg
@@ -65,6 +66,10 @@ def simulate(
         # ERROR: also hides the deprecation notice of run_simulation, which we call knowingly
         # (`flwr run .` is the supported path for deployments; see the README).
         logging.getLogger("flwr").setLevel(logging.ERROR)
+    # Load the data here, before Ray starts: loaded in the ServerApp's thread (Flower starts it
+    # first), a BLAS-heavy preparation such as fortunes-lsa's SVD raced Ray's fork of its helper
+    # processes and deadlocked the child. The thread then finds it in the per-process cache.
+    dataset_for(plan.config)
     reason = ""
     try:
         run_simulation(
