@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.base import ZooModel, model_label
 
@@ -179,7 +180,7 @@ def identifiability(
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if (chunk is not None and chunk < 1) or top_k < 1 or power_steps < 0:
         raise ValueError("chunk and top_k must be at least 1 and power_steps at least 0")
-    with _torch_threads(threads):
+    with _analysis_settings(threads):
         start = time.perf_counter()
 
         def observed_in(precision: torch.dtype) -> _ObservedGradient:
@@ -256,7 +257,7 @@ def fisher_gram(
     """JᵀJ, (D, D) in float64 and symmetrised: the Fisher information of the input at unit noise,
     as a matrix, for bounds that combine it with a prior (`audits.leakage_bound.prior_bound`).
     Costs what the float64 "gram" method costs, without the eigendecomposition."""
-    with _torch_threads(threads):
+    with _analysis_settings(threads):
         observed = _ObservedGradient(model, inputs, labels, torch.float64, noise_std, clip_norm)
         chunk = _even_chunk(observed.unknowns, observed.parameters * 8)
         gram = torch.empty(observed.unknowns, observed.unknowns, dtype=torch.float64)
@@ -288,6 +289,21 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def _analysis_settings(threads: int | None) -> Iterator[None]:
+    """Torch threads, and attention on kernels that forward-mode AD can differentiate: the fused
+    CPU kernels of scaled-dot-product attention and of TransformerEncoderLayer's inference fast
+    path have no forward derivative (the cloze transformer's J failed with NotImplementedError).
+    The math kernels compute the same function."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with _torch_threads(threads), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class _LossOfEmbedded(nn.Module):
@@ -446,16 +462,21 @@ def _unclipped(observed: _ObservedGradient) -> Tensor:
 
 
 def _functional_copy(model: ZooModel, dtype: torch.dtype) -> ZooModel:
-    """A copy in `dtype` that torch.func can differentiate: a BatchNorm in training mode keeps
-    normalising with the batch's statistics but no longer writes running statistics (an in-place
-    update of a shared buffer cannot be batched by vmap)."""
+    """A copy in `dtype` that torch.func can differentiate, as a function of the input alone:
+    dropout is off (in training mode every product would draw its own mask, the Gram came out
+    asymmetric and its tolerance swallowed the whole spectrum: rank 0 for the cloze transformer
+    and ULMFiT); the server cannot know a client's masks, so J is that of the expected network. A
+    BatchNorm in training mode keeps normalising with the batch's statistics but no longer writes
+    running statistics (an in-place update of a shared buffer cannot be batched by vmap)."""
     net = copy.deepcopy(model).to(dtype)
-    for module in net.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            module.track_running_stats = False
-            module.running_mean = None
-            module.running_var = None
-            module.num_batches_tracked = None
+    batch_norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    net.eval()
+    for module in batch_norms:
+        module.train()
+        module.track_running_stats = False
+        module.running_mean = None
+        module.running_var = None
+        module.num_batches_tracked = None
     return net
 
 
