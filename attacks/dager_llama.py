@@ -131,10 +131,12 @@ class Span:
     singular: Tensor
 
     def residual(self, inputs: Tensor) -> Tensor:
-        """Relative distance of each row of `inputs` (N, d) to the span."""
+        """Relative distance of each row of `inputs` (N, d) to the span; 1 for a zero input (a
+        padding_idx embedding row: it adds nothing to any gradient, so the test cannot see it)."""
         inputs = inputs.double()
         rest = inputs - (inputs @ self.basis) @ self.basis.T
-        return rest.norm(dim=-1) / inputs.norm(dim=-1).clamp_min(1e-300)
+        norm = inputs.norm(dim=-1)
+        return torch.where(norm > 0, rest.norm(dim=-1) / norm.clamp_min(1e-300), torch.ones_like(norm))
 
 
 def row_span(matrices: Sequence[Tensor], rank_tol: float) -> Span:
