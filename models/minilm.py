@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.base import InputSpec, UnsupportedInputError, ZooModel
+from models.base import InputSpec, UnsupportedInputError
+from models.frozen_base import FrozenBaseModel
 from models.pretrained import load_minilm
 
 VOCABULARY = "minilm"
@@ -40,7 +41,7 @@ def require_vocabulary(spec: InputSpec, model: str, vocabulary: str, dataset: st
         )
 
 
-class MiniLMClassifier(ZooModel):
+class MiniLMClassifier(FrozenBaseModel):
     """The pretrained encoder, mean pooling over non-pad tokens and a linear topic head."""
 
     def __init__(self, spec: InputSpec, encoder: nn.Module, train_layers: int) -> None:
@@ -54,10 +55,26 @@ class MiniLMClassifier(ZooModel):
         for index in self.trained_layers:
             layers[index].requires_grad_(True)
 
-    def federated_names(self) -> tuple[str, ...]:
-        """The trained encoder layers and the head; the frozen rest is rebuilt on every node."""
-        prefixes = (*(f"encoder.encoder.layer.{i}." for i in self.trained_layers), "classifier.")
-        return tuple(name for name in self.state_dict() if name.startswith(prefixes))
+    def exposure(self) -> str:
+        first = self.trained_layers[0] if self.trained_layers else None
+        layers = (
+            "the head alone (a linear probe)"
+            if first is None
+            else f"encoder layers {first}-{self.trained_layers[-1]} and the head"
+        )
+        attention = (
+            ""
+            if first is None
+            else f" Layer {first}'s query/key/value gradients lie in the span of its inputs, but those are "
+            f"contextual states after {first} frozen layers (each depends on the whole text), so DAGER's "
+            "per-token span test has no candidate set to test: it needs the inputs of the first layer."
+        )
+        return (
+            f"an update carries {layers}; the word-piece embedding is frozen (its gradient is zero), so "
+            "the token-set attack reveals no tokens." + attention + " The head's gradient of a batch-1 "
+            "update is (p - y) x pooled, so its weight rows divided by its bias entries give the text's "
+            "mean-pooled sentence vector exactly (what embedding-inversion attacks start from)."
+        )
 
     # --- the continuous input ------------------------------------------------------------------
     def embed(self, inputs: Tensor) -> Tensor:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.base import InputSpec, TrainingSettings, ZooModel
+from models.base import InputSpec, TrainingSettings
+from models.frozen_base import FrozenBaseModel
 from models.minilm import require_vocabulary
 from models.pretrained import SMOLLM2_INSTALL, PretrainedUnavailableError, load_smollm2
 
@@ -35,7 +36,7 @@ LAYERS = 30
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class SmolLM2LoRA(ZooModel):
+class SmolLM2LoRA(FrozenBaseModel):
     """SmolLM2 with LoRA adapters; logits (B, T, V) at every position."""
 
     head = "other"
@@ -53,6 +54,24 @@ class SmolLM2LoRA(ZooModel):
     def federated_names(self) -> tuple[str, ...]:
         """The LoRA tensors only: the frozen base is rebuilt on every node."""
         return tuple(name for name in self.state_dict() if ".lora_" in name)
+
+    def exposure(self) -> str:
+        config = self.lm.peft_config["default"]
+        rank, layers = int(config.r), list(config.layers_to_transform)
+        contiguous = layers == list(range(layers[0], layers[-1] + 1))
+        where = f"layers {layers[0]}-{layers[-1]}" if contiguous else f"layers {layers}"
+        targets = "+".join(sorted(config.target_modules))
+        return (
+            f"an update carries only LoRA's A (r x in) and B (out x r) at rank {rank} on {targets} of "
+            f"{where}; the token embedding (tied to the output) is frozen, so the token-set attack reveals "
+            "no tokens. A's gradient is B^T d(out) x^T: its rows lie in the span of the layer's input "
+            f"vectors x_t but number at most {rank}, and B starts at zero (A's gradient is exactly zero "
+            "until B has trained); B's gradient d(out) (A x)^T sees the inputs only through their "
+            f"{rank}-dimensional projections A x_t. DAGER's span test on layer 0 needs the span of all T "
+            f"input vectors, so it applies to A's gradient only when a text has at most {rank} tokens and "
+            f"B is non-zero (a later round); beyond that the update exposes rank-{rank} summaries of the "
+            "layer inputs, which no attack here inverts."
+        )
 
     # --- the continuous input ------------------------------------------------------------------
     def embed(self, inputs: Tensor) -> Tensor:
