@@ -165,6 +165,9 @@ class ZooModel(nn.Module):
     metric_names: tuple[str, ...] = ("accuracy",)
     per_sample_loss: bool = True
     trained_by_gradients: bool = True
+    # Samples per evaluation batch: a family whose outputs are large (a 49,152-token LM's logits
+    # at every position: 6 MiB per sample) lowers it so evaluation stays within memory.
+    evaluation_batch_size: int = 512
 
     def __init__(self, spec: InputSpec, layers: nn.Sequential | None = None) -> None:
         super().__init__()

@@ -41,6 +41,7 @@ class SmolLM2LoRA(FrozenBaseModel):
 
     head = "other"
     metric_names = ("accuracy", "perplexity")
+    evaluation_batch_size = 32  # logits of 32 x 32 positions x 49,152 tokens: 200 MB
 
     def __init__(self, spec: InputSpec, lm: nn.Module) -> None:
         super().__init__(spec)
