@@ -43,6 +43,7 @@ from audits.leakage_bound import LeakageBound, leakage_bound, weight_delta_round
 from audits.linear_regions import LinearRegions, RegionSettings, linear_regions
 from audits.security_metric import SecurityReport
 from models.base import ZooModel, model_label
+from models.frozen_base import FrozenBaseModel
 
 # The learning rate at which an exact-gradient audit states its bound: the float32 rounding of
 # the weights after one SGD step, seen as a gradient, has std ulp(w) / sqrt(12) / lr.
@@ -50,6 +51,13 @@ ROUNDING_LEARNING_RATE = 0.1
 # Torch threads for the end-to-end analysis, as the audit engine runs its attacks: on the 2-core
 # dev machine with the other core busy, CNN6's Gram took 20-26 s on one thread and 51 s on two.
 ANALYSIS_THREADS = 1
+# Beyond this many parameters in the forward pass (trained or frozen: every product of J runs
+# through all of them) the end-to-end analysis is not attempted. Its cheapest spectrum, the
+# randomized one, takes (RANDOMIZED_RANK + OVERSAMPLE) x (1 + 2 POWER_STEPS) = 360 forward-over-
+# reverse products; one batch-1 gradient of MiniLM (22.7 M) at 48 tokens takes ~0.3 s on a busy
+# core and of SmolLM2 (134.5 M) at 32 tokens ~1 s, so an audit would spend minutes to hours
+# (more for the Gram: D = 18,432 embedded inputs for both). The CNNs of the zoo stay far below.
+MAX_END_TO_END_PARAMETERS = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,8 @@ class ArchitectureReport:
     # Linear regions near the data (None with a note in `regions_note` if they failed).
     regions: LinearRegions | None = None
     regions_note: str = ""
+    # For a frozen pretrained base: what its update carries and which attacks that admits.
+    exposure: str = ""
 
     @property
     def score(self) -> int | None:
@@ -157,6 +167,7 @@ class ArchitectureReport:
             "disclosures": [d.to_dict() for d in self.disclosures],
             "linear_regions": None if self.regions is None else self.regions.to_dict(),
             "linear_regions_note": self.regions_note or None,
+            "exposure": self.exposure or None,
             "seconds": self.seconds,
         }
 
@@ -178,6 +189,8 @@ class ArchitectureReport:
             lines.append(_bound_line(self))
             if self.attacks:
                 lines.append(_attack_table(self))
+        if self.exposure:
+            lines.append(f"what the update exposes: {self.exposure}")
         lines += [f"beside the update, {d.line()}" for d in self.disclosures]
         return "\n".join(lines)
 
@@ -213,14 +226,18 @@ def architecture_report(
     shape = tuple(int(d) for d in inputs.shape[1:])
     security = security or measure_security(model, shape, seed=seed)
     ident, ident_note, bound = None, "", None
+    forward_parameters = sum(p.numel() for p in model.parameters())
     if not model.trained_by_gradients:
         ident_note = NO_GRADIENT
+    elif forward_parameters > MAX_END_TO_END_PARAMETERS:
+        ident_note = too_large_note(model, forward_parameters, shape)
     else:
         try:
             ident, bound = _end_to_end(model, inputs, labels, noise, gradients, method, seed)
         except Exception as err:  # a report states what it could not compute, it does not raise
             ident_note = f"failed: {type(err).__name__}: {err}"
     report = ArchitectureReport(
+        exposure=model.exposure() if isinstance(model, FrozenBaseModel) else "",
         model=model_label(model),
         input_shape=shape,
         noise=noise,
@@ -246,6 +263,19 @@ def architecture_report(
     report.attacks = attack_outcomes(rows, bound_sample, report.psnr_ceiling if noise.sigma > 0 else None)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def too_large_note(model: ZooModel, parameters: int, shape: tuple[int, ...]) -> str:
+    """Why the end-to-end analysis was skipped for a model of `parameters` (forward pass)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    inputs = "embedded tokens" if model.spec.modality == "tokens" else "inputs"
+    see = "; see what the update exposes" if isinstance(model, FrozenBaseModel) else ""
+    return (
+        f"not computed: every column of J is a forward-over-reverse pass through all "
+        f"{parameters / 1e6:.1f} M parameters ({trained / 1e6:.2f} M trained) for {shape} {inputs}; "
+        f"beyond {MAX_END_TO_END_PARAMETERS / 1e6:.0f} M that is minutes to hours per audit, so no rank "
+        f"and no Cramer-Rao ceiling{see}"
+    )
 
 
 def _end_to_end(

@@ -17,8 +17,10 @@ from models.dam import dam_cnn, dam_mlp
 from models.hybrid_contrastive import hybrid_psc, hybrid_sc
 from models.learning_to_weight import learning_to_weight
 from models.ledl import ledl
+from models.minilm import minilm
 from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
+from models.smollm2 import smollm2
 from models.splash_fnn import splash_fnn
 from models.text_dnn import text_dnn
 from models.ulmfit import ulmfit
@@ -45,6 +47,8 @@ MODELS: dict[str, ModelBuilder] = {
     "ltw": learning_to_weight,
     "cloze": cloze_transformer,
     "ulmfit": ulmfit,
+    "minilm": minilm,
+    "smollm2": smollm2,
 }
 
 

@@ -63,7 +63,9 @@ class InputSpec:
 
     - `image`: float32 (C, H, W), values in `value_range` (default [0, 1]);
     - `features`: float32 (F,), values in `value_range` (None when unbounded, e.g. standardised);
-    - `tokens`: int64 (T,) token ids in [0, `vocab_size`), `value_range` None.
+    - `tokens`: int64 (T,) token ids in [0, `vocab_size`), `value_range` None; `vocabulary`
+      names the pretrained tokenizer the ids come from ("minilm", "smollm2"), None for fedsim's
+      own word vocabularies, so a pretrained model refuses ids it would misread.
     `num_classes` is the number of label values (labels are 0 .. num_classes − 1).
     """
 
@@ -72,6 +74,7 @@ class InputSpec:
     modality: Modality = "image"
     value_range: tuple[float, float] | None = (0.0, 1.0)
     vocab_size: int | None = None
+    vocabulary: str | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -88,6 +91,8 @@ class InputSpec:
                 raise ValueError("token ids have no value range; pass value_range=None")
         elif self.vocab_size is not None:
             raise ValueError(f"vocab_size applies to token inputs only, not {self.modality}")
+        elif self.vocabulary is not None:
+            raise ValueError(f"vocabulary applies to token inputs only, not {self.modality}")
 
     @classmethod
     def image(cls, shape: tuple[int, int, int], num_classes: int) -> InputSpec:
@@ -100,8 +105,10 @@ class InputSpec:
         return cls((count,), num_classes, "features", value_range)
 
     @classmethod
-    def tokens(cls, length: int, vocab_size: int, num_classes: int) -> InputSpec:
-        return cls((length,), num_classes, "tokens", None, vocab_size)
+    def tokens(
+        cls, length: int, vocab_size: int, num_classes: int, vocabulary: str | None = None
+    ) -> InputSpec:
+        return cls((length,), num_classes, "tokens", None, vocab_size, vocabulary)
 
     @property
     def num_features(self) -> int:
@@ -158,6 +165,9 @@ class ZooModel(nn.Module):
     metric_names: tuple[str, ...] = ("accuracy",)
     per_sample_loss: bool = True
     trained_by_gradients: bool = True
+    # Samples per evaluation batch: a family whose outputs are large (a 49,152-token LM's logits
+    # at every position: 6 MiB per sample) lowers it so evaluation stays within memory.
+    evaluation_batch_size: int = 512
 
     def __init__(self, spec: InputSpec, layers: nn.Sequential | None = None) -> None:
         super().__init__()

@@ -93,8 +93,19 @@ def load_minilm() -> Pretrained:
     return Pretrained(tokenizer, model.eval())
 
 
-def load_smollm2() -> Pretrained:
-    """SmolLM2-135M as a float32 LlamaForCausalLM (tied input/output embeddings, 49,152 tokens)."""
+def minilm_tokenizer() -> Any:
+    """MiniLM's WordPiece tokenizer alone (a dataset needs no weights)."""
+    folder = _package_dir(MINILM_PACKAGE, MINILM_INSTALL) / "model"
+    return _transformers(MINILM_INSTALL).AutoTokenizer.from_pretrained(folder)
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's BPE tokenizer alone, from the dequantised cache (made on first use)."""
+    transformers, cached = _smollm2_cache()
+    return transformers.AutoTokenizer.from_pretrained(cached)
+
+
+def _smollm2_cache() -> tuple[Any, Path]:
     package = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL)
     if importlib.util.find_spec("gguf") is None:
         raise PretrainedUnavailableError(f"gguf is not installed; install it with: {SMOLLM2_INSTALL}")
@@ -102,6 +113,12 @@ def load_smollm2() -> Pretrained:
     cached = cache_dir() / "smollm2-135m-instruct-f32"
     if not (cached / "config.json").is_file():
         _dequantise_once(transformers, package, cached)
+    return transformers, cached
+
+
+def load_smollm2() -> Pretrained:
+    """SmolLM2-135M as a float32 LlamaForCausalLM (tied input/output embeddings, 49,152 tokens)."""
+    transformers, cached = _smollm2_cache()
     tokenizer = transformers.AutoTokenizer.from_pretrained(cached)
     model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     return Pretrained(tokenizer, model.eval())

@@ -15,12 +15,36 @@ from audits.architecture_report import ObservationNoise, architecture_report
 from audits.standalone import audit_model
 from fedsim.cli import cli
 from models import InputSpec, UnsupportedInputError, available_models, build_model
+from tests.conftest import require_minilm, require_smollm2
 
 DIGITS = InputSpec((1, 8, 8), 10)
+# Pretrained families read only their tokenizer's ids: (vocabulary size, the skip naming its install).
+PRETRAINED = {"minilm": (30522, require_minilm), "smollm2": (49152, require_smollm2)}
+
+
+def _pretrained_report(name: str) -> None:
+    """A frozen pretrained base: no end-to-end analysis (too large, and it says so) but a
+    statement of what its update exposes, naming why the token-set attack learns nothing."""
+    size, require = PRETRAINED[name]
+    require()
+    torch.manual_seed(0)
+    model = build_model(name, InputSpec.tokens(12, size, 6, name))
+    x = torch.randint(1, size, (1, 12), generator=torch.Generator().manual_seed(1))
+    report = architecture_report(model, x, torch.tensor([3]), ObservationNoise(1e-3))
+    assert report.identifiability is None and report.identifiability_note.startswith("not computed")
+    assert "M trained" in report.identifiability_note and report.bound is None
+    assert "token-set attack reveals no tokens" in report.exposure
+    table = report.to_table()
+    assert f"what the update exposes: {report.exposure}" in table.splitlines()
+    assert report.regions is not None and not report.regions.applicable
+    assert json.loads(json.dumps(report.to_dict()))["exposure"] == report.exposure
 
 
 @pytest.mark.parametrize("name", available_models())
 def test_every_registered_model_gets_a_report(name: str) -> None:
+    if name in PRETRAINED:
+        _pretrained_report(name)
+        return
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     try:

@@ -32,8 +32,8 @@ def _check(name: str, shape: tuple[int, ...], train: int, test: int) -> None:
 
 def test_registry_lists_the_datasets() -> None:
     assert available_datasets() == [
-        "breast-cancer", "digits", "fashion-mnist", "fortunes", "fortunes-lsa", "kjv", "mnist", "photos",
-        "splash", "splash-body",
+        "breast-cancer", "digits", "fashion-mnist", "fortunes", "fortunes-lsa", "fortunes-minilm",
+        "fortunes-smollm2", "kjv", "mnist", "photos", "splash", "splash-body",
     ]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from fedsim.federation.planning import check_model_fits, validate_plan
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import MODELS, InputSpec, TrainingSettings, UnsupportedInputError, available_models, build_model
 from models.classifiers import SequentialClassifier
+from tests.conftest import require_minilm, require_smollm2
 
 
 def _convs(model: nn.Module) -> list[tuple[int, int, int, int, int, bool]]:
@@ -50,11 +51,23 @@ def test_logistic_head_is_one_bias_free_logit() -> None:
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 1)
 
 
-LANGUAGE_MODELS = {"cloze"}
+LANGUAGE_MODELS = {"cloze", "smollm2"}
+# Pretrained families read only their own tokenizer's ids: (vocabulary, its size, the skip).
+PRETRAINED = {"minilm": ("minilm", 30522, require_minilm), "smollm2": ("smollm2", 49152, require_smollm2)}
 
 
 @pytest.mark.parametrize("name", available_models())
 def test_every_model_maps_inputs_to_class_scores(name: str) -> None:
+    if name in PRETRAINED:  # refuses every other spec before loading weights, then scores its own
+        vocabulary, size, require = PRETRAINED[name]
+        for spec in (InputSpec((1, 32, 32), 10), InputSpec.tokens(16, 50, 10)):
+            with pytest.raises(UnsupportedInputError, match=f"use --dataset fortunes-{vocabulary}"):
+                build_model(name, spec)
+        require()
+        model = build_model(name, InputSpec.tokens(16, size, 10, vocabulary))
+        expected = (4, 16, size) if name in LANGUAGE_MODELS else (4, 10)
+        assert model(torch.randint(1, size, (4, 16))).shape == expected
+        return
     try:
         build_model(name, InputSpec((1, 32, 32), 10))
     except UnsupportedInputError:  # a token-only family (e.g. ltw)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.data.text import WordTokenizer
+from fedsim.data.text import TokenCodec, WordTokenizer
 from models import InputSpec
 
 # The test split is fixed (not the run seed) so every run is scored on the same held-out data.
@@ -36,7 +36,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     spec: InputSpec
-    tokenizer: WordTokenizer | None = None
+    tokenizer: TokenCodec | None = None
     covariate_train: np.ndarray | None = None
     covariate_test: np.ndarray | None = None
     covariate_name: str = ""
@@ -54,9 +54,9 @@ class Dataset:
         tokens = self.spec.modality == "tokens"
         if tokens != (self.tokenizer is not None):
             raise ValueError(f"dataset {self.name!r}: token data needs its tokenizer, other data has none")
-        if self.tokenizer is not None and len(self.tokenizer.vocabulary) != self.spec.vocab_size:
+        if self.tokenizer is not None and self.tokenizer.vocab_size != self.spec.vocab_size:
             raise ValueError(
-                f"dataset {self.name!r}: vocabulary of {len(self.tokenizer.vocabulary)} words "
+                f"dataset {self.name!r}: vocabulary of {self.tokenizer.vocab_size} tokens "
                 f"but spec.vocab_size {self.spec.vocab_size}"
             )
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from fedsim.data.dataset import SPLIT_SEED, Dataset
 from fedsim.data.idx import FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, MNIST_INSTALL, load_idx_split, mnist_dir
 from fedsim.data.photos import photo_crops
+from fedsim.data.pretrained_text import fortunes_minilm, fortunes_smollm2
 from fedsim.data.splash import splash_images
 from fedsim.data.tabular import breast_cancer
 from fedsim.data.text_datasets import fortunes, fortunes_lsa, kjv
@@ -91,6 +92,8 @@ DATASETS: dict[str, Callable[[], Dataset]] = {
     "fashion-mnist": _fashion_mnist,
     "fortunes": fortunes,
     "fortunes-lsa": fortunes_lsa,
+    "fortunes-minilm": fortunes_minilm,
+    "fortunes-smollm2": fortunes_smollm2,
     "kjv": kjv,
     "mnist": _mnist,
     "photos": _photos,

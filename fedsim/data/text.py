@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +23,18 @@ WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 def split_words(text: str) -> list[str]:
     return WORD.findall(text.lower())
+
+
+class TokenCodec(Protocol):
+    """What a token dataset keeps to read its ids back: fedsim's word tokenizer, or a pretrained
+    model's own (`fedsim.data.pretrained_text`)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,10 @@ class WordTokenizer:
     ) -> WordTokenizer:
         vocabulary = Vocabulary.build((split_words(t) for t in texts), max_vocabulary, min_count)
         return cls(vocabulary, length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocabulary)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         ids = np.zeros((len(texts), self.length), dtype=np.int64)  # 0 = <pad>

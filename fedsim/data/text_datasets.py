@@ -37,7 +37,7 @@ LSA_COMPONENTS = 100
 KJV_PER_TESTAMENT = 3000
 
 
-def _split(task: LabelledTexts) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
+def split_task(task: LabelledTexts) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
     x_train, x_test, y_train, y_test = train_test_split(
         list(task.texts), task.labels, test_size=0.2, stratify=task.labels, random_state=SPLIT_SEED
     )
@@ -47,7 +47,7 @@ def _split(task: LabelledTexts) -> tuple[tuple[list[str], np.ndarray], tuple[lis
 def _token_dataset(name: str, task: LabelledTexts, public: tuple[str, ...], length: int) -> Dataset:
     vocabulary = Vocabulary.build((split_words(t) for t in public), VOCABULARY_SIZE)
     tokenizer = WordTokenizer(vocabulary, length)
-    (train_texts, y_train), (test_texts, y_test) = _split(task)
+    (train_texts, y_train), (test_texts, y_test) = split_task(task)
     spec = InputSpec.tokens(length, len(vocabulary), len(task.names))
     return Dataset(
         name,
@@ -73,7 +73,7 @@ def fortunes_lsa() -> Dataset:
     public_features = svd.fit_transform(tfidf.fit_transform(public))
     mean, scale = public_features.mean(axis=0), public_features.std(axis=0) + 1e-8
     task = fortunes_task()
-    (train_texts, y_train), (test_texts, y_test) = _split(task)
+    (train_texts, y_train), (test_texts, y_test) = split_task(task)
 
     def features(texts: list[str]) -> np.ndarray:
         return ((svd.transform(tfidf.transform(texts)) - mean) / scale).astype(np.float32)

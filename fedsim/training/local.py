@@ -238,11 +238,12 @@ def _examples_trained(train_loader: DataLoader, distinct: int, steps: int, size:
 
 @torch.no_grad()
 def evaluate(
-    model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+    model: ZooModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None
 ) -> Evaluation:
     """Mean loss and every metric of `model` on a labelled set; per-batch means are weighted
     by what they average over (`model.metric_weight`: the batch size, or e.g. its tokens), so
     the result does not depend on `batch_size`."""
+    batch_size = batch_size or model.evaluation_batch_size
     model.eval()
     count = len(labels)
     total_loss = 0.0

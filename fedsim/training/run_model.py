@@ -6,6 +6,7 @@ from typing import Any
 
 from fedsim.errors import UserInputError
 from models import InputSpec, UnsupportedInputError, ZooModel, build_model, parse_model_options
+from models.pretrained import PretrainedUnavailableError
 
 
 def build_run_model(model: str, spec: InputSpec, options: str = "", **fixed: Any) -> ZooModel:
@@ -25,6 +26,8 @@ def build_run_model(model: str, spec: InputSpec, options: str = "", **fixed: Any
         return build_model(model, spec, **parsed, **fixed)
     except UnsupportedInputError:
         raise  # the caller names the models that do take this data
+    except PretrainedUnavailableError as err:  # its weights' package: one line with the install
+        raise UserInputError(f"model {model!r} cannot be built: {err}") from None
     except ValueError as err:  # a builder refusing a value (e.g. a width of 0) or this shape
         given = f" with options {options!r}" if options else ""
         raise UserInputError(f"model {model!r} cannot be built{given}: {err}; see `fedsim models`") from None
