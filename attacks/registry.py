@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from attacks.analytic import AnalyticFCInversion
 from attacks.auto import AutoAttack
 from attacks.base import Attack
+from attacks.dager_llama import DagerLlamaAttack
 from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation import DLG, IDLG, InvertingGradients
 from attacks.text_leakage import DagerAttack, TokenSetAttack
@@ -73,6 +74,12 @@ ATTACKS: dict[str, AttackEntry] = {
         DagerAttack,
         "DAGER: tokens whose first-projection input lies in the span of its weight gradient, per position.",
         "token models with a per-token Linear after the embedding and B·L < its width; order needs positions",
+    ),
+    "dager-llm": AttackEntry(
+        DagerLlamaAttack,
+        "DAGER on a Llama-style causal LM: the vocabulary through the first block's q/k/v span, "
+        "then sequences grown token by token through the second block's.",
+        "transformers decoders (smollm2) whose first two blocks' q/k/v weights train; B·L < the width",
     ),
 }
 
