@@ -28,6 +28,7 @@ from fedsim.federation.central_dp_mod import central_dp_mod
 from fedsim.federation.secagg_client import route_secagg
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
+from models.base import load_federated_state
 
 
 def _partition_id(context: Context) -> int:
@@ -54,7 +55,8 @@ def _job(msg: Message, context: Context) -> _Job:
     torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
     instructions = wire.read_instructions(msg.content)
     model = model_for(instructions.config)
-    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    # The federated entries only (strict); the rest (a frozen pretrained base) stays as built.
+    load_federated_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
     partition_id = _partition_id(context)
     data = client_data(instructions.config, partition_id)
     return _Job(instructions, model, partition_id, data)
@@ -80,8 +82,10 @@ def _reply(
 
 
 def train(msg: Message, context: Context, share_truth: bool = False) -> Message:
-    """Train on this node's partition; attach the samples only if the node opted in
-    (`share_truth` or node config `audit-truth=true`) and the server audits."""
+    """Train on this node's partition and reply with the entries the model sends this round
+    (`sent_names`; the server completes a partial reply from its global model); attach the
+    samples only if the node opted in (`share_truth` or node config `audit-truth=true`) and the
+    server audits."""
     job = _job(msg, context)
     config = job.instructions.config
     result = train_locally(
