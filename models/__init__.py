@@ -19,6 +19,7 @@ from models.learning_to_weight import learning_to_weight
 from models.ledl import ledl
 from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
+from models.random_features import random_features
 from models.splash_fnn import splash_fnn
 from models.text_dnn import text_dnn
 from models.ulmfit import ulmfit
@@ -45,6 +46,7 @@ MODELS: dict[str, ModelBuilder] = {
     "ltw": learning_to_weight,
     "cloze": cloze_transformer,
     "ulmfit": ulmfit,
+    "random-features": random_features,
 }
 
 

@@ -145,7 +145,8 @@ def build_chain(
     replies must match exactly; `output_dir`: where the privacy ledger writes `privacy.csv`
     (required when the config spends privacy budget); `model`: the run's model, whose
     `after_aggregation` hook (if the family has one) runs on each aggregate with `settings`, and
-    whose `sent_names` (if the family sends partial replies) says which replies to complete.
+    whose `sent_names` (if the family sends partial replies) says which replies to complete
+    (`settings` become its `run_settings` when it has none).
     """
     aggregator = build_strategy(config)
     strategy: Strategy = aggregator
@@ -168,9 +169,13 @@ def build_chain(
         strategy = ModelRoundHook(strategy, model, settings)
     strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes)
     if model is not None and overrides_sent_names(model):
-        if model_dtypes is None:
-            raise ValueError("build_chain got a model that sends partial replies but no model_dtypes")
-        strategy = ReplyCompletion(strategy, model, model_dtypes)
+        if model.run_settings is None:  # its sent_names reads the run's length
+            if settings is None:
+                raise ValueError(
+                    "build_chain got a model that sends partial replies but no training settings"
+                )
+            model.run_settings = settings
+        strategy = ReplyCompletion(strategy, model, model_dtypes or {})
     strategy = ReproducibleStrategy(
         strategy,
         seed=config.seed,
