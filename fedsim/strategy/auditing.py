@@ -162,13 +162,14 @@ class AuditingStrategy(StrategyWrapper):
 def weights_around(
     model: ZooModel, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every parameter of `model` before and after a round, from the federated entries given;
-    a parameter outside the federated model (a frozen pretrained base) is the model's own value
-    on both sides, so its observed update is exactly zero."""
-    own = dict(model.named_parameters())
+    """Every parameter of `model` before and after a round: a federated one from the entries
+    given (KeyError when one lacks it), one outside the federated model (a frozen pretrained
+    base) the model's own value on both sides, so its observed update is exactly zero."""
+    federated = set(model.federated_names())
+    own = {name: p.detach() for name, p in model.named_parameters()}
     return (
-        {name: before[name] if name in before else own[name].detach() for name in own},
-        {name: after[name] if name in after else own[name].detach() for name in own},
+        {name: before[name] if name in federated else value for name, value in own.items()},
+        {name: after[name] if name in federated else value for name, value in own.items()},
     )
 
 
