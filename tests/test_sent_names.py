@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -140,14 +141,21 @@ ULMFIT = RunConfig(
 
 
 def _client_reply(
-    config: RunConfig, server_round: int, weights: dict[str, np.ndarray], partition: int
+    config: RunConfig,
+    server_round: int,
+    weights: dict[str, np.ndarray],
+    partition: int,
+    clipping_norm: float | None = None,
 ) -> Message:
-    """A real train reply of fedsim's ClientApp to the message FedAvg builds for this round."""
+    """A real train reply of fedsim's ClientApp to the message FedAvg builds for this round (with
+    `clipping_norm`: as Flower's client-side central-DP wrapper asks it)."""
     grid = StaticGrid([100 + p for p in range(config.num_clients)])
     messages = build_strategy(config).configure_train(
         server_round, arrays(weights), wire.run_config_record(config), grid
     )
     message = sorted(messages, key=lambda m: m.metadata.dst_node_id)[partition]
+    if clipping_norm is not None:
+        message.content.config_records[wire.CONFIG][KEY_CLIPPING_NORM] = clipping_norm
     context = Context(
         run_id=1,
         node_id=message.metadata.dst_node_id,
@@ -213,6 +221,23 @@ def test_an_all_unfrozen_round_sends_every_classifier_group_but_not_the_decoder(
     group_of = model_for(ULMFIT).group_of()
     record = _client_reply(ULMFIT, 5, weights, 0).content.array_records[wire.ARRAYS]
     assert list(record) == [n for n in weights if group_of.get(n) != "decoder"]
+
+
+def test_a_client_asked_to_clip_for_central_dp_replies_with_the_whole_federated_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Flower's clipping mod pairs the reply's arrays with the message's by name and order.
+    require_fortunes()
+    act_as_server(monkeypatch)
+    weights = _global(ULMFIT)
+    reply = _client_reply(ULMFIT.replace(central_dp="client"), 2, weights, 0, clipping_norm=1e-3)
+    record = reply.content.array_records[wire.ARRAYS]
+    assert list(record) == list(weights)
+    sent = model_for(ULMFIT).sent_names(2)
+    deltas = {n: record[n].numpy().astype(np.float64) - weights[n] for n in weights}
+    assert all(not deltas[n].any() for n in weights if n not in sent), "frozen entries: zero update"
+    norm = float(np.sqrt(sum(np.square(d).sum() for d in deltas.values())))
+    assert 0 < norm <= 1e-3 * (1 + 1e-4), "the mod clipped the update of the sent entries"
 
 
 @pytest.mark.parametrize("mistake", ["one short", "one more"])

@@ -24,11 +24,11 @@ from flwr.clientapp.typing import Mod
 
 from fedsim.data.clients import ClientData, client_data
 from fedsim.federation import wire
-from fedsim.federation.central_dp_mod import central_dp_mod
+from fedsim.federation.central_dp_mod import asks_for_client_clipping, central_dp_mod
 from fedsim.federation.secagg_client import route_secagg
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
-from models.base import load_federated_state
+from models.base import federated_state, load_federated_state
 
 
 def _partition_id(context: Context) -> int:
@@ -107,7 +107,11 @@ def train(msg: Message, context: Context, share_truth: bool = False) -> Message:
         seen = result.seen
         truth = wire.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
     extras = {name: wire.encode_extra(payload) for name, payload in result.extra_records.items()}
-    reply = _reply(msg, job, metrics, ArrayRecord(result.weights), truth, extras)
+    weights = result.weights
+    if asks_for_client_clipping(msg):  # Flower's clipping mod needs the message's every array back
+        whole = federated_state(job.model)
+        weights = {name: weights[name] if name in weights else whole[name] for name in whole}
+    reply = _reply(msg, job, metrics, ArrayRecord(weights), truth, extras)
     if result.defences:
         reply.content[wire.PRIVACY] = wire.encode_privacy(result.defences, result.privacy)
     return reply
