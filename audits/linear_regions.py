@@ -74,6 +74,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from models.base import load_federated_state
+
 # op name (torch function __name__) -> kind of code it contributes
 _RELU_LIKE = frozenset({"relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "abs", "abs_"})
 _THRESHOLDS = frozenset({"hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clip", "clip_"})
@@ -644,11 +646,11 @@ def regions_over_rounds(
     data: Tensor,
     settings: RegionSettings | None = None,
 ) -> list[dict[str, Any]]:
-    """The region counts of `model` loaded with each (round, state dict), on the same data
-    points, segments and planes every round: one row per round."""
+    """The region counts of `model` loaded with each (round, federated state: a checkpoint), on
+    the same data points, segments and planes every round: one row per round."""
     rows = []
     for server_round, state in states:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        load_federated_state(model, {k: v.float() for k, v in state.items()})
         report = linear_regions(model, data, settings)
         rows.append(
             {

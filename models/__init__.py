@@ -20,6 +20,7 @@ from models.ledl import ledl
 from models.minilm import minilm
 from models.options import ModelOption, builder_options, parse_options
 from models.protopnet import protopnet
+from models.random_features import random_features
 from models.smollm2 import smollm2
 from models.splash_fnn import splash_fnn
 from models.text_dnn import text_dnn
@@ -49,6 +50,7 @@ MODELS: dict[str, ModelBuilder] = {
     "ulmfit": ulmfit,
     "minilm": minilm,
     "smollm2": smollm2,
+    "random-features": random_features,
 }
 
 

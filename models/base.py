@@ -11,6 +11,11 @@ push candidates) and send payloads beside its weights (`extra_records`, e.g. sta
 aggregates instead of weights); one server-side hook reads those payloads after aggregation
 (`after_aggregation`, checked first by `extra_record_problem`), e.g. to write ProtoPNet's pushed
 prototypes into the global model.
+What travels is a seam too: `federated_names` are the state-dict entries that make up the
+federated model (sent, validated, aggregated, checkpointed, audited; a frozen pretrained base is
+not among them), `sent_names(round)` the ones a client sends back after a round (a family that
+freezes groups by round sends only what it trained). `federated_state` / `load_federated_state`
+move exactly the federated entries in and out of any module.
 A family not trained by gradients (LEDL's sparse coding) sets `trained_by_gradients = False` and
 does its whole local round in `local_update`; the client loop then builds no optimiser and runs
 no gradient step, and the run refuses what assumes one (DP-SGD, update defences, server
@@ -168,11 +173,41 @@ class ZooModel(nn.Module):
     # Samples per evaluation batch: a family whose outputs are large (a 49,152-token LM's logits
     # at every position: 6 MiB per sample) lowers it so evaluation stays within memory.
     evaluation_batch_size: int = 512
+    # The run's training settings, bound by whoever builds the model for a run (client and
+    # server alike), so that round-scheduled answers (`sent_names`) know the run's length.
+    run_settings: TrainingSettings | None = None
 
     def __init__(self, spec: InputSpec, layers: nn.Sequential | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.layers: nn.Sequential | None = layers
+
+    # --- what travels ------------------------------------------------------------------------
+    def federated_names(self) -> tuple[str, ...]:
+        """The state-dict entries that make up the *federated* model: sent server→client and
+        client→server, validated, aggregated, checkpointed, audited. Default: every entry of
+        state_dict() in order. A pretrained model whose base stays frozen (LoRA) returns only its
+        adapters and head: every node rebuilds the same frozen base from the installed package, so
+        135 M parameters never cross the wire."""
+        return tuple(self.state_dict())
+
+    def sent_names(self, server_round: int) -> tuple[str, ...]:
+        """The subset of federated_names a client sends back after training in `server_round`.
+        Default: federated_names(). A family that freezes groups by round (ULMFiT's gradual
+        unfreezing, text-dnn's layer-wise pretraining, ProtoPNet's last-layer stage) returns only
+        the groups it trains; the server fills the rest from the round's global model before it
+        validates and aggregates (and `keep_trained` keeps them bit-exact)."""
+        return self.federated_names()
+
+    def run_rounds(self) -> int:
+        """The run's length in rounds, for answers scheduled on the round clock (`sent_names`);
+        ValueError when no run's settings were bound (`run_settings`)."""
+        if self.run_settings is None:
+            raise ValueError(
+                f"{self.name} schedules what it sends by round but knows no run length; "
+                "set model.run_settings (fedsim's model_for does) before asking sent_names"
+            )
+        return self.run_settings.rounds
 
     # --- the continuous input ------------------------------------------------------------------
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -283,3 +318,46 @@ class ZooModel(nn.Module):
         its arguments, names, shapes and dtypes unchanged, so runs and resumes repeat exactly.
         Default: `aggregated` unchanged (the server then skips the hook)."""
         return dict(aggregated)
+
+
+def federated_names_of(model: nn.Module) -> tuple[str, ...]:
+    """`model.federated_names()`; every state-dict entry for a module that is not a ZooModel."""
+    return model.federated_names() if isinstance(model, ZooModel) else tuple(model.state_dict())
+
+
+def sent_names_of(model: nn.Module, server_round: int) -> tuple[str, ...]:
+    """`model.sent_names(server_round)`; every state-dict entry for a module that is not a ZooModel."""
+    return model.sent_names(server_round) if isinstance(model, ZooModel) else tuple(model.state_dict())
+
+
+def federated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The federated entries of `model.state_dict()`, in `federated_names` order (views that
+    share the module's storage, as `state_dict` returns them)."""
+    state = model.state_dict()
+    names = federated_names_of(model)
+    unknown = [name for name in names if name not in state]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"{model_label(model)}.federated_names names {unknown[:3] or 'an entry twice'}, not the "
+            "state-dict entries once each; return names of state_dict() only"
+        )
+    return {name: state[name] for name in names}
+
+
+def load_federated_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load exactly the federated entries into `model` (cast to its dtypes), leaving every other
+    entry as built; ValueError on a missing or unknown name or a shape that differs."""
+    own = federated_state(model)
+    missing, unknown = [n for n in own if n not in state], [n for n in state if n not in own]
+    if missing or unknown:
+        raise ValueError(
+            f"state does not fit {model_label(model)}'s federated model (missing {missing[:3]}, "
+            f"unknown {unknown[:3]}); send exactly its federated_names"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(
+                f"state entry {name!r} has shape {tuple(tensor.shape)}, {model_label(model)}'s is "
+                f"{tuple(own[name].shape)}; send the same model's weights"
+            )
+    model.load_state_dict(dict(state), strict=False)

@@ -25,7 +25,7 @@ back. A class that no client holds keeps its unpushed prototypes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -240,12 +240,23 @@ class ProtoPNet(ZooModel):
         """Frozen tensors back to the round's global values (bit-exact: an average of equal
         arrays may round differently, a server optimiser may move them), then, in the push round,
         each prototype becomes the globally nearest candidate of the clients' push records."""
-        trained = self.trained_groups(self.schedule.stage(server_round, settings.rounds))
-        result = keep_trained(aggregated, previous, lambda name: _group_of(name) in trained)
+        result = keep_trained(aggregated, previous, self._trains(server_round, settings.rounds))
         if server_round == self.schedule.push_round(settings.rounds):
             candidates = [PushCandidates.from_record(r[PUSH_RECORD]) for r in records if PUSH_RECORD in r]
             result[PROTOTYPES] = global_push(result[PROTOTYPES], candidates)
         return result
+
+    def sent_names(self, server_round: int) -> tuple[str, ...]:
+        """Only this round's stage's groups (the last layer alone in the last-layer stage); the
+        server fills the frozen ones from the round's global model. The push candidates travel as
+        an extra record, not as prototypes."""
+        trains = self._trains(server_round, self.run_rounds())
+        return tuple(name for name in self.federated_names() if trains(name))
+
+    def _trains(self, server_round: int, rounds: int) -> Callable[[str], bool]:
+        """Whether a state-dict entry is trained in this round (what is sent and aggregated)."""
+        trained = self.trained_groups(self.schedule.stage(server_round, rounds))
+        return lambda name: _group_of(name) in trained
 
 
 def _group_of(name: str) -> str:

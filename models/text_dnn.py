@@ -15,15 +15,16 @@ noise: each value zeroed with probability `noise`, the clean input reconstructed
 decoder, MSE), then layer 2 on layer-1 codes of the clean input, ... ; then every layer and the
 head are fine-tuned with cross-entropy. The decoders are parameters of the model (`decoders`,
 outside `layers`), so they travel and are averaged like any weight. Which tensors train in a round
-is a function of the round alone (`PretrainSchedule`); every other tensor is frozen on the client
-and reset bit-exact to the round's global value after aggregation (`after_aggregation`), as an
-average of equal arrays may round differently and a server optimiser may move them.
+is a function of the round alone (`PretrainSchedule`); every other tensor is frozen on the client,
+not sent back (`sent_names`: the server fills it from the round's global model), and reset
+bit-exact to the round's global value after aggregation (`after_aggregation`), as an average of
+equal arrays may round differently and a server optimiser may move them.
 While only autoencoders train the head is untrained: evaluation in those rounds is near chance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,9 +168,19 @@ class TextDNN(ZooModel):
         server_round: int,
     ) -> dict[str, np.ndarray]:
         """Tensors frozen this round back to the round's global values, bit-exact."""
-        trained = self.trained_groups(self.schedule.layer(server_round, settings.rounds))
+        return keep_trained(aggregated, previous, self._trains(server_round, settings.rounds))
+
+    def sent_names(self, server_round: int) -> tuple[str, ...]:
+        """Only this round's trained groups (one encoder/decoder pair while a layer is
+        pretrained); the server fills the frozen ones from the round's global model."""
+        trains = self._trains(server_round, self.run_rounds())
+        return tuple(name for name in self.federated_names() if trains(name))
+
+    def _trains(self, server_round: int, rounds: int) -> Callable[[str], bool]:
+        """Whether a state-dict entry is trained in this round (what is sent and aggregated)."""
+        trained = self.trained_groups(self.schedule.layer(server_round, rounds))
         group_of = self.group_of()
-        return keep_trained(aggregated, previous, lambda name: group_of.get(name) in trained)
+        return lambda name: group_of.get(name) in trained
 
 
 def _glorot(layer: nn.Linear, gain: float) -> nn.Linear:

@@ -24,8 +24,9 @@ runs repeat exactly. The optimiser is Adam with the paper's betas (0.7, 0.99), f
 Frozen tensors: a group not trained this round (the classifier in the LM stage, the decoder in
 the classifier stage, the groups not yet unfrozen) has requires_grad off on the client, and the
 server resets it bit-exact to the round's global value after aggregation (`after_aggregation`),
-so only the trainable tensors are aggregated. The frozen tensors still travel in the reply (the
-client sends its whole state dict; they are equal to the global ones).
+so only the trainable tensors are aggregated. The frozen tensors do not travel back: the client
+sends only the round's trained groups (`sent_names`), and the server fills the rest from the
+round's global model before it validates and aggregates.
 
 Our simplifications (tiny scale): no weight tying between embedding and decoder, no batch norm in
 the classifier, concat pooling over all positions (padding included; the dataset pads on the right
@@ -34,7 +35,7 @@ with id 0, whose embedding row is zero), no backpropagation through time beyond 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,9 +318,19 @@ class ULMFiT(ZooModel):
         server_round: int,
     ) -> dict[str, np.ndarray]:
         """Tensors frozen this round back to the round's global values, bit-exact."""
-        trained = set(self.trained_groups(server_round, settings.rounds))
+        return keep_trained(aggregated, previous, self._trains(server_round, settings.rounds))
+
+    def sent_names(self, server_round: int) -> tuple[str, ...]:
+        """Only this round's trained groups: the LM groups in the LM stage, the unfrozen ones in
+        the classifier stage; the server fills the frozen ones from the round's global model."""
+        trains = self._trains(server_round, self.run_rounds())
+        return tuple(name for name in self.federated_names() if trains(name))
+
+    def _trains(self, server_round: int, rounds: int) -> Callable[[str], bool]:
+        """Whether a state-dict entry is trained in this round (what is sent and aggregated)."""
+        trained = set(self.trained_groups(server_round, rounds))
         group_of = self.group_of()
-        return keep_trained(aggregated, previous, lambda name: group_of.get(name) in trained)
+        return lambda name: group_of.get(name) in trained
 
     # --- the pretrained language model ---------------------------------------------------------
     def language_model_state(self) -> dict[str, Tensor]:

@@ -101,6 +101,9 @@ def test_each_stage_trains_only_its_groups() -> None:
         expected = {id(p) for name in trained for p in groups[name]}
         assert {id(p) for g in optimizer.param_groups for p in g["params"]} == expected
         assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+        model.run_settings = settings
+        names = {id(p): name for name, p in model.named_parameters()}
+        assert set(model.sent_names(server_round)) == {names[i] for i in expected}, "sent: what trains"
 
 
 def _push_round(

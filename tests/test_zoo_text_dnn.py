@@ -75,6 +75,8 @@ def test_only_the_scheduled_groups_change_in_a_round(server_round: int, layer: i
         expected = {f"layers.{index[layer]}.{p}" for p in ("weight", "bias")}
         expected |= {f"decoders.{layer}.{p}" for p in ("weight", "bias")}
     assert changed == expected
+    model.run_settings = TrainingSettings(0.05, momentum=0.9, rounds=8)  # what _train used
+    assert set(model.sent_names(server_round)) == expected, "the client sends exactly what trained"
 
 
 def test_after_aggregation_resets_frozen_tensors_bit_exact() -> None:

@@ -1,5 +1,5 @@
 """ULMFiT (Howard & Ruder 2018): STLR and discriminative rates on the global round clock, gradual
-unfreezing with frozen groups reset after aggregation, concat pooling, weight drop and embedding
+unfreezing with frozen groups not sent and reset after aggregation, concat pooling, weight drop and embedding
 dropout, the safetensors LM, and a federation that learns."""
 
 from __future__ import annotations
@@ -109,15 +109,20 @@ def test_gradual_unfreezing_trains_one_more_group_per_round_and_resets_the_froze
         ["embedding", "lstm0", "lstm1", "classifier"],
     ]
     settings = TrainingSettings(learning_rate=0.05, rounds=rounds)
+    model.run_settings = settings
     group_of = model.group_of()
     lm_groups = {"embedding", "lstm0", "lstm1", "decoder"}
     for server_round, trained in ((1, lm_groups), (3, {"lstm1", "classifier"})):
         before = _state(model)
         _round(model, settings, server_round)
         after = _state(model)
+        sent = model.sent_names(server_round)
         for name, value in after.items():
             changed = not np.array_equal(value, before[name])
             assert changed == (group_of[name] in trained), (server_round, name)
+            # frozen groups' tensors are unchanged and not sent back; the trained ones are
+            assert (name in sent) == (group_of[name] in trained), (server_round, name)
+        assert list(sent) == [name for name in after if name in sent], "sent in state-dict order"
         # the server's side: a reply whose frozen tensors moved (a bad client, a rounding average)
         # gets them back bit-exact from the round's global model
         tampered = {k: v + 1.0 for k, v in after.items()}

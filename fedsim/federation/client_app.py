@@ -24,10 +24,11 @@ from flwr.clientapp.typing import Mod
 
 from fedsim.data.clients import ClientData, client_data
 from fedsim.federation import wire
-from fedsim.federation.central_dp_mod import central_dp_mod
+from fedsim.federation.central_dp_mod import asks_for_client_clipping, central_dp_mod
 from fedsim.federation.secagg_client import route_secagg
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
+from models.base import federated_state, load_federated_state
 
 
 def _partition_id(context: Context) -> int:
@@ -54,7 +55,8 @@ def _job(msg: Message, context: Context) -> _Job:
     torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
     instructions = wire.read_instructions(msg.content)
     model = model_for(instructions.config)
-    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    # The federated entries only (strict); the rest (a frozen pretrained base) stays as built.
+    load_federated_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
     partition_id = _partition_id(context)
     data = client_data(instructions.config, partition_id)
     return _Job(instructions, model, partition_id, data)
@@ -80,8 +82,10 @@ def _reply(
 
 
 def train(msg: Message, context: Context, share_truth: bool = False) -> Message:
-    """Train on this node's partition; attach the samples only if the node opted in
-    (`share_truth` or node config `audit-truth=true`) and the server audits."""
+    """Train on this node's partition and reply with the entries the model sends this round
+    (`sent_names`; the server completes a partial reply from its global model); attach the
+    samples only if the node opted in (`share_truth` or node config `audit-truth=true`) and the
+    server audits."""
     job = _job(msg, context)
     config = job.instructions.config
     result = train_locally(
@@ -103,7 +107,11 @@ def train(msg: Message, context: Context, share_truth: bool = False) -> Message:
         seen = result.seen
         truth = wire.encode_truth(job.data.x_train[seen].numpy(), job.data.y_train[seen].numpy())
     extras = {name: wire.encode_extra(payload) for name, payload in result.extra_records.items()}
-    reply = _reply(msg, job, metrics, ArrayRecord(result.weights), truth, extras)
+    weights = result.weights
+    if asks_for_client_clipping(msg):  # Flower's clipping mod needs the message's every array back
+        whole = federated_state(job.model)
+        weights = {name: weights[name] if name in weights else whole[name] for name in whole}
+    reply = _reply(msg, job, metrics, ArrayRecord(weights), truth, extras)
     if result.defences:
         reply.content[wire.PRIVACY] = wire.encode_privacy(result.defences, result.privacy)
     return reply

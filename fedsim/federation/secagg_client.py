@@ -36,6 +36,7 @@ from fedsim.federation import wire
 from fedsim.federation.secagg_plan import CLIPPING_RANGE, max_weight
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
+from models.base import load_federated_state
 
 # What Flower's legacy API names a federated-evaluation request's config (`recorddict_compat`).
 LEGACY_EVALUATE_CONFIG = "evaluateins.config"
@@ -67,8 +68,10 @@ def check_maskable(update: dict[str, np.ndarray], weight: float) -> None:
 
 
 class SecAggClient(NumPyClient):
-    """Trains and evaluates on this node's partition; parameters are the model's state-dict
-    arrays in state-dict order (both sides build the same model from the run config)."""
+    """Trains and evaluates on this node's partition; parameters are the model's federated
+    arrays in `federated_names` order (both sides build the same model from the run config), and
+    the masked vector is the update of exactly those (planning refuses a model that would send
+    fewer under SecAgg+, `fedsim.federation.secagg_plan.check_secagg_model`)."""
 
     def __init__(self, partition_id: int) -> None:
         self.partition_id = partition_id
@@ -77,11 +80,11 @@ class SecAggClient(NumPyClient):
         torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
         run_config = wire.run_config_from_record(config)
         model = model_for(run_config)
-        names = list(model.state_dict())
+        names = list(model.federated_names())
         if len(names) != len(parameters):
             raise ValueError(f"got {len(parameters)} arrays for a model of {len(names)}")
-        model.load_state_dict(
-            {n: torch.from_numpy(np.array(a)) for n, a in zip(names, parameters, strict=True)}
+        load_federated_state(
+            model, {n: torch.from_numpy(np.array(a)) for n, a in zip(names, parameters, strict=True)}
         )
         return run_config, model, names
 
@@ -90,6 +93,11 @@ class SecAggClient(NumPyClient):
         server_round = int(config[wire.SERVER_ROUND])
         data = client_data(run_config, self.partition_id)
         result = train_locally(model, data, run_config, server_round, self.partition_id)
+        if list(result.weights) != names:
+            raise ValueError(
+                f"round {server_round}: {run_config.model} sends {len(result.weights)} of its "
+                f"{len(names)} federated arrays; SecAgg+ masks the whole federated model"
+            )
         update = {
             name: result.weights[name].numpy().astype(np.float64) - np.asarray(before, dtype=np.float64)
             for name, before in zip(names, parameters, strict=True)

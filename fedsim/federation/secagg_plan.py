@@ -19,6 +19,7 @@ from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
 from fedsim.strategy.model_hook import overrides_after_aggregation
+from fedsim.training.local import training_settings
 from fedsim.training.run_model import build_run_model
 from models import InputSpec
 
@@ -95,7 +96,9 @@ def check_secagg(config: RunConfig) -> None:
 
 def check_secagg_model(config: RunConfig, spec: InputSpec) -> None:
     """A family with a server-side step on its clients' extra records (ProtoPNet's push) cannot
-    run under SecAgg+, whose messages carry only the masked weights."""
+    run under SecAgg+, whose messages carry only the masked weights; nor can one whose clients
+    send only part of the federated model in some round (`sent_names`): SecAgg+ sums one masked
+    vector of the same length from every client."""
     if not config.secagg:
         return
     model = build_run_model(config.model, spec, config.model_options)
@@ -103,4 +106,13 @@ def check_secagg_model(config: RunConfig, spec: InputSpec) -> None:
         raise UserInputError(
             f"--secagg with model {config.model!r}: its server-side step reads each client's extra "
             "records (e.g. ProtoPNet's push candidates), which SecAgg+ does not carry; drop --secagg"
+        )
+    model.run_settings = training_settings(config)
+    federated = model.federated_names()
+    partial = next((r for r in range(1, config.rounds + 1) if model.sent_names(r) != federated), None)
+    if partial is not None:
+        raise UserInputError(
+            f"--secagg with model {config.model!r}: in round {partial} its clients send only part of "
+            "its federated model, and SecAgg+ masks one vector of the same arrays from every client "
+            "in every round; drop --secagg"
         )

@@ -45,6 +45,7 @@ from fedsim.strategy.secagg_fedavg import ClientResult, SecAggFedAvg, failure_re
 from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, model_for
 from models import ZooModel
+from models.base import federated_state, load_federated_state
 
 if TYPE_CHECKING:  # server_app imports this module
     from fedsim.federation.server_app import FederationPlan
@@ -141,7 +142,7 @@ class RoundCommitter:
 
     def __call__(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
         weights = {name: torch.from_numpy(np.array(array)) for name, array in arrays.items()}
-        self.model.load_state_dict(weights)
+        load_federated_state(self.model, weights)
         result = evaluate(self.model, self.x_test, self.y_test)
         seconds = time.perf_counter() - self.round_started
         self.round_started = time.perf_counter()
@@ -186,7 +187,7 @@ def _starting_weights(
     interrupted round's rows dropped."""
     done = store.last_complete_round()
     if done is None:
-        return {name: tensor.numpy() for name, tensor in model.state_dict().items()}
+        return {name: tensor.numpy() for name, tensor in federated_state(model).items()}
     weights, server_state = store.load_checkpoint(done)
     if set(server_state) != set(ledger_state(book)):
         raise UserInputError(
@@ -200,7 +201,7 @@ def _starting_weights(
     for logger in (auditor, book):
         if logger is not None:
             logger.drop_rounds_after(done)
-    return {name: weights[name].numpy() for name in model.state_dict()}
+    return {name: weights[name].numpy() for name in model.federated_names()}
 
 
 def run_secagg_federation(grid: Grid, context: Context, plan: FederationPlan) -> None:

@@ -31,6 +31,7 @@ from fedsim.strategy.ordering import partition_of
 from fedsim.strategy.privacy_ledger import PrivacyLedger
 from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, metric_names, model_for, training_settings
+from models.base import federated_state, load_federated_state
 
 
 @dataclass
@@ -114,6 +115,8 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     config, store = plan.config, plan.store
     data = dataset_for(config)
     model = model_for(config, data)
+    # The federated model: what travels, is aggregated and checkpointed (not a frozen base).
+    initial = federated_state(model)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     last_complete = store.last_complete_round()
     chain = build_chain(
@@ -122,12 +125,12 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         on_train=[lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies))],
         on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
         audit=auditing_wrapper(config, store.path),
-        model_dtypes={name: tensor.numpy().dtype for name, tensor in model.state_dict().items()},
+        model_dtypes={name: tensor.numpy().dtype for name, tensor in initial.items()},
         output_dir=store.path,
         model=model,
         settings=training_settings(config),
     )
-    start = _starting_point(store, last_complete, chain, model.state_dict())
+    start = _starting_point(store, last_complete, chain, initial)
     done = start.done
     round_started = [time.perf_counter()]
 
@@ -136,7 +139,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         if server_round == 0 and start.resumed:
             return None  # already scored before the interruption
         weights = arrays.to_torch_state_dict()
-        model.load_state_dict(weights)
+        load_federated_state(model, weights)
         result = evaluate(model, x_test, y_test)
         seconds = time.perf_counter() - round_started[0]  # the round's wall time, server row only
         round_started[0] = time.perf_counter()

@@ -21,6 +21,7 @@ from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import staged_folder
 from fedsim.store.run_store import state_fit_problems
 from models import ZooModel
+from models.base import federated_state, load_federated_state
 
 AUDIT_FILE = "audit.csv"  # the same name and columns as a federated run's audit log
 GRID_FILE = "reconstructions.png"
@@ -28,12 +29,13 @@ TEXT_TABLE_FILE = "text_table.md"  # token models: true vs recovered text, diffe
 
 
 def load_weights(model: ZooModel, path: Path) -> None:
-    """Load a safetensors file (e.g. a run checkpoint) into `model`; no pickle is ever read."""
+    """Load a safetensors file (e.g. a run checkpoint: the federated model) into `model`'s
+    federated entries, the rest as built; no pickle is ever read."""
     try:
         state = load_file(path)
     except (OSError, SafetensorError) as err:
         raise UserInputError(f"cannot read weights {path}: {err}; pass a .safetensors file") from None
-    own = model.state_dict()
+    own = federated_state(model)
     problems = state_fit_problems(state, own)
     if problems:
         raise UserInputError(
@@ -41,7 +43,7 @@ def load_weights(model: ZooModel, path: Path) -> None:
             "pass the --model, --dataset and --image-size they were trained with"
         )
     # In the model's own dtype: float32 for the zoo's networks, float64 for LEDL's dictionary.
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    load_federated_state(model, {k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def check_output_folder(folder: Path) -> None:

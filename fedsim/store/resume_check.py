@@ -50,6 +50,7 @@ from fedsim.store.run_store import (
 from fedsim.strategy.chain import checkpoint_state_shapes
 from fedsim.strategy.privacy_ledger import PRIVACY_COLUMNS, PRIVACY_FILE
 from fedsim.training.local import model_for
+from models.base import federated_state
 
 START_AGAIN = "delete the run folder and start again"
 # Columns the federation writes whatever the model: resume drops rows by `round`, and a header
@@ -188,7 +189,7 @@ def _read_safetensors(file: Path, load: Callable[[Path], dict[str, Any]], fix: s
 
 
 def _check_model_state(file: Path, state: dict[str, torch.Tensor], config: RunConfig, fix: str) -> None:
-    problems = state_fit_problems(state, model_for(config).state_dict())
+    problems = state_fit_problems(state, federated_state(model_for(config)))
     if problems:
         shown = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise UserInputError(f"{file} does not fit the run's {config.model} model ({shown}); {fix}")

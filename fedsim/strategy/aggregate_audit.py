@@ -25,9 +25,10 @@ from fedsim.config.run_config import RunConfig
 from fedsim.federation import wire
 from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
-from fedsim.strategy.auditing import GRID_FOLDER, drop_grids_after
+from fedsim.strategy.auditing import GRID_FOLDER, drop_grids_after, weights_around
 from fedsim.strategy.secagg_fedavg import AggregateRound
 from fedsim.training.local import model_for
+from models.base import load_federated_state
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,15 @@ class AggregateAuditor:
         drop_grids_after(self.grid_dir, last_round)
 
     def _audit(self, aggregate: AggregateRound) -> None:
-        model = model_for(self.config)
-        names = [name for name, _ in model.named_parameters()]
-        model.load_state_dict({k: torch.from_numpy(np.array(v)).float() for k, v in aggregate.before.items()})
-        before = {n: torch.from_numpy(np.array(aggregate.before[n])) for n in names}
-        after = {n: torch.from_numpy(np.array(aggregate.after[n])) for n in names}
+        model = model_for(self.config)  # the whole model: the federated state over a fresh build
+        load_federated_state(
+            model, {k: torch.from_numpy(np.array(v)).float() for k, v in aggregate.before.items()}
+        )
+        before, after = weights_around(
+            model,
+            {n: torch.from_numpy(np.array(v)) for n, v in aggregate.before.items()},
+            {n: torch.from_numpy(np.array(v)) for n, v in aggregate.after.items()},
+        )
         batch = max(aggregate.total_examples, 1)
         steps = _mean_steps(aggregate)
         reported = (

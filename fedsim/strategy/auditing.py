@@ -22,7 +22,7 @@ all the same and its rows say the leakage could not be measured.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from fedsim.strategy.central_dp import OFF, central_dp_label
 from fedsim.strategy.ordering import partition_of
 from fedsim.training.local import model_for
 from models import ZooModel
+from models.base import load_federated_state
 
 GRID_FOLDER = "audit"
 
@@ -109,8 +110,8 @@ class AuditingStrategy(StrategyWrapper):
         drop_grids_after(self.grid_dir, last_round)
 
     def _audit_round(self, server_round: int, replies: list[Message]) -> None:
-        model = self.make_model()
-        model.load_state_dict({k: v.float() for k, v in self._global.items()})
+        model = self.make_model()  # the whole model: the global federated state over a fresh build
+        load_federated_state(model, {k: v.float() for k, v in self._global.items()})
         rank_score = measure_security(model, tuple(model.spec.shape)).score  # once per round
         audits = [self._audit_reply(server_round, reply, model, rank_score) for reply in replies]
         self.log.append(row.to_dict() for audit in audits for row in audit.rows)
@@ -151,11 +152,25 @@ class AuditingStrategy(StrategyWrapper):
 
     def _observe(self, reply: Message, model: ZooModel, batch: int, steps: int) -> ObservedUpdate:
         local = reply.content[wire.ARRAYS].to_torch_state_dict()
-        names = [n for n, _ in model.named_parameters()]
+        before, after = weights_around(model, self._global, local)
         return ObservedUpdate.from_weight_delta(
-            model, {n: self._global[n] for n in names}, {n: local[n] for n in names},
+            model, before, after,
             self.learning_rate, steps, tuple(model.spec.shape), model.spec.num_classes, batch,
         )  # fmt: skip
+
+
+def weights_around(
+    model: ZooModel, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every parameter of `model` before and after a round: a federated one from the entries
+    given (KeyError when one lacks it), one outside the federated model (a frozen pretrained
+    base) the model's own value on both sides, so its observed update is exactly zero."""
+    federated = set(model.federated_names())
+    own = {name: p.detach() for name, p in model.named_parameters()}
+    return (
+        {name: before[name] if name in federated else value for name, value in own.items()},
+        {name: after[name] if name in federated else value for name, value in own.items()},
+    )
 
 
 def drop_grids_after(grid_dir: Path, last_round: int) -> None:

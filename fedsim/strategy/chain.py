@@ -3,6 +3,9 @@
 1. ordering (`ReproducibleStrategy`): absolute round numbers, sampling seeded per round over
    nodes in partition order, replies sorted by partition id and shown to the observers (the run
    store logs every reply, rejected ones included);
+   completion (when the model family sends less than its federated model in some rounds,
+   `fedsim.strategy.completion`): a reply of exactly `sent_names(round)` gets the round's global
+   values of the entries it did not send, so validation sees whole models;
 2. reply validation (`ValidatingStrategy`): drops non-finite, mis-shaped, mis-typed and (if
    configured) norm-outlier updates before anyone else sees them, and stops the run on a round
    with no usable update or a non-finite aggregate;
@@ -35,6 +38,7 @@ from fedsim.strategy import central_dp, privacy_ledger
 from fedsim.strategy.aggregators import AggregatorState, build_strategy
 from fedsim.strategy.base import StrategyWrapper
 from fedsim.strategy.central_dp import CentralPrivacy
+from fedsim.strategy.completion import ReplyCompletion, overrides_sent_names
 from fedsim.strategy.model_hook import ModelRoundHook, overrides_after_aggregation
 from fedsim.strategy.ordering import RepliesObserver, ReproducibleStrategy
 from fedsim.strategy.privacy_ledger import PrivacyLedger
@@ -140,7 +144,9 @@ def build_chain(
     `config.audit` is set; `model_dtypes`: each array's dtype in the clients' model, which
     replies must match exactly; `output_dir`: where the privacy ledger writes `privacy.csv`
     (required when the config spends privacy budget); `model`: the run's model, whose
-    `after_aggregation` hook (if the family has one) runs on each aggregate with `settings`.
+    `after_aggregation` hook (if the family has one) runs on each aggregate with `settings`, and
+    whose `sent_names` (if the family sends partial replies) says which replies to complete
+    (`settings` become its `run_settings` when it has none).
     """
     aggregator = build_strategy(config)
     strategy: Strategy = aggregator
@@ -162,6 +168,14 @@ def build_chain(
             raise ValueError("build_chain got a model with a server-side hook but no training settings")
         strategy = ModelRoundHook(strategy, model, settings)
     strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes)
+    if model is not None and overrides_sent_names(model):
+        if model.run_settings is None:  # its sent_names reads the run's length
+            if settings is None:
+                raise ValueError(
+                    "build_chain got a model that sends partial replies but no training settings"
+                )
+            model.run_settings = settings
+        strategy = ReplyCompletion(strategy, model, model_dtypes or {})
     strategy = ReproducibleStrategy(
         strategy,
         seed=config.seed,

@@ -4,7 +4,8 @@
   clipped to C, Gaussian noise of std z·C on their sum, Poisson-sampled batches, and its RDP
   accountant for the ε this round spent.
 - `clip`, `topk`, `gaussian`: transformations of the finished update Δ = w_local − w_global
-  over every floating-point state entry (as Flower's clipping mods treat a model), in the order
+  over every floating-point state entry the client sends (as Flower's clipping mods treat a
+  model; `global_state` holds exactly the sent entries, `ZooModel.sent_names`), in the order
   the user lists them: L2 clipping of the whole update (Flower's `compute_clip_model_update`),
   keeping each tensor's largest entries (DLG's "gradient pruning", Zhu et al. 2019, §5), and
   Gaussian noise without accounting (for comparison with DP-SGD at equal distortion).
@@ -178,7 +179,7 @@ class ClipUpdate(TripleUntouched):
     def finish(
         self, model: nn.Module, global_state: Mapping[str, torch.Tensor], generator: torch.Generator
     ) -> None:
-        state = _float_state(model)
+        state = _float_state(model, global_state)
         local = [tensor.numpy().copy() for tensor in state.values()]
         start = [global_state[name].numpy() for name in state]
         if all(np.array_equal(a, b) for a, b in zip(local, start, strict=True)):
@@ -206,7 +207,7 @@ class TopKUpdate(TripleUntouched):
     def finish(
         self, model: nn.Module, global_state: Mapping[str, torch.Tensor], generator: torch.Generator
     ) -> None:
-        for name, tensor in _float_state(model).items():
+        for name, tensor in _float_state(model, global_state).items():
             start = global_state[name]
             magnitude = (tensor - start).abs().reshape(-1)
             kept = torch.zeros_like(magnitude, dtype=torch.bool)
@@ -237,15 +238,17 @@ class GaussianUpdate(TripleUntouched):
     def finish(
         self, model: nn.Module, global_state: Mapping[str, torch.Tensor], generator: torch.Generator
     ) -> None:
-        for tensor in _float_state(model).values():
+        for tensor in _float_state(model, global_state).values():
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * self.noise_std
             tensor.add_(noise.to(tensor.dtype))
 
 
-def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's floating-point state entries (parameters and float buffers), as views that
-    write through; integer buffers (e.g. BatchNorm's step count) are not part of an update."""
-    return {name: t for name, t in model.state_dict(keep_vars=False).items() if t.is_floating_point()}
+def _float_state(model: nn.Module, sent: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's floating-point state entries among the `sent` ones (parameters and float
+    buffers), as views that write through, in the order sent; integer buffers (e.g. BatchNorm's
+    step count) are not part of an update, and entries not sent are no part of it either."""
+    state = model.state_dict(keep_vars=False)
+    return {name: state[name] for name in sent if state[name].is_floating_point()}
 
 
 TRANSFORMATIONS.update(

@@ -7,8 +7,9 @@ Local training is one seam, the same for every model family and every client-sid
           -> client transformations wrap (module, optimizer, data_loader)   (fedsim.training.transforms)
           -> loop: loss = model.training_loss(module, x, model.sample_targets(x, y)) [+ FedProx], step
           -> unwrap -> model.after_local_training(data_loader, round)
-          -> update-level defences transform w_local − w_global, in list order (clip, topk, ...)
-          -> TrainResult (weights, metrics, extra records, samples seen)
+          -> update-level defences transform w_local − w_global, in list order (clip, topk, ...),
+             over the entries the client sends (`model.sent_names(round)`)
+          -> TrainResult (the sent weights, metrics, extra records, samples seen)
 
 A family not trained by gradients (`model.trained_by_gradients` False, e.g. LEDL) replaces the
 optimiser, the transformations and the loop with its own `model.local_update(data_loader, ...)`.
@@ -39,7 +40,7 @@ from fedsim.training.transforms import (
     wrap_all,
 )
 from models import TrainingSettings, ZooModel
-from models.base import ExtraRecord
+from models.base import ExtraRecord, sent_names_of
 
 # At most this many of the samples a client trained on go back to the auditor as ground truth.
 MAX_TRUTH_SAMPLES = 64
@@ -54,7 +55,7 @@ class TrainResult:
     steps: int
     seconds: float
     seen: torch.Tensor  # indices into the client's x_train, in order of first use (capped)
-    weights: dict[str, torch.Tensor]  # the model's state after training (and its round hook)
+    weights: dict[str, torch.Tensor]  # the sent entries of the state after training (and its round hook)
     extra_records: dict[str, ExtraRecord]  # the family's payloads beside the weights
     defences: tuple[str, ...] = ()  # each client transformation's label, in wrap order
     privacy: tuple[PrivacySpend, ...] = ()  # what the accounted ones spent this round
@@ -82,10 +83,13 @@ def training_settings(config: RunConfig) -> TrainingSettings:
 
 
 def model_for(config: RunConfig, data: Dataset | None = None) -> ZooModel:
-    """The run's model for the run's data (its input spec), freshly initialised from the run seed."""
+    """The run's model for the run's data (its input spec), freshly initialised from the run seed,
+    bound to the run's training settings (what its round-scheduled `sent_names` reads)."""
     data = data or dataset_for(config)
     torch.manual_seed(config.seed)
-    return build_run_model(config.model, data.spec, config.model_options)
+    model = build_run_model(config.model, data.spec, config.model_options)
+    model.run_settings = training_settings(config)
+    return model
 
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
@@ -154,9 +158,13 @@ def train_locally(
     start = time.perf_counter()
     seed = round_seed(config, server_round, partition_id)
     torch.manual_seed(seed)  # for layers that draw randomness (dropout) inside the step
+    model.run_settings = training_settings(config)
     if not model.trained_by_gradients:
         return _solve_locally(model, data, config, server_round, seed, start)
-    global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    sent = sent_names_of(model, server_round)
+    # What the update is measured against: the round's starting values of the sent entries only,
+    # so the defences clip, sparsify and noise exactly what leaves the node.
+    global_state = _entries(model, sent, clone=True)
     optimizer = model.configure_optimizer(training_settings(config), server_round)
     loader = client_loader(data, config.batch_size, seed)
     model.before_local_training(loader, server_round)
@@ -195,7 +203,7 @@ def train_locally(
         steps=steps,
         seconds=time.perf_counter() - start,
         seen=_ordered_unique(seen),
-        weights=model.state_dict(),
+        weights=_entries(model, sent),
         extra_records=model.extra_records(),
         defences=tuple(t.label for t in transformations),
         privacy=tuple(spend for t in transformations if (spend := t.privacy_spent()) is not None),
@@ -219,9 +227,18 @@ def _solve_locally(
         steps=0,
         seconds=time.perf_counter() - start,
         seen=torch.arange(min(size, MAX_TRUTH_SAMPLES)),
-        weights=model.state_dict(),
+        weights=_entries(model, sent_names_of(model, server_round)),
         extra_records=model.extra_records(),
     )
+
+
+def _entries(model: ZooModel, names: tuple[str, ...], clone: bool = False) -> dict[str, torch.Tensor]:
+    """The named state-dict entries, in that order (copies when `clone`)."""
+    state = model.state_dict()
+    unknown = [name for name in names if name not in state]
+    if unknown:
+        raise ValueError(f"{model.name}.sent_names names {unknown[:3]}, not state-dict entries")
+    return {name: state[name].detach().clone() if clone else state[name] for name in names}
 
 
 def _examples_trained(train_loader: DataLoader, distinct: int, steps: int, size: int) -> int:

@@ -72,7 +72,8 @@ class ClientTransformation(Protocol):
         self, model: nn.Module, global_state: Mapping[str, torch.Tensor], generator: torch.Generator
     ) -> None:
         """After every unwrap and the model's round hook: transform the update, the model's state
-        minus `global_state` (the weights the round started from), in place; `generator` is the
+        minus `global_state` (the round's starting values of the entries the client sends, and only
+        those: entries not sent are no part of the update), in place; `generator` is the
         round's seeded stream for any noise. Transformations of the training triple do nothing."""
         ...
 
