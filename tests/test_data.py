@@ -181,3 +181,20 @@ def test_token_data_needs_its_tokenizer() -> None:
     labels = np.array([0, 1])
     with pytest.raises(ValueError, match="needs its tokenizer"):
         Dataset("bare", ids, labels, ids, labels, InputSpec.tokens(3, 5, 2))
+
+
+def test_server_eval_samples_is_one_fixed_subset_of_the_test_split() -> None:
+    from fedsim.config.run_config import RunConfig
+    from fedsim.data.clients import server_test_split
+
+    data = load_dataset("digits")
+    x_all, y_all = server_test_split(RunConfig(dataset="digits"))
+    assert torch.equal(x_all, torch.from_numpy(data.x_test)) and len(y_all) == len(data.y_test)
+    x, y = server_test_split(RunConfig(dataset="digits", server_eval_samples=50))
+    again, _ = server_test_split(RunConfig(dataset="digits", server_eval_samples=50, seed=7))
+    assert x.shape[0] == 50 and torch.equal(x, again), "the same subset whatever the run's seed"
+    rows = {tuple(r) for r in data.x_test.reshape(len(data.x_test), -1).tolist()}
+    assert all(tuple(r) in rows for r in x.reshape(50, -1).tolist())
+    assert len(set(y.tolist())) > 5, "a random draw, not the first class only"
+    larger, _ = server_test_split(RunConfig(dataset="digits", server_eval_samples=10**6))
+    assert larger.shape[0] == len(data.y_test)

@@ -95,7 +95,8 @@ def test_minilm_learns_the_topics_in_a_federation(tmp_path) -> None:
         [
             "run", "--model", "minilm", "--dataset", "fortunes-minilm", "--clients", "2", "--rounds", "2",
             "--local-epochs", "1", "--max-local-steps", "8", "--batch-size", "32", "--learning-rate", "0.02",
-            "--fraction-evaluate", "0", "--runs-dir", str(tmp_path), "--name", "minilm",
+            "--fraction-evaluate", "0", "--server-eval-samples", "192", "--runs-dir", str(tmp_path),
+            "--name", "minilm",
         ],
         tmp_path,
         timeout=600,

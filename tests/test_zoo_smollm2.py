@@ -147,7 +147,8 @@ def test_smollm2_lora_federation_completes_and_perplexity_falls(tmp_path) -> Non
         [
             "run", "--model", "smollm2", "--dataset", "fortunes-smollm2", "--clients", "2", "--rounds", "1",
             "--local-epochs", "1", "--max-local-steps", "4", "--batch-size", "8", "--learning-rate", "3e-3",
-            "--fraction-evaluate", "0", "--runs-dir", str(tmp_path), "--name", "lora",
+            "--fraction-evaluate", "0", "--server-eval-samples", "96", "--runs-dir", str(tmp_path),
+            "--name", "lora",
         ],
         tmp_path,
         timeout=900,

@@ -205,6 +205,13 @@ class RunConfig:
     fraction_evaluate: float = knob(
         1.0, "Share of clients evaluating per round (0 = none).", "strategy", at_least=0, at_most=1
     )
+    # A large model's evaluation of the whole test split can outlast its round's training.
+    server_eval_samples: int = knob(
+        0,
+        "Test samples the server scores each round (0 = all; a fixed seeded subset).",
+        "strategy",
+        at_least=0,
+    )
     proximal_mu: float = knob(0.01, "FedProx proximal weight μ (fedprox only).", "strategy")
     server_learning_rate: float = knob(0.01, "FedAdam server learning rate η.", "strategy", above=0)
     num_malicious: int = knob(0, "Krum: tolerated malicious clients.", "strategy", at_least=0)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fedsim.config.run_config import RunConfig
-from fedsim.data.dataset import Dataset
+from fedsim.data.dataset import SPLIT_SEED, Dataset
 from fedsim.data.partition import partition
 from fedsim.data.registry import load_dataset
 
@@ -27,6 +27,18 @@ class ClientData:
 
 def dataset_for(config: RunConfig) -> Dataset:
     return load_dataset(config.dataset, config.image_size or None)
+
+
+def server_test_split(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test samples the server scores the global model on: the whole test split, or
+    `server_eval_samples` of it drawn once with SPLIT_SEED (the same subset every round, run and
+    resume, whatever order the split is stored in)."""
+    data = dataset_for(config)
+    x, y = data.x_test, data.y_test
+    if 0 < config.server_eval_samples < len(y):
+        keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(y))[: config.server_eval_samples])
+        x, y = x[keep], y[keep]
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 @lru_cache(maxsize=2)

@@ -31,7 +31,7 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.data.clients import dataset_for
+from fedsim.data.clients import dataset_for, server_test_split
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation import wire
 from fedsim.federation.secagg_client import NON_FINITE_UPDATE
@@ -213,7 +213,7 @@ def run_secagg_federation(grid: Grid, context: Context, plan: FederationPlan) ->
     auditor = AggregateAuditor(config, store.path) if config.audit else None
     book = PrivacyBook(store.path, config.target_delta) if keeps_privacy_ledger(config) else None
     initial = _starting_weights(store, model, auditor, book)
-    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    x_test, y_test = server_test_split(config)
     commit = RoundCommitter(store, model, x_test, y_test, book)
     observers = [lambda rnd, stage, clients: store.append_rows(client_rows(rnd, stage, clients))]
     if book is not None:

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.config.run_config import RunConfig
-from fedsim.data.clients import dataset_for
+from fedsim.data.clients import dataset_for, server_test_split
 from fedsim.errors import RunFailedError
 from fedsim.federation import wire
 from fedsim.federation.planning import validate_plan
@@ -117,7 +117,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     model = model_for(config, data)
     # The federated model: what travels, is aggregated and checkpointed (not a frozen base).
     initial = federated_state(model)
-    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    x_test, y_test = server_test_split(config)
     last_complete = store.last_complete_round()
     chain = build_chain(
         config,
