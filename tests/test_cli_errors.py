@@ -19,7 +19,7 @@ CASES = [
     (
         ["--dataset", "breast-cancer", "--model", "cnn6"],
         "model 'cnn6' takes image inputs, not features ('breast-cancer' holds features); "
-        "pick a model that does: dam-mlp, ledl, mlp, text-dnn",
+        "pick a model that does: dam-mlp, ledl, mlp, random-features, text-dnn",
     ),
     (["--dataset", "breast-cancer", "--image-size", "32"], "holds features; pass --image-size 0"),
     (["--strategy", "fedsgdx"], "unknown strategy 'fedsgdx'; choose one of: fedavg, fedprox"),
