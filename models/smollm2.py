@@ -9,6 +9,8 @@ on all 30 layers: 30 × 2 × 8 × (576 + 576 or 192) = 0.46 M numbers). peft set
 so the adapted model starts exactly at the pretrained one; A is drawn from torch's RNG, which the
 run seeds before building, so the initial adapters repeat under a seed.
 
+Option `train_blocks` also trains whole blocks (base weights included), which then travel too.
+
 A language model predicts its own input (`sample_targets` returns the ids); the topic labels only
 partition the clients. Right padding under a causal mask never reaches a real token, so no
 attention mask is needed and `forward_embedded(embed(x)) == forward(x)`. The output scores the
@@ -52,11 +54,33 @@ class SmolLM2LoRA(FrozenBaseModel):
         SGD barely moves B from zero at rates that keep the base's logits stable."""
         return torch.optim.AdamW(self.trainable_parameters(), lr=settings.learning_rate, weight_decay=0.0)
 
-    def federated_names(self) -> tuple[str, ...]:
-        """The LoRA tensors only: the frozen base is rebuilt on every node."""
-        return tuple(name for name in self.state_dict() if ".lora_" in name)
+    def full_blocks(self) -> tuple[int, ...]:
+        """Blocks trained in full beside the adapters (`train_blocks`): their base weights train."""
+        return tuple(
+            sorted(
+                {
+                    int(n.split(".layers.")[1].split(".")[0])
+                    for n in self.federated_names()
+                    if ".lora_" not in n
+                }
+            )
+        )
 
     def exposure(self) -> str:
+        blocks = self.full_blocks()
+        if blocks:
+            admits = (
+                "both first blocks train, so their q/k/v weight gradients admit DAGER's exact recovery "
+                "(attack dager-llm) while the batch has fewer tokens than the width (576)"
+                if blocks[:2] == (0, 1)
+                else "DAGER (dager-llm) needs blocks 0 and 1 to train; it declines here"
+            )
+            return (
+                f"blocks {list(blocks)} train in full beside the adapters: {admits}. " + self._lora_exposure()
+            )
+        return self._lora_exposure()
+
+    def _lora_exposure(self) -> str:
         config = self.lm.peft_config["default"]
         rank, layers = int(config.r), list(config.layers_to_transform)
         contiguous = layers == list(range(layers[0], layers[-1] + 1))
@@ -113,7 +137,7 @@ class SmolLM2LoRA(FrozenBaseModel):
         return int((targets[:, 1:] != PAD).sum())
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
+def parse_layers(text: str, option: str = "layers") -> tuple[int, ...]:
     """`"all"`, one range `"24-29"` or ids joined by `+` (`"0+15+29"`) as sorted layer ids."""
     if text == "all":
         return tuple(range(LAYERS))
@@ -127,7 +151,7 @@ def parse_layers(text: str) -> tuple[int, ...]:
         chosen = set()
     if not chosen or min(chosen) < 0 or max(chosen) >= LAYERS:
         raise ValueError(
-            f"layers={text!r} is not a set of SmolLM2 layers (0-{LAYERS - 1}); "
+            f"{option}={text!r} is not a set of SmolLM2 layers (0-{LAYERS - 1}); "
             "write all, a range such as 24-29, or ids such as 0+15+29"
         )
     return tuple(sorted(chosen))
@@ -145,11 +169,19 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def smollm2(
-    spec: InputSpec, rank: int = 8, alpha: float = 16.0, targets: str = "q_proj+v_proj", layers: str = "all"
+    spec: InputSpec,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: str = "q_proj+v_proj",
+    layers: str = "all",
+    train_blocks: str = "",
 ) -> SmolLM2LoRA:
     """SmolLM2-135M with LoRA of `rank` (scale alpha / rank) on the `targets` projections
-    (joined by +) of `layers` ("all", "24-29" or "0+15+29"); takes `fortunes-smollm2`."""
+    (joined by +) of `layers` ("all", "24-29" or "0+15+29"); takes `fortunes-smollm2`.
+    `train_blocks` (same syntax, default none) also trains those whole blocks, e.g. "0+1" for the
+    threat DAGER studies: the first blocks fine-tuned, their full weights in every update."""
     require_vocabulary(spec, "smollm2", VOCABULARY, DATASET)
+    full_blocks = parse_layers(train_blocks, "train_blocks") if train_blocks else ()
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     if not alpha > 0:
@@ -170,4 +202,8 @@ def smollm2(
         lora_dropout=0.0,
         bias="none",
     )
-    return SmolLM2LoRA(spec, get_peft_model(pretrained.model, config))
+    lm = get_peft_model(pretrained.model, config)
+    for name, parameter in lm.named_parameters():
+        if any(f".layers.{block}." in name for block in full_blocks):
+            parameter.requires_grad_(True)
+    return SmolLM2LoRA(spec, lm)

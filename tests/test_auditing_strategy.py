@@ -209,3 +209,59 @@ def test_the_chain_factory_wraps_any_strategy(tmp_path: Path) -> None:
     wrapped = auditing_wrapper(config, tmp_path)(inner)
     assert isinstance(wrapped, StrategyWrapper) and wrapped.inner is inner
     assert (wrapped.batch_size, wrapped.max_clients) == (config.batch_size, 1)
+
+
+class _BagOfEmbeddings(ZooModel):
+    """Tokens → trainable embedding → mean → linear: the token-set attack reads its embedding."""
+
+    def __init__(self) -> None:
+        super().__init__(InputSpec.tokens(5, 30, 2))
+        self.embedding = torch.nn.Embedding(30, 8)
+        self.readout = torch.nn.Linear(8, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.embedding(tokens).mean(dim=1))
+
+
+def _token_model() -> ZooModel:
+    torch.manual_seed(0)
+    return _BagOfEmbeddings()
+
+
+def _token_reply(partition_id: int, tokens: list[int]) -> Message:
+    model = _token_model()
+    x, y = torch.tensor([tokens]), torch.tensor([1])
+    grads = observe_gradient(model, x, y).gradients
+    local = {name: param.detach() - LR * grads[name] for name, param in model.named_parameters()}
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(local),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1, wire.LOCAL_STEPS: 1}),
+            wire.CLIENT: ConfigRecord({wire.PARTITION_ID: partition_id}),
+            wire.AUDIT_TRUTH: wire.encode_truth(x.numpy(), y.numpy()),
+        }
+    )
+    metadata = Metadata(
+        run_id=1, message_id=f"reply-{partition_id}", src_node_id=partition_id + 1, dst_node_id=0,
+        reply_to_message_id="train", group_id="1", created_at=0.0, ttl=60.0, message_type="train",
+    )  # fmt: skip
+    return Message(content, metadata=metadata)
+
+
+def test_token_models_get_a_text_table_per_round_and_resume_drops_later_ones(tmp_path: Path) -> None:
+    decode = lambda ids: " ".join(f"w{int(i)}" for i in ids)  # noqa: E731
+    strategy = AuditingStrategy(
+        Recorder(), UpdateAuditor(["token-set"], decode), _token_model, LR, 1, tmp_path
+    )
+    strategy.configure_train(1, ArrayRecord(_token_model().state_dict()), ConfigRecord(), grid=None)
+    for server_round in (1, 2):
+        strategy.aggregate_train(
+            server_round, [_token_reply(0, [3, 7, 7, 12, 5]), _token_reply(1, [4, 9, 2, 2, 6])]
+        )
+    table = (tmp_path / GRID_FOLDER / "round-0001.md").read_text()
+    assert table.startswith("# round 1, threat:")
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "token-set" in line]
+    assert len(lines) == 2, table  # one line per client: the true bag beside the recovered one
+    assert "w12" in lines[0] and "w9" in lines[1] and "~~" not in table, "every true token recovered"
+    strategy.drop_rounds_after(1)
+    assert sorted(p.name for p in (tmp_path / GRID_FOLDER).iterdir()) == ["round-0001.md", "round-0001.png"]

@@ -159,3 +159,32 @@ def test_smollm2_lora_federation_completes_and_perplexity_falls(tmp_path) -> Non
     assert float(server[1]["eval_loss"]) < float(server[0]["eval_loss"])
     assert float(server[1]["eval_perplexity"]) < float(server[0]["eval_perplexity"])
     assert final_server_accuracy(tmp_path / "lora") > 0.2  # next-token accuracy of a real LM
+
+
+def test_train_blocks_sends_whole_blocks_and_dager_recovers_a_fortune_through_the_model() -> None:
+    """The DAGER threat from the zoo: with `train_blocks=0+1` the first blocks' base weights
+    train and travel beside the adapters, and dager-llm reads the text back from the model's own
+    update; without them it declines, saying why."""
+    from attacks.base import AttackError, observe_gradient
+    from attacks.registry import build_attack
+
+    require_smollm2()
+    torch.manual_seed(0)
+    model = build_model("smollm2", _spec(), train_blocks="0+1")
+    names = model.federated_names()
+    assert model.full_blocks() == (0, 1) and "dager-llm" in model.exposure()
+    assert any(".layers.0.self_attn.q_proj.base_layer.weight" in n for n in names)
+    assert not any(".layers.2." in n and ".lora_" not in n for n in names)
+    tokenizer = load_smollm2().tokenizer
+    ids = tokenizer("Never trust a computer you cannot throw out a window.").input_ids
+    tokens = torch.tensor([ids + [PAD] * (12 - len(ids))])
+    update = observe_gradient(model, tokens, torch.tensor([0]))
+    recovered = build_attack("dager-llm").reconstruct(update)
+    # Every token but the last: it predicts padding, which the loss ignores, so no gradient
+    # reaches its input (DAGER's documented blind spot).
+    assert [int(t) for t in recovered.inputs[0, : len(ids) - 1]] == ids[:-1]
+    with pytest.raises(AttackError, match="do not train"):
+        lora_only = build_model("smollm2", _spec())
+        build_attack("dager-llm").reconstruct(observe_gradient(lora_only, tokens, torch.tensor([0])))
+    with pytest.raises(ValueError, match="train_blocks="):
+        build_model("smollm2", _spec(), train_blocks="30")

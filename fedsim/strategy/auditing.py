@@ -43,6 +43,7 @@ from audits.engine import (
 )
 from audits.report import save_audit_grid
 from audits.text_metrics import Decode
+from audits.text_table import text_table
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.federation import wire
@@ -119,12 +120,13 @@ class AuditingStrategy(StrategyWrapper):
         titles = [f"client {partition_of(reply)}" for reply in replies]
         if len(threats) > 1:
             titles = [f"{t}\n{a.rows[0].threat.split()[0]}" for t, a in zip(titles, audits, strict=True)]
+        title = f"round {server_round}, threat: {' / '.join(threats)}"
         save_audit_grid(
-            audits,
-            self.grid_dir / f"round-{server_round:04d}.png",
-            title=f"round {server_round}, threat: {' / '.join(threats)}",
-            column_titles=titles,
+            audits, self.grid_dir / f"round-{server_round:04d}.png", title=title, column_titles=titles
         )
+        table = text_table(audits, self.auditor.decode) if self.auditor.decode is not None else ""
+        if table:  # token models: each client's true text beside what each attack recovered
+            (self.grid_dir / f"round-{server_round:04d}.md").write_text(f"# {title}\n\n{table}")
 
     def _audit_reply(
         self, server_round: int, reply: Message, model: ZooModel, rank_score: float | None
@@ -174,8 +176,9 @@ def weights_around(
 
 
 def drop_grids_after(grid_dir: Path, last_round: int) -> None:
-    """Delete the `round-NNNN.png` audit grids of rounds after `last_round` (resume)."""
-    for grid in grid_dir.glob("round-*.png"):
+    """Delete the `round-NNNN` audit grids (.png) and text tables (.md) of rounds after
+    `last_round` (resume)."""
+    for grid in [*grid_dir.glob("round-*.png"), *grid_dir.glob("round-*.md")]:
         number = grid.stem.removeprefix("round-")
         if number.isdigit() and int(number) > last_round:
             grid.unlink()
