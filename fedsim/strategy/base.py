@@ -57,3 +57,24 @@ class StrategyWrapper(Strategy):
         """Restore what `state_dict` returned; wrappers without state accept only an empty dict."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state but got {sorted(state)[:3]}")
+
+
+class RoundStartWrapper(StrategyWrapper):
+    """A wrapper that aggregates against the round's starting global model (the arrays
+    `configure_train` sent): reply validation, completion of partial replies, the model's hook."""
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self._round_start: dict[str, np.ndarray] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_start = {name: array.numpy() for name, array in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def round_start(self, needed_for: str) -> dict[str, np.ndarray]:
+        """The round's starting global model; RuntimeError naming `needed_for` before any round."""
+        if self._round_start is None:
+            raise RuntimeError(f"aggregate_train before configure_train: no global model {needed_for}")
+        return self._round_start

@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.federation import wire
-from fedsim.strategy.base import StrategyWrapper
+from fedsim.strategy.base import RoundStartWrapper
 from models import ZooModel
 
 
@@ -30,7 +29,7 @@ def overrides_sent_names(model: ZooModel) -> bool:
     return type(model).sent_names is not ZooModel.sent_names
 
 
-class ReplyCompletion(StrategyWrapper):
+class ReplyCompletion(RoundStartWrapper):
     """Completes each reply of exactly `model.sent_names(round)` with the round's global values
     of the entries not sent; everything else is delegated."""
 
@@ -38,24 +37,16 @@ class ReplyCompletion(StrategyWrapper):
         super().__init__(inner)
         self.model = model
         self.model_dtypes = dict(model_dtypes)
-        self._global: dict[str, np.ndarray] | None = None
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._global = {name: array.numpy() for name, array in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if self._global is None:
-            raise RuntimeError("aggregate_train before configure_train: no global model to complete from")
+        start = self.round_start("to complete from")
         sent = self.model.sent_names(server_round)
-        if set(sent) != set(self._global):
+        if set(sent) != set(start):
             for reply in replies:
-                complete_reply(reply, sent, self._global, self.model_dtypes)
+                complete_reply(reply, sent, start, self.model_dtypes)
         return self.inner.aggregate_train(server_round, replies)
 
 

@@ -17,11 +17,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.federation import wire
-from fedsim.strategy.base import StrategyWrapper
+from fedsim.strategy.base import RoundStartWrapper
 from fedsim.strategy.ordering import partition_of
 from models import TrainingSettings, ZooModel
 from models.base import ExtraRecord
@@ -34,7 +33,7 @@ def overrides_after_aggregation(model: ZooModel) -> bool:
     return type(model).after_aggregation is not ZooModel.after_aggregation
 
 
-class ModelRoundHook(StrategyWrapper):
+class ModelRoundHook(RoundStartWrapper):
     """Calls `model.after_aggregation` on every round's aggregate with the round's valid extra
     records; everything else is delegated."""
 
@@ -42,13 +41,6 @@ class ModelRoundHook(StrategyWrapper):
         super().__init__(inner)
         self.model = model
         self.settings = settings
-        self._previous: dict[str, np.ndarray] | None = None
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._previous = {name: array.numpy() for name, array in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -57,12 +49,11 @@ class ModelRoundHook(StrategyWrapper):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        if self._previous is None:
-            raise RuntimeError("aggregate_train before configure_train: no round start to hand the hook")
+        previous = self.round_start("to hand the hook")
         records = [valid_extra_records(server_round, reply, self.model) for reply in replies]
         aggregated = {name: array.numpy() for name, array in arrays.items()}
         result = self.model.after_aggregation(
-            aggregated, self._previous, [r for r in records if r], self.settings, server_round
+            aggregated, previous, [r for r in records if r], self.settings, server_round
         )
         _check_same_layout(aggregated, result)
         return ArrayRecord({name: Array(np.ascontiguousarray(result[name])) for name in aggregated}), metrics

@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import RunFailedError
 from fedsim.federation import wire
-from fedsim.strategy.base import StrategyWrapper
+from fedsim.strategy.base import RoundStartWrapper
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class Rejection:
         return f"{self.client}: {self.reason}"
 
 
-class ValidatingStrategy(StrategyWrapper):
+class ValidatingStrategy(RoundStartWrapper):
     """Drops invalid replies before `inner` sees them; stops the run when a round has no usable
     update or its aggregate is not finite. Stateless: the norm test uses this round only."""
 
@@ -60,22 +59,13 @@ class ValidatingStrategy(StrategyWrapper):
         super().__init__(inner)
         self.reject_norm_ratio = reject_norm_ratio
         self.model_dtypes = dict(model_dtypes or {})
-        self._global: dict[str, np.ndarray] | None = None
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._global = {name: array.numpy() for name, array in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if self._global is None:
-            raise RuntimeError("aggregate_train before configure_train: no global model to check against")
         kept, rejections = screen_train_replies(
-            replies, self._global, self.reject_norm_ratio, self.model_dtypes
+            replies, self.round_start("to check against"), self.reject_norm_ratio, self.model_dtypes
         )
         _log_rejections(server_round, "update", rejections)
         require_training(server_round, replies, rejections)
