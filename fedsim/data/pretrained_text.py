@@ -24,7 +24,7 @@ import numpy as np
 
 from fedsim.data.corpora import fortunes_task
 from fedsim.data.dataset import Dataset
-from fedsim.data.text_datasets import FORTUNE_LENGTH, split_task
+from fedsim.data.text_datasets import FORTUNE_LENGTH, encoded_task
 from fedsim.errors import UserInputError
 from models import InputSpec
 from models.pretrained import PretrainedUnavailableError, minilm_tokenizer, smollm2_tokenizer
@@ -71,18 +71,8 @@ def _pretrained_fortunes(name: str, vocabulary: str, codec_of: Any) -> Dataset:
     except PretrainedUnavailableError as err:
         raise UserInputError(f"dataset {name!r} needs a pretrained tokenizer: {err}") from None
     task = fortunes_task()
-    (train_texts, y_train), (test_texts, y_test) = split_task(task)
     spec = InputSpec.tokens(codec.length, codec.vocab_size, len(task.names), vocabulary)
-    return Dataset(
-        name,
-        codec.encode(train_texts),
-        y_train.astype(np.int64),
-        codec.encode(test_texts),
-        y_test.astype(np.int64),
-        spec,
-        codec,
-        class_names=task.names,
-    )
+    return encoded_task(name, task, codec, spec)
 
 
 def minilm_codec() -> PretrainedTokenizer:

@@ -20,6 +20,8 @@ Splits are stratified 80/20 and fixed by SPLIT_SEED, like the image datasets.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -44,11 +46,9 @@ def split_task(task: LabelledTexts) -> tuple[tuple[list[str], np.ndarray], tuple
     return (x_train, y_train), (x_test, y_test)
 
 
-def _token_dataset(name: str, task: LabelledTexts, public: tuple[str, ...], length: int) -> Dataset:
-    vocabulary = Vocabulary.build((split_words(t) for t in public), VOCABULARY_SIZE)
-    tokenizer = WordTokenizer(vocabulary, length)
+def encoded_task(name: str, task: LabelledTexts, tokenizer: Any, spec: InputSpec) -> Dataset:
+    """The task's split (`split_task`) as token data, both halves encoded by `tokenizer`."""
     (train_texts, y_train), (test_texts, y_test) = split_task(task)
-    spec = InputSpec.tokens(length, len(vocabulary), len(task.names))
     return Dataset(
         name,
         tokenizer.encode(train_texts),
@@ -59,6 +59,12 @@ def _token_dataset(name: str, task: LabelledTexts, public: tuple[str, ...], leng
         tokenizer,
         class_names=task.names,
     )
+
+
+def _token_dataset(name: str, task: LabelledTexts, public: tuple[str, ...], length: int) -> Dataset:
+    vocabulary = Vocabulary.build((split_words(t) for t in public), VOCABULARY_SIZE)
+    spec = InputSpec.tokens(length, len(vocabulary), len(task.names))
+    return encoded_task(name, task, WordTokenizer(vocabulary, length), spec)
 
 
 def fortunes() -> Dataset:
