@@ -21,16 +21,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Optional Debian data (Fashion-MNIST, the fortunes and KJV text corpora). Installed when we are
-# root; the tests that need a missing one skip and name its install command.
-DEBIAN_DATA := dataset-fashion-mnist fortunes bible-kjv
+# Optional Debian packages: data (Fashion-MNIST, the fortunes and KJV text corpora) and Chromium,
+# which renders the compare report in a test. Installed when we are root; the tests that need a
+# missing one skip and name its install command.
+DEBIAN_PACKAGES := dataset-fashion-mnist fortunes bible-kjv chromium
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/games/fortunes ] || \
-	    ! command -v bible >/dev/null; then \
+	    ! command -v bible >/dev/null || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq $(DEBIAN_DATA) || \
-	     (apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA))) >/dev/null; \
-	  else echo "optional: sudo apt-get install -y $(DEBIAN_DATA)"; fi; fi
+	    (apt-get install -y -qq $(DEBIAN_PACKAGES) || \
+	     (apt-get update -qq && apt-get install -y -qq $(DEBIAN_PACKAGES))) >/dev/null; \
+	  else echo "optional: sudo apt-get install -y $(DEBIAN_PACKAGES)"; fi; fi
 
 # The demo shows both sides of the question fedsim answers:
 # 1. FedAvg on digits (5 clients, Dirichlet(1.0) skew) with the auditor attacking 2 updates a round:
