@@ -22,6 +22,7 @@ STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; line-height: 1.4; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
 .summary { background: #f4f4f4; border: 1px solid #ccc; padding: 0.6em 1.2em; }
+.summary h2 { margin-top: 0.3em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #bbb; padding: 3px 6px; text-align: left; vertical-align: top; }
 th { background: #e8e8e8; }

@@ -78,6 +78,8 @@ def _epsilon_panels(
         ax.plot(line["epsilon"], line[column], "o-", color=colours[model], label=label)
     if not dp.empty:
         ax.set_xscale("log")
+    elif not rows.empty:
+        ax.text(0.5, 0.5, "no DP cell in this grid", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("ε (log scale)" if not dp.empty else "ε (no DP cell)")
     ax.set_ylabel(ylabel)
     defences = sorted(no_dp["defence"].unique())
