@@ -185,6 +185,14 @@ def test_summary_chooses_the_least_leaky_setting_at_the_target() -> None:
     assert (text.reaching, text.reaching_measured) == (3, 2)
 
 
+def test_language_models_without_accuracy_get_no_choice() -> None:
+    rows = [r | {"accuracy": None, "model_metrics": '{"perplexity": 83.9}'} for r in hand_written_rows()]
+    grouped = groups(read_compare_rows([r for r in rows if r["dataset"] == "fortunes"]))
+    choice = choose(grouped, "text")
+    assert choice.target_accuracy is None and choice.chosen is None
+    assert choose(grouped, "text", 0.1).reaching == 0
+
+
 def test_spearman_and_median_gap_by_hand() -> None:
     error = prediction_error(read_compare_rows(hand_written_rows()))
     # ceiling ranks 3 4 2 1 6 5, measured ranks 4 5 2 1 6 3 (rows in HAND_WRITTEN order): d² = 1+1+4
