@@ -25,6 +25,7 @@ from audits.architecture_report import ROUNDING_LEARNING_RATE
 from audits.engine import AuditRow
 from audits.report import summarise_audit
 from fedsim import api
+from fedsim.compare.report import write_report
 from fedsim.config.run_config import Knob, RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import RunFailedError, UserInputError
@@ -310,6 +311,22 @@ def list_models() -> None:
     for name in available_models():
         options = ", ".join(map(str, model_options(name)))
         typer.echo(f"{name}  ({options})" if options else name)
+
+
+@cli.command("report")
+def report(
+    compare_dir: Annotated[Path, typer.Argument(help="Folder `fedsim compare` wrote (has compare.csv).")],
+    target_accuracy: Annotated[
+        float | None,
+        Opt(help="Accuracy (0..1) the summary's chosen setting must reach; default: the best minus 0.05."),
+    ] = None,
+) -> None:
+    """(Re)write COMPARE_DIR/report.html, one offline page, and its figures from compare.csv."""
+    try:
+        path = write_report(compare_dir, target_accuracy)
+    except UserInputError as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
 
 
 def _fail(err: UserInputError) -> None:
