@@ -216,7 +216,7 @@ CORPUS: list[Case] = [
     # names
     Case("unknown-defence", ("run", "--defence", "nosuch"), "unknown client transformation(s) nosuch"),
     Case("unknown-command", ("train",), "No such command 'train'"),
-    Case("unknown-flag", ("run", "--roudns", "3"), "No such option '--roudns'", subprocess=True),
+    Case("unknown-flag", ("run", "--roudns", "3"), "No such option '--roudns'"),
     Case("audit-unknown-model", ("audit", "--model", "resnet"), "unknown model 'resnet'; choose one of"),
     Case("audit-unknown-dataset", ("audit", "--dataset", "cifar10"), "unknown dataset 'cifar10'"),
     Case("audit-unknown-attack", (*AUDIT, "--attacks", "telepathy"), "unknown attack(s) telepathy"),
@@ -235,7 +235,6 @@ CORPUS: list[Case] = [
         "audit-gradient-noise-text",
         ("audit", "--gradient-noise", "lots"),
         "'lots' is not a valid float",
-        subprocess=True,
     ),
     # strings
     Case("name-too-long", ("run", "--name", "x" * 300), "is 300 bytes long, more than a folder name may be"),
@@ -257,6 +256,7 @@ CORPUS: list[Case] = [
         setup=stale_ray_cluster,
         input="--ray-address auto, ray_current_cluster of a stopped cluster",
     ),
+    Case("ray-address-empty", ("run", "--ray-address", ""), "--ray-address is empty; pass a non-empty value"),
     Case(
         "ray-address-garbage", ("run", "--ray-address", "garbage"), "--ray-address 'garbage' is not host:port"
     ),
@@ -896,7 +896,10 @@ def table_rows() -> list[tuple[str, str, str]]:
     """(id, input, message) of every bad-input case: this corpus, then tests/test_cli_errors.py's."""
     from tests import test_cli_errors
 
-    rows = [(c.id, c.input or " ".join(c.args), c.message) for c in CORPUS]
+    audit = " ".join(AUDIT)  # every audit case attacks the same model, into {tmp}/audit
+    rows = [
+        (c.id, c.input or " ".join(c.args).replace(audit, "audit [mlp, digits]"), c.message) for c in CORPUS
+    ]
     rows += [
         (f"cli-errors-{i}", "run " + " ".join(args), message)
         for i, (args, message) in enumerate(test_cli_errors.CASES, 1)
