@@ -293,7 +293,7 @@ def _check_launch(stop_after: int | None, cpus: int | None, ray_address: str | N
         raise UserInputError(f"--stop-after must be at least 1 (got {stop_after}); pass a round number")
     if cpus is not None and cpus < 1:
         raise UserInputError(f"--cpus must be at least 1 (got {cpus}); leave it out to use every core")
-    if ray_address:
+    if ray_address is not None:  # "" would quietly start a local cluster instead
         check_text("--ray-address", ray_address)
         check_ray_address(ray_address)
 

@@ -35,6 +35,11 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedav
 MAX_SEED = 2**32 - 1
 # Flower's ConfigRecord (and config.json readers in other languages) hold signed 64-bit ints.
 INT_LIMIT = 2**63
+# Caps that only a typo reaches: a run past them would not finish in days (a round takes at
+# least a fraction of a second), and a run that cannot finish is bad input, not a long run.
+MAX_ROUNDS = 100_000
+MAX_LOCAL_EPOCHS = 10_000
+NAME_MAX = 255  # bytes in one folder name on Linux, macOS and Windows file systems
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 _KIND_NAMES = {
     "int": "a whole number",
@@ -188,8 +193,8 @@ class RunConfig:
     model_options: str = knob(
         "", "Model options as key=value pairs, comma-separated, e.g. hidden=64,depth=3.", "training"
     )
-    rounds: int = knob(3, "Federated rounds.", "training", at_least=1)
-    local_epochs: int = knob(2, "Local epochs per round.", "training", at_least=1)
+    rounds: int = knob(3, "Federated rounds.", "training", at_least=1, at_most=MAX_ROUNDS)
+    local_epochs: int = knob(2, "Local epochs per round.", "training", at_least=1, at_most=MAX_LOCAL_EPOCHS)
     max_local_steps: int = knob(
         0, "Cap local SGD steps; 0 = no cap (1 + batch 1 = FedSGD).", "training", at_least=0
     )
@@ -310,6 +315,8 @@ class RunConfig:
             raise UserInputError(
                 f"cannot read config {path}: {str(err).splitlines()[0]}; pass a readable TOML or JSON file"
             ) from None
+        if not text.strip():  # a truncated or never-written file, not a request for the defaults
+            raise UserInputError(f"config {path} is empty; write `key = value` lines or drop --config")
         if not isinstance(values, dict):
             raise UserInputError(f"config {path} is not a table of keys; write `key = value` lines")
         return cls.from_mapping(values, source=str(path))
@@ -340,6 +347,11 @@ class RunConfig:
         if self.name.startswith(".") or "/" in self.name or "\\" in self.name:
             raise UserInputError(
                 f"run name {self.name!r} is not a plain folder name; use letters, digits, '-'"
+            )
+        if len(self.name.encode()) > NAME_MAX:  # the OS refuses it only once the folder is made
+            raise UserInputError(
+                f"run name {self.name[:20]!r}... is {len(self.name.encode())} bytes long, more than a "
+                f"folder name may be ({NAME_MAX}); pass a shorter --name"
             )
 
     def transformation_names(self) -> list[str]:

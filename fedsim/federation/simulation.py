@@ -31,10 +31,14 @@ def backend_config(cpus: int | None, cpus_per_client: int, ray_address: str | No
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a cluster address nobody answers at: Ray itself would wait for minutes.
 
-    `auto` (find the local cluster) is left to Ray; `host:port` and `ray://host:port` are probed.
+    `auto` is resolved the way `ray.init` resolves it (RAY_ADDRESS, then the address the last
+    `ray start` wrote to <ray temp dir>/ray_current_cluster, then a raylet running on this
+    machine); `host:port` and `ray://host:port` are probed as given.
     """
+    shown = address
     if address == "auto":
-        return
+        address = local_ray_cluster()
+        shown = f"auto ({address})"
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise UserInputError(f"--ray-address {address!r} is not host:port; pass e.g. 10.0.0.5:6379 or auto")
@@ -42,9 +46,27 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [IPv6]
     except OSError as err:
         raise UserInputError(
-            f"no Ray cluster answers at {address} ({err.strerror or err}); "
+            f"no Ray cluster answers at {shown} ({err.strerror or err}); "
             "start one with `ray start --head` or fix --ray-address"
         ) from None
+
+
+def local_ray_cluster() -> str:
+    """The address `ray.init(address="auto")` would join, found without connecting: Ray's own
+    lookup (an environment variable, a file, a scan of this machine's processes), which takes
+    milliseconds where a failed `ray.init` retries for minutes."""
+    from ray._private.services import get_ray_address_from_environment  # Ray's start is slow
+
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        found = None
+    if not found:
+        raise UserInputError(
+            "--ray-address auto found no Ray cluster on this machine (no RAY_ADDRESS, no running "
+            "`ray start`); start one with `ray start --head`, pass host:port, or drop --ray-address"
+        )
+    return str(found)
 
 
 def simulate(

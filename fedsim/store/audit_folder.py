@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -31,6 +32,8 @@ TEXT_TABLE_FILE = "text_table.md"  # token models: true vs recovered text, diffe
 def load_weights(model: ZooModel, path: Path) -> None:
     """Load a safetensors file (e.g. a run checkpoint: the federated model) into `model`'s
     federated entries, the rest as built; no pickle is ever read."""
+    if path.is_dir():  # safetensors' own message for it is "No such device"
+        raise UserInputError(f"weights {path} is a folder; pass a .safetensors file in it")
     try:
         state = load_file(path)
     except (OSError, SafetensorError) as err:
@@ -41,6 +44,12 @@ def load_weights(model: ZooModel, path: Path) -> None:
         raise UserInputError(
             f"weights {path} do not fit this model ({', '.join(problems[:3])}); "
             "pass the --model, --dataset and --image-size they were trained with"
+        )
+    poisoned = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if poisoned:  # NaN weights would make every attack's numbers NaN, not a finding
+        raise UserInputError(
+            f"weights {path} hold non-finite values in {', '.join(poisoned[:3])}; "
+            "pass a checkpoint of a run that did not diverge"
         )
     # In the model's own dtype: float32 for the zoo's networks, float64 for LEDL's dictionary.
     load_federated_state(model, {k: v.to(own[k].dtype) for k, v in state.items()})

@@ -65,12 +65,12 @@ class RunStore:
         """Make `root/<name>` complete with config and header (one eval_ column per name of the
         model's `metric_names`), or fail without leaving anything."""
         final = root / config.name
-        if final.exists():
-            raise UserInputError(
-                f"run directory {final} already exists; "
-                f"pick another --name or continue it with --resume {final}"
-            )
         try:
+            if final.exists():  # inside the try: a name too long for the OS raises here
+                raise UserInputError(
+                    f"run directory {final} already exists; "
+                    f"pick another --name or continue it with --resume {final}"
+                )
             root.mkdir(parents=True, exist_ok=True)
             with staged_folder(final) as staging:
                 (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
