@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -77,9 +78,10 @@ class Processes:
     """Processes a test started, each logging to its own file; `stop()` ends them and their
     descendants by PID and returns any that survived."""
 
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+    def __init__(self, logs: Path, env: dict[str, str], ports: Sequence[int]) -> None:
         self.logs = logs
         self.env = env
+        self.ports = list(ports)  # the test's own ports: what its processes' command lines name
         self.started: dict[str, subprocess.Popen] = {}
         self.pids: set[int] = set()
         logs.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,12 @@ class Processes:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def _tree(self) -> list[psutil.Process]:
+        """Every started process and its descendants, and any process naming one of this test's
+        ports: a SuperNode that exited (refused) leaves its SuperExec orphaned, out of the tree."""
         found: dict[int, psutil.Process] = {}
+        for pid in processes_naming(self.ports):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found[pid] = psutil.Process(pid)
         for process in self.started.values():
             try:
                 root = psutil.Process(process.pid)
@@ -143,11 +150,12 @@ class Processes:
 def processes_naming(ports: Sequence[int]) -> list[int]:
     """PIDs of any process whose command line names one of these (test-chosen, free) ports: a
     SuperExec, ServerApp or ClientApp that escaped the process tree would show here."""
-    marks = [f"127.0.0.1:{port}" for port in ports]
+    alternatives = "|".join(str(port) for port in ports)
+    marks = re.compile(rf"127\.0\.0\.1:({alternatives})(?!\d)")
     found = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if any(mark in arg for arg in cmdline for mark in marks):
+        if ports and any(marks.search(arg) for arg in cmdline):
             found.append(process.info["pid"])
     return found
 

@@ -3,6 +3,7 @@ hold the venv, and its last line stops the SuperLink (and everything it started)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -38,6 +39,22 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _still_running(pid: int | None) -> bool:
+    """Whether the SuperLink outlives the recipe: given a minute to act on `kill`'s SIGTERM, then
+    stopped with its descendants by PID (and reported)."""
+    if pid is None or not psutil.pid_exists(pid):
+        return False
+    superlink = psutil.Process(pid)
+    tree = [superlink, *superlink.children(recursive=True)]
+    _, alive = psutil.wait_procs([superlink], timeout=60)
+    if alive:
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.terminate()
+        psutil.wait_procs(tree, timeout=30)
+    return bool(alive)
+
+
 def test_the_flwr_run_recipe_works_as_written(tmp_path: Path) -> None:
     script = recipe()
     app = copy_app(tmp_path / "app")
@@ -58,12 +75,7 @@ def test_the_flwr_run_recipe_works_as_written(tmp_path: Path) -> None:
         )
     finally:
         pid = int(pid_file.read_text()) if pid_file.exists() else None
-        left = pid is not None and psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-        if left:  # the recipe failed before its `kill`: stop what it started, then fail below
-            tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-            for member in tree:
-                member.terminate()
-            psutil.wait_procs(tree, timeout=30)
+        left = _still_running(pid)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert pid is not None and not left, "the recipe's `kill $SUPERLINK_PID` left the SuperLink running"
     deadline = time.monotonic() + 60  # its SuperExec and app processes follow their parent out
