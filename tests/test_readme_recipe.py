@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +65,10 @@ def test_the_flwr_run_recipe_works_as_written(tmp_path: Path) -> None:
     # The one addition: record the PID the recipe holds, so the test can stop it if a line fails.
     script = script.replace(PID_LINE, f'{PID_LINE}\necho "$SUPERLINK_PID" > {pid_file}')
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != VENV_BIN)
-    env = {**os.environ, "PATH": path, "TMPDIR": str(tmp_path)}  # mktemp -d lands in tmp_path
+    # mktemp -d (FLWR_HOME) and Ray's session land in a short private folder: Ray's socket paths
+    # under a long pytest tmp_path pass the 107-byte limit and the simulation dies in round 1.
+    scratch = Path(tempfile.mkdtemp(prefix="fr-"))
+    env = {**os.environ, "PATH": path, "TMPDIR": str(scratch)}
     deadline = time.monotonic() + 300  # another run of Flower's local SuperLink may hold the port
     while not _port_free(LOCAL_PORT) and time.monotonic() < deadline:
         time.sleep(2)
@@ -76,6 +81,7 @@ def test_the_flwr_run_recipe_works_as_written(tmp_path: Path) -> None:
     finally:
         pid = int(pid_file.read_text()) if pid_file.exists() else None
         left = _still_running(pid)
+        shutil.rmtree(scratch, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert pid is not None and not left, "the recipe's `kill $SUPERLINK_PID` left the SuperLink running"
     deadline = time.monotonic() + 60  # its SuperExec and app processes follow their parent out
@@ -83,5 +89,7 @@ def test_the_flwr_run_recipe_works_as_written(tmp_path: Path) -> None:
         time.sleep(1)
     assert processes_naming([LOCAL_PORT]) == [], "a process of the recipe's SuperLink is still running"
     (run,) = (app / "runs").iterdir()
-    assert (run / "checkpoints" / "round-0003.safetensors").exists()
+    assert (run / "checkpoints" / "round-0003.safetensors").exists(), (
+        result.stdout[-4000:] + result.stderr[-2000:]
+    )
     print(f"recipe ran in {time.monotonic() - started:.0f} s")
