@@ -36,7 +36,8 @@ RUN = RunConfig(num_clients=2, local_epochs=1, max_local_steps=1, batch_size=4)
         ({wire.PARTITION_ID: 1.5}, "node config partition-id=1.5 is not an integer"),
         ({wire.PARTITION_ID: True}, "node config partition-id=True is not an integer"),
         ({wire.PARTITION_ID: -1}, "node config partition-id=-1 is negative; set a value of 0 or more"),
-        ({wire.PARTITION_ID: 0, NUM_PARTITIONS: "two"}, "node config num-partitions='two' is not an integer"),
+        ({wire.PARTITION_ID: 0, NUM_PARTITIONS: "two"}, "node config num-partitions='two' is not an "
+            "integer; set e.g. num-partitions=2"),
         ({wire.PARTITION_ID: 0, NUM_PARTITIONS: 0}, "node config num-partitions=0; set the federation's"),
         (
             {wire.PARTITION_ID: 2, NUM_PARTITIONS: 2},

@@ -38,16 +38,17 @@ class NodeData:
     data_path: Path | None = None
 
 
-def _integer(node_config: Mapping[str, Any], key: str) -> int | None:
+def _integer(node_config: Mapping[str, Any], key: str, example: int) -> int | None:
     value = node_config.get(key)
     if value is None:
         return None
+    not_integer = UserInputError(f"node config {key}={value!r} is not an integer; set e.g. {key}={example}")
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise UserInputError(f"node config {key}={value!r} is not an integer; set e.g. {key}=0")
+        raise not_integer
     try:
         number = int(value)
     except ValueError:
-        raise UserInputError(f"node config {key}={value!r} is not an integer; set e.g. {key}=0") from None
+        raise not_integer from None
     if number < 0:
         raise UserInputError(f"node config {key}={number} is negative; set a value of 0 or more")
     return number
@@ -55,7 +56,7 @@ def _integer(node_config: Mapping[str, Any], key: str) -> int | None:
 
 def partition_id_of(node_config: Mapping[str, Any]) -> int:
     """The node's `partition-id`; a node without one is refused, never given partition 0."""
-    partition_id = _integer(node_config, wire.PARTITION_ID)
+    partition_id = _integer(node_config, wire.PARTITION_ID, 0)
     if partition_id is None:
         raise UserInputError(
             f"this node has no {wire.PARTITION_ID} in its node config; start it with "
@@ -67,7 +68,7 @@ def partition_id_of(node_config: Mapping[str, Any]) -> int:
 def read_node_config(node_config: Mapping[str, Any]) -> NodeData:
     """Parse and check the node's own keys (those that need no run config)."""
     partition_id = partition_id_of(node_config)
-    num_partitions = _integer(node_config, NUM_PARTITIONS)
+    num_partitions = _integer(node_config, NUM_PARTITIONS, 2)
     if num_partitions is not None:
         if num_partitions < 1:
             raise UserInputError(
