@@ -2,7 +2,8 @@
 
 The server sends the whole run config with each message, so the same ClientApp serves a
 `fedsim run` simulation, `flwr run .` and a real SuperNode without local configuration; the
-node's own `partition-id` (node config) picks its data.
+node's own node config picks its data: `partition-id` (+ `num-partitions`) for a slice of the
+run's dataset, or `data-path` for a local file (fedsim.federation.node_config).
 
 Whether the node ships the raw samples it trained on (for the auditor to score reconstructions)
 is the node's decision, never the server's: a SuperNode opts in with node config
@@ -22,17 +23,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedsim.data.clients import ClientData, client_data
+from fedsim.data.clients import ClientData
 from fedsim.federation import wire
 from fedsim.federation.central_dp_mod import asks_for_client_clipping, central_dp_mod
+from fedsim.federation.node_config import load_node_data, partition_id_of
 from fedsim.federation.secagg_client import route_secagg
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
 from models.base import federated_state, load_federated_state
-
-
-def _partition_id(context: Context) -> int:
-    return int(context.node_config.get(wire.PARTITION_ID, 0))
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,7 @@ def _job(msg: Message, context: Context) -> _Job:
     model = model_for(instructions.config)
     # The federated entries only (strict); the rest (a frozen pretrained base) stays as built.
     load_federated_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
-    partition_id = _partition_id(context)
-    data = client_data(instructions.config, partition_id)
+    partition_id, data = load_node_data(context.node_config, instructions.config)
     return _Job(instructions, model, partition_id, data)
 
 
@@ -126,7 +123,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 def roster(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds, so it can sample reproducibly."""
-    content = RecordDict({wire.CLIENT: ConfigRecord({wire.PARTITION_ID: _partition_id(context)})})
+    partition_id = partition_id_of(context.node_config)
+    content = RecordDict({wire.CLIENT: ConfigRecord({wire.PARTITION_ID: partition_id})})
     return Message(content, reply_to=msg)
 
 

@@ -20,6 +20,9 @@ messages to `secagg_client_app` and everything else (the roster query, Message A
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from flwr.app import Context, Message
@@ -31,8 +34,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedsim.config.run_config import RunConfig
-from fedsim.data.clients import client_data
 from fedsim.federation import wire
+from fedsim.federation.node_config import load_node_data, partition_id_of
 from fedsim.federation.secagg_plan import CLIPPING_RANGE, max_weight
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
@@ -73,8 +76,9 @@ class SecAggClient(NumPyClient):
     the masked vector is the update of exactly those (planning refuses a model that would send
     fewer under SecAgg+, `fedsim.federation.secagg_plan.check_secagg_model`)."""
 
-    def __init__(self, partition_id: int) -> None:
-        self.partition_id = partition_id
+    def __init__(self, node_config: Mapping[str, Any]) -> None:
+        self.node_config = dict(node_config)
+        self.partition_id = partition_id_of(node_config)
 
     def _model(self, parameters: list[np.ndarray], config: dict) -> tuple[RunConfig, ZooModel, list[str]]:
         torch.set_num_threads(1)  # one actor per core; intra-op threads would oversubscribe
@@ -91,7 +95,7 @@ class SecAggClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         run_config, model, names = self._model(parameters, config)
         server_round = int(config[wire.SERVER_ROUND])
-        data = client_data(run_config, self.partition_id)
+        _, data = load_node_data(self.node_config, run_config)
         result = train_locally(model, data, run_config, server_round, self.partition_id)
         if list(result.weights) != names:
             raise ValueError(
@@ -115,14 +119,14 @@ class SecAggClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         run_config, model, _ = self._model(parameters, config)
-        data = client_data(run_config, self.partition_id)
+        _, data = load_node_data(self.node_config, run_config)
         result = evaluate(model, data.x_val, data.y_val)
         metrics = {**wire.eval_metrics(result.loss, result.metrics), wire.PARTITION_ID: self.partition_id}
         return result.loss, result.num_examples, metrics
 
 
 def _client_fn(context: Context):
-    return SecAggClient(int(context.node_config.get(wire.PARTITION_ID, 0))).to_client()
+    return SecAggClient(context.node_config).to_client()
 
 
 # Flower's legacy ClientApp; the mod ignores evaluate messages, which reach `SecAggClient.evaluate`.
