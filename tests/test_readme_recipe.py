@@ -26,14 +26,11 @@ PID_LINE = "SUPERLINK_PID=$!"
 
 
 def recipe() -> str:
-    """The first bash block that starts the SuperLink by PID: in README.md once merged, else in
-    notes/deploy.md (the README section as drafted)."""
-    for source in (ROOT / "README.md", ROOT / "notes" / "deploy.md"):
-        if source.exists():
-            for block in re.findall(r"```bash\n(.*?)```", source.read_text(), flags=re.S):
-                if PID_LINE in block and "flwr run ." in block:
-                    return block
-    raise AssertionError("no `flwr run .` recipe with SUPERLINK_PID in README.md or notes/deploy.md")
+    """The README's first bash block that starts the SuperLink by PID and runs `flwr run .`."""
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+        if PID_LINE in block and "flwr run ." in block:
+            return block
+    raise AssertionError("no `flwr run .` recipe with SUPERLINK_PID in README.md")
 
 
 def _port_free(port: int) -> bool:
