@@ -58,6 +58,13 @@ class PartitionOrderedGrid:
             self._order = self._registration_order(node_ids) or self._roster(node_ids)
         return sorted(node_ids, key=self._order.__getitem__)
 
+    def partitions(self) -> dict[int, int]:
+        """node id → partition id as far as known (for naming clients that never replied):
+        the roster, else the simulation's registration order, else nothing."""
+        if self._order is None and isinstance(self._grid, InMemoryGrid):
+            self._order = self._registration_order(list(self._grid.get_node_ids()))
+        return {node: rank for node, rank in (self._order or {}).items() if rank != 1 << 62}
+
     def _registration_order(self, node_ids: list[int]) -> dict[int, int] | None:
         """In simulation, nodes register in partition order (`_register_nodes` creates node i
         for partition i), so registration times give the order without a message per node:
