@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -116,6 +118,38 @@ def corrupt(kind: str, weights: dict[str, np.ndarray], sent: dict[str, np.ndarra
     else:
         raise ValueError(f"{kind!r} does not change the arrays")
     return out
+
+
+# The demonstration both the slow test and benchmarks/faults.py run: clients 0-2 honest, 3-5
+# misbehaving differently each round, every kind once (scale twice). Round 2's two silent
+# clients cost one round-timeout wait; a third actor keeps the honest clients going meanwhile.
+DEMO_FAULTS = "3=nan@1,4=inf@1,5=scale@1,3=shape@2,4=dropout@2,5=timeout@2,3=raise@3,4=dtype@3,5=scale@3"
+# Round 1 on a loaded 2-core machine (actors importing torch) must fit in the timeout.
+DEMO_CONFIG = {"name": "faulty", "clients": 6, "rounds": 3, "round-timeout": 120, "audit": True,
+               "audit-clients": 0}  # fmt: skip
+DEMO_CPUS = 3
+REPO = Path(__file__).resolve().parent.parent
+
+
+def injected(plan: FaultPlan, rounds: int) -> int:
+    """How many faulty replies `plan` injects in a run of `rounds` rounds."""
+    return sum(rounds if r == EVERY_ROUND else int(r <= rounds) for faults in plan.values() for r in faults)
+
+
+def run_driver(
+    runs_root: Path,
+    faults: str = DEMO_FAULTS,
+    config: Mapping[str, object] | None = None,
+    timeout: float = 1200,
+) -> subprocess.CompletedProcess[str]:
+    """This module as a driver in its own process (one simulation per process)."""
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "tests.fault_injection", str(runs_root), "--faults", faults,
+         "--config", json.dumps(dict(config or DEMO_CONFIG)), "--cpus", str(DEMO_CPUS)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": python_path}, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

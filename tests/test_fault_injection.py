@@ -8,10 +8,6 @@ corrupted replies to the validation step, the slow one runs a whole federation w
 from __future__ import annotations
 
 import csv
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +22,11 @@ from fedsim.federation import wire
 from fedsim.store.fault_log import FAILED, FAULT_COLUMNS, FAULTS_FILE, NO_REPLY, REJECTED, FaultLog, FaultRow
 from fedsim.strategy.validation import ValidatingStrategy
 from tests.conftest import final_server_accuracy, read_metrics
-from tests.fault_injection import SCALE, corrupt, fault_for, parse_spec
+from tests.fault_injection import DEMO_FAULTS, SCALE, corrupt, fault_for, injected, parse_spec, run_driver
 from tests.flower_messages import StaticGrid, act_as_server, arrays, train_reply
 
 GLOBAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.zeros(2, dtype=np.float32)}
 HONEST = [0.1, 0.2, 0.3]  # the honest clients' step in every coordinate
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -118,13 +113,12 @@ def test_the_fault_plan_picks_a_node_config_first_then_the_test_spec() -> None:
     assert fault_for(plan, {"partition-id": 4}, 1) is None
     assert fault_for(plan, {"partition-id": 4, "fault": "inf@1"}, 1) == "inf"
     assert fault_for(plan, {"partition-id": 0}, 1) is None
+    assert injected(plan, rounds=3) == 5 and injected(parse_spec(DEMO_FAULTS), rounds=3) == 9
     with pytest.raises(ValueError, match="unknown fault 'melt'"):
         parse_spec("1=melt")
 
 
-# Clients 0-2 are honest; 3-5 misbehave differently each round. Round 2's two silent clients
-# cost one round-timeout wait; a third actor keeps the honest clients going meanwhile.
-FAULTS = "3=nan@1,4=inf@1,5=scale@1,3=shape@2,4=dropout@2,5=timeout@2,3=raise@3,4=dtype@3,5=scale@3"
+# What faults.csv must say of DEMO_FAULTS: (round, partition) → (kind, part of the reason).
 EXPECTED = {
     (1, 3): (REJECTED, "non-finite weights in "),
     (1, 4): (REJECTED, "non-finite weights in "),
@@ -136,25 +130,11 @@ EXPECTED = {
     (3, 4): (REJECTED, "has dtype float64, the model's is float32"),
     (3, 5): (REJECTED, "exceeds 1000 × the round's median"),
 }
-# Round 1 on a loaded 2-core machine (actors importing torch) must fit in the timeout.
-FAULTY_CONFIG = {"name": "faulty", "clients": 6, "rounds": 3, "round-timeout": 120, "audit": True,
-                 "audit-clients": 0}  # fmt: skip
-
-
-def run_faulty_federation(runs_root: Path, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
-    """The harness's driver in its own process (one simulation per process)."""
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "tests.fault_injection", str(runs_root), "--faults", FAULTS,
-         "--config", json.dumps(FAULTY_CONFIG), "--cpus", "3"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": python_path}, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_a_federation_with_faulty_clients_completes_with_every_fault_logged(tmp_path: Path) -> None:
-    result = run_faulty_federation(tmp_path)
+    result = run_driver(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "faulty"
     assert [int(r["round"]) for r in read_metrics(run) if r["stage"] == "server"] == [0, 1, 2, 3]
