@@ -220,15 +220,15 @@ class RunConfig:
     # On by default: one client's update 10⁶× too large (a unit bug, an overflowed sum) would
     # otherwise dominate the average and wreck the model. 1000× is far beyond honest spread, so the
     # default is a safety net for garbage, not a Byzantine defence (lower it, e.g. 10, for that).
+    # A median needs 3+ valid replies to be an honest one: with 2 clients it cannot catch anything.
     reject_norm_ratio: float = knob(
         DEFAULT_REJECT_NORM_RATIO,
-        "Reject updates whose norm exceeds N × the round's median update norm (needs 3+ replies); 0 = off.",
+        "Reject updates whose norm exceeds N × the round's median update norm; 0 = off.",
         "strategy",
     )
     round_timeout: float = knob(
         3600.0,
-        "Seconds the server waits for a round's replies; a client that answers later counts as "
-        "not replying (faults.csv), so a hung client costs one wait, not the run.",
+        "Seconds to wait for a round's late replies once its first is in; later = no reply.",
         "strategy",
         above=0,
     )

@@ -55,16 +55,8 @@ class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow with fedsim's settings, which stops the run when a stage halts:
     Flower only logs "Secure aggregation halted" and the round would go on with the old model."""
 
-    def __init__(
-        self,
-        shares: int,
-        threshold: int,
-        max_weight: float,
-        round_offset: int = 0,
-        timeout: float | None = None,
-    ) -> None:
+    def __init__(self, shares: int, threshold: int, max_weight: float, round_offset: int = 0) -> None:
         super().__init__(
-            timeout=timeout,  # per stage: a silent client costs one wait, not the run
             num_shares=shares,
             reconstruction_threshold=threshold,
             max_weight=max_weight,
@@ -244,16 +236,11 @@ def run_secagg_federation(grid: Grid, context: Context, plan: FederationPlan) ->
     if remaining > 0:
         workflow = DefaultWorkflow(
             fit_workflow=CheckedSecAggPlusWorkflow(
-                config.secagg_shares,
-                config.secagg_threshold,
-                float(max_weight(config)),
-                done or 0,
-                timeout=config.round_timeout,
+                config.secagg_shares, config.secagg_threshold, float(max_weight(config)), done or 0
             ),
             evaluate_workflow=_evaluate_then_commit(strategy, commit),
         )
-        server_config = ServerConfig(num_rounds=remaining, round_timeout=config.round_timeout)
-        workflow(grid, LegacyContext(context, config=server_config, strategy=strategy))
+        workflow(grid, LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy))
     plot_metrics(store.metrics_path, store.path / PLOT_FILE)
 
 

@@ -22,6 +22,7 @@ from fedsim.errors import RunFailedError
 from fedsim.federation import wire
 from fedsim.federation.planning import validate_plan
 from fedsim.federation.secagg_server import build_secagg_server_app, run_secagg_federation
+from fedsim.federation.straggler_grid import StragglerDeadlineGrid
 from fedsim.store.fault_log import FaultLog
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
@@ -174,13 +175,12 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     remaining = plan.last_round() - done
     if remaining > 0:
         chain.outer.start(
-            grid=grid,
+            grid=StragglerDeadlineGrid(grid, config.round_timeout),
             initial_arrays=ArrayRecord(start.weights),
             num_rounds=remaining,
             train_config=run_config,
             evaluate_config=run_config,
             evaluate_fn=evaluate_global,
-            timeout=config.round_timeout,
         )
     plot_metrics(store.metrics_path, store.path / PLOT_FILE)
 
