@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.conftest import FEDSIM, run_fedsim
 
 ARGS = ["--clients", "2", "--rounds", "3", "--local-epochs", "1", "--fraction-evaluate", "0", "--seed", "5"]
+LIMIT = 1200  # seconds per run: minutes each on a loaded 2-core machine
 TAG = "FEDSIM_KILL_TEST"  # an environment variable every process of the run inherits
 
 
@@ -60,7 +61,7 @@ def metrics_without_times(run: Path) -> list[dict[str, str]]:
 def test_sigkill_mid_round_then_resume_equals_a_straight_run(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     env = {**os.environ, TAG: tag, "PYTHONUNBUFFERED": "1"}
-    straight = run_fedsim(["run", "--name", "straight", *ARGS], cwd=tmp_path)
+    straight = run_fedsim(["run", "--name", "straight", *ARGS], cwd=tmp_path, timeout=LIMIT)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run = tmp_path / "runs" / "killed"
@@ -70,7 +71,7 @@ def test_sigkill_mid_round_then_resume_equals_a_straight_run(tmp_path: Path) -> 
     )  # fmt: skip
     try:
         committed = run / "checkpoints" / "round-0001.safetensors"
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + LIMIT
         while not committed.exists():
             assert cli.poll() is None and time.monotonic() < deadline, "the run ended before round 1"
             time.sleep(0.05)
@@ -90,7 +91,7 @@ def test_sigkill_mid_round_then_resume_equals_a_straight_run(tmp_path: Path) -> 
 
     resumed = subprocess.run(
         [*FEDSIM, "run", "--resume", str(run)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=LIMIT, check=False,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not wait_until_gone(tag, seconds=15)
