@@ -3,7 +3,8 @@
 Warnings in a log scroll away; a user checking whether a federation went well, or a test
 injecting faults, needs each failed, silent or rejected client per round in a file. Rows of a
 round that a kill interrupted are dropped on resume, as in metrics.csv, so a resumed run's file
-equals a straight run's.
+equals a straight run's but for `node_id` (Flower draws node ids anew each run; `partition_id`
+is the stable name of a client).
 """
 
 from __future__ import annotations
