@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import FEDSIM, run_fedsim
 
-ARGS = ["--clients", "2", "--rounds", "3", "--local-epochs", "1", "--fraction-evaluate", "0", "--seed", "5"]
+# 10 local epochs: a round long enough (seconds) that the kill lands inside round 2.
+ARGS = ["--clients", "2", "--rounds", "3", "--local-epochs", "10", "--fraction-evaluate", "0", "--seed", "5"]
 LIMIT = 1200  # seconds per run: minutes each on a loaded 2-core machine
 TAG = "FEDSIM_KILL_TEST"  # an environment variable every process of the run inherits
 
@@ -70,14 +71,17 @@ def test_sigkill_mid_round_then_resume_equals_a_straight_run(tmp_path: Path) -> 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        committed = run / "checkpoints" / "round-0001.safetensors"
         deadline = time.monotonic() + LIMIT
+        workers: list[int] = []
+        while not workers:  # the process that runs the ServerApp (and drives Ray)
+            assert cli.poll() is None and time.monotonic() < deadline, "the run ended early"
+            workers = [pid for pid, command in tagged_processes(tag).items() if "fedsim._worker" in command]
+            time.sleep(0.2)
+        committed = run / "checkpoints" / "round-0001.safetensors"
         while not committed.exists():
             assert cli.poll() is None and time.monotonic() < deadline, "the run ended before round 1"
-            time.sleep(0.05)
-        # Round 2 starts as soon as round 1's checkpoint is written: kill the ServerApp's process.
-        workers = [pid for pid, command in tagged_processes(tag).items() if "fedsim._worker" in command]
-        assert len(workers) == 1, tagged_processes(tag)
+            time.sleep(0.02)
+        # Round 2 starts as soon as round 1's checkpoint is written.
         os.kill(workers[0], signal.SIGKILL)
         _, stderr = cli.communicate(timeout=120)
     finally:
