@@ -8,6 +8,7 @@ corrupted replies to the validation step, the slow one runs a whole federation w
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from fedsim.config.run_config import RunConfig
 from fedsim.errors import RunFailedError
 from fedsim.federation import wire
+from fedsim.federation.straggler_grid import StragglerDeadlineGrid
 from fedsim.store.fault_log import FAILED, FAULT_COLUMNS, FAULTS_FILE, NO_REPLY, REJECTED, FaultLog, FaultRow
 from fedsim.strategy.validation import ValidatingStrategy
 from tests.conftest import final_server_accuracy, read_metrics
@@ -158,3 +160,40 @@ def test_a_federation_with_faulty_clients_completes_with_every_fault_logged(tmp_
     honest = {(rnd, pid) for rnd in (1, 2, 3) for pid in (0, 1, 2)}
     assert honest <= audited, "the auditor skipped honest clients"
     assert not audited & set(EXPECTED), f"the auditor attacked rejected updates: {audited & set(EXPECTED)}"
+
+
+class TimedGrid:
+    """A Grid whose replies to `push_messages` arrive after fixed delays (None: never)."""
+
+    def __init__(self, delays: dict[int, float | None]) -> None:
+        self.delays = delays
+        self.sent = 0.0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.sent = time.monotonic()
+        self.messages = {str(m.metadata.dst_node_id): m for m in messages}
+        return list(self.messages)
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        elapsed = time.monotonic() - self.sent
+        ready = []
+        for message_id in ids:
+            delay = self.delays[int(message_id)]
+            if delay is not None and elapsed >= delay:
+                reply = train_reply(int(message_id) - 100, moved(0.1))
+                reply.metadata.__dict__["_reply_to_message_id"] = message_id  # what pull matches on
+                ready.append(reply)
+        return ready
+
+
+def test_round_timeout_counts_from_the_first_reply() -> None:
+    """A slow start (1 s) costs nothing; a silent node costs `after_first` (0.5 s) after it."""
+    grid = TimedGrid({100: 1.0, 101: 1.2, 102: None})
+    messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (100, 101, 102)]
+    started = time.monotonic()
+    replies = StragglerDeadlineGrid(grid, after_first=0.5, pull_interval=0.02).send_and_receive(
+        messages, timeout=60
+    )
+    waited = time.monotonic() - started
+    assert sorted(r.metadata.src_node_id for r in replies) == [100, 101]
+    assert 1.4 <= waited < 10, waited  # not cut at 0.5 s from the send, nor the 60 s timeout
