@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ _PR_SET_PDEATHSIG = 1
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _die_with_parent(args.parent)
+    _reap_group_when_gone()
     _show_fedsim_warnings()
     from fedsim.federation.server_app import FederationPlan
     from fedsim.federation.simulation import simulate
@@ -91,6 +93,29 @@ def _die_with_parent(parent: int) -> None:
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _reap_group_when_gone() -> None:
+    """Ray's helpers (raylet, GCS, dashboard and runtime-env agents, actors) inherit this
+    process's group, which `fedsim.api` makes a group of its own. Ray's agents outlive a driver
+    killed with SIGKILL by a minute or more; a watchdog in the group, started before Ray, kills
+    the whole group the moment this process is gone, however it ended."""
+    if os.name != "posix" or os.getpgrp() != os.getpid():
+        return  # not the leader of its own group (run by hand): never kill a caller's group
+    subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+# Polls its parent, as PR_SET_PDEATHSIG would deliver a signal it cannot act on before dying.
+_WATCHDOG = """
+import os, signal, sys, time
+worker = int(sys.argv[1])
+while os.getppid() == worker:
+    time.sleep(0.5)
+os.killpg(worker, signal.SIGKILL)
+"""
 
 
 def _watch_parent(parent: int) -> None:

@@ -361,7 +361,12 @@ def _launch(
         command.append("--verbose")
     python_path = os.pathsep.join(p for p in (str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # A process group of its own, which the child's watchdog kills when the child is gone, so no
+    # Ray helper outlives a killed run (see fedsim._worker).
+    group = {"process_group": 0} if os.name == "posix" else {}
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, **group
+    )
 
 
 def _follow(

@@ -41,6 +41,7 @@ MAX_ROUNDS = 100_000
 MAX_LOCAL_EPOCHS = 10_000
 NAME_MAX = 255  # bytes in one folder name on Linux, macOS and Windows file systems
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+DEFAULT_REJECT_NORM_RATIO = 1000.0
 _KIND_NAMES = {
     "int": "a whole number",
     "float": "a number",
@@ -221,8 +222,20 @@ class RunConfig:
     server_learning_rate: float = knob(0.01, "FedAdam server learning rate η.", "strategy", above=0)
     num_malicious: int = knob(0, "Krum: tolerated malicious clients.", "strategy", at_least=0)
     trim_beta: float = knob(0.2, "FedTrimmedAvg: share trimmed at each end.", "strategy")
+    # On by default: one client's update 10⁶× too large (a unit bug, an overflowed sum) would
+    # otherwise dominate the average and wreck the model. 1000× is far beyond honest spread, so the
+    # default is a safety net for garbage, not a Byzantine defence (lower it, e.g. 10, for that).
+    # A median needs 3+ valid replies to be an honest one: with 2 clients it cannot catch anything.
     reject_norm_ratio: float = knob(
-        0.0, "Reject updates whose norm exceeds N × the round's median update norm; 0 = off.", "strategy"
+        DEFAULT_REJECT_NORM_RATIO,
+        "Reject updates whose norm exceeds N × the round's median update norm; 0 = off.",
+        "strategy",
+    )
+    round_timeout: float = knob(
+        3600.0,
+        "Seconds to wait for a round's late replies once its first is in; later = no reply.",
+        "strategy",
+        above=0,
     )
     # defences: client-side (the client-transformation registry), central DP, secure aggregation
     defence: str = knob(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from fedsim.config.run_config import RunConfig
+from fedsim.config.run_config import DEFAULT_REJECT_NORM_RATIO, RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
 from fedsim.errors import UserInputError
@@ -57,7 +57,9 @@ def check_secagg(config: RunConfig) -> None:
         raise UserInputError(
             f"--secagg and --central-dp {config.central_dp} are not combined yet; drop one of them"
         )
-    if config.reject_norm_ratio > 0:
+    # The default norm check is a safety net where the server sees updates; SecAgg+ hides them, so
+    # only a value the user chose is an error.
+    if config.reject_norm_ratio not in (0, DEFAULT_REJECT_NORM_RATIO):
         raise UserInputError(
             "--reject-norm-ratio cannot work with --secagg: the server never sees a client's update, "
             "so it cannot measure its norm; pass --reject-norm-ratio 0"

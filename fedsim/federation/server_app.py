@@ -22,6 +22,8 @@ from fedsim.errors import RunFailedError
 from fedsim.federation import wire
 from fedsim.federation.planning import validate_plan
 from fedsim.federation.secagg_server import build_secagg_server_app, run_secagg_federation
+from fedsim.federation.straggler_grid import StragglerDeadlineGrid
+from fedsim.store.fault_log import FaultLog
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
 from fedsim.strategy.auditing import AuditingStrategy, auditing_wrapper
@@ -81,7 +83,11 @@ class StartingPoint:
 
 
 def _starting_point(
-    store: RunStore, done: int | None, chain: StrategyChain, initial: dict[str, torch.Tensor]
+    store: RunStore,
+    done: int | None,
+    chain: StrategyChain,
+    initial: dict[str, torch.Tensor],
+    faults: FaultLog,
 ) -> StartingPoint:
     """The initial model for a new run (round 0 is scored and checkpointed by the first
     evaluation); for a resumed one the newest checkpoint with the chain's state restored, and
@@ -95,7 +101,7 @@ def _starting_point(
     weights = {name: saved[name] for name in initial}
     chain.load_state_dict(server_state)
     store.roll_back_to(done)
-    for logger in (chain.find(AuditingStrategy), chain.find(PrivacyLedger)):
+    for logger in (chain.find(AuditingStrategy), chain.find(PrivacyLedger), faults):
         if logger is not None:
             logger.drop_rounds_after(done)
     return StartingPoint(done, weights, resumed=True)
@@ -119,18 +125,20 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     initial = federated_state(model)
     x_test, y_test = server_test_split(config)
     last_complete = store.last_complete_round()
+    faults = FaultLog(store.path)
     chain = build_chain(
         config,
         round_offset=last_complete or 0,
         on_train=[lambda rnd, replies: store.append_rows(_client_rows("train", rnd, replies))],
         on_evaluate=[lambda rnd, replies: store.append_rows(_client_rows("evaluate", rnd, replies))],
+        on_faults=faults.record,
         audit=auditing_wrapper(config, store.path),
         model_dtypes={name: tensor.numpy().dtype for name, tensor in initial.items()},
         output_dir=store.path,
         model=model,
         settings=training_settings(config),
     )
-    start = _starting_point(store, last_complete, chain, initial)
+    start = _starting_point(store, last_complete, chain, initial, faults)
     done = start.done
     round_started = [time.perf_counter()]
 
@@ -167,7 +175,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
     remaining = plan.last_round() - done
     if remaining > 0:
         chain.outer.start(
-            grid=grid,
+            grid=StragglerDeadlineGrid(grid, config.round_timeout),
             initial_arrays=ArrayRecord(start.weights),
             num_rounds=remaining,
             train_config=run_config,

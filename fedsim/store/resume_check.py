@@ -13,8 +13,8 @@ What resume relies on, and so what is checked:
   (plus the hidden temp files of a write a kill interrupted); the newest model checkpoint
   readable as safetensors (never unpickled), with exactly the model's tensor names and shapes,
   all finite, and its strategy state readable and finite;
-- `metrics.csv` (and `audit.csv` when the run audits): a header with the columns resume
-  rewrites, and rows whose `round` is an integer, since resume drops rows by round.
+- `metrics.csv` (and `audit.csv` when the run audits, `faults.csv` when present): a header
+  with the columns resume rewrites, and rows whose `round` is an integer, since resume drops rows by round.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from fedsim.data import available_datasets
 from fedsim.errors import UserInputError
 from fedsim.federation.planning import check_attack_names, check_model_name, validate_plan
 from fedsim.store.audit_folder import AUDIT_FILE
+from fedsim.store.fault_log import FAULT_COLUMNS, FAULTS_FILE
 from fedsim.store.run_store import (
     CHECKPOINT_NAME,
     CHECKPOINTS,
@@ -75,6 +76,9 @@ def open_for_resume(path: Path) -> RunStore:
     privacy = path / PRIVACY_FILE
     if privacy.exists():
         check_csv(privacy, PRIVACY_COLUMNS, exact=True)
+    faults = path / FAULTS_FILE
+    if faults.exists():
+        check_csv(faults, FAULT_COLUMNS, exact=True)
     return store
 
 

@@ -6,9 +6,10 @@
    completion (when the model family sends less than its federated model in some rounds,
    `fedsim.strategy.completion`): a reply of exactly `sent_names(round)` gets the round's global
    values of the entries it did not send, so validation sees whole models;
-2. reply validation (`ValidatingStrategy`): drops non-finite, mis-shaped, mis-typed and (if
-   configured) norm-outlier updates before anyone else sees them, and stops the run on a round
-   with no usable update or a non-finite aggregate;
+2. reply validation (`ValidatingStrategy`): drops non-finite, mis-shaped, mis-typed and
+   norm-outlier updates before anyone else sees them, hands every unusable reply (rejected,
+   failed, missing) to `on_faults` (`faults.csv`), and stops the run on a round with no usable
+   update or a non-finite aggregate;
 3. model hook (when the model family has one, `fedsim.strategy.model_hook`): rewrites the
    aggregate from the clients' validated extra records (ProtoPNet's push), frozen tensors reset;
 4. privacy ledger (when DP-SGD or central DP spends budget): `privacy.csv`, each client's and
@@ -42,7 +43,7 @@ from fedsim.strategy.completion import ReplyCompletion, overrides_sent_names
 from fedsim.strategy.model_hook import ModelRoundHook, overrides_after_aggregation
 from fedsim.strategy.ordering import RepliesObserver, ReproducibleStrategy
 from fedsim.strategy.privacy_ledger import PrivacyLedger
-from fedsim.strategy.validation import ValidatingStrategy
+from fedsim.strategy.validation import FaultsObserver, ValidatingStrategy
 from models import TrainingSettings, ZooModel
 
 AuditFactory = Callable[[Strategy], Strategy]
@@ -131,6 +132,7 @@ def build_chain(
     round_offset: int = 0,
     on_train: Iterable[RepliesObserver] = (),
     on_evaluate: Iterable[RepliesObserver] = (),
+    on_faults: FaultsObserver | None = None,
     audit: AuditFactory | None = None,
     model_dtypes: Mapping[str, np.dtype] | None = None,
     output_dir: Path | None = None,
@@ -140,13 +142,13 @@ def build_chain(
     """The chain for a validated config, in the order of the module docstring.
 
     `round_offset`: rounds already done (resume); `on_train`/`on_evaluate`: observers of every
-    round's replies; `audit`: wraps its inner strategy in the auditor, required when
-    `config.audit` is set; `model_dtypes`: each array's dtype in the clients' model, which
-    replies must match exactly; `output_dir`: where the privacy ledger writes `privacy.csv`
-    (required when the config spends privacy budget); `model`: the run's model, whose
-    `after_aggregation` hook (if the family has one) runs on each aggregate with `settings`, and
-    whose `sent_names` (if the family sends partial replies) says which replies to complete
-    (`settings` become its `run_settings` when it has none).
+    round's replies; `on_faults`: gets each round's unusable replies (see validation); `audit`:
+    wraps its inner strategy in the auditor, required when `config.audit` is set; `model_dtypes`:
+    each array's dtype in the clients' model, which replies must match exactly; `output_dir`: where
+    the privacy ledger writes `privacy.csv` (required when the config spends privacy budget);
+    `model`: the run's model, whose `after_aggregation` hook (if the family has one) runs on each
+    aggregate with `settings`, and whose `sent_names` (if the family sends partial replies) says
+    which replies to complete (`settings` become its `run_settings` when it has none).
     """
     aggregator = build_strategy(config)
     strategy: Strategy = aggregator
@@ -167,7 +169,7 @@ def build_chain(
         if settings is None:
             raise ValueError("build_chain got a model with a server-side hook but no training settings")
         strategy = ModelRoundHook(strategy, model, settings)
-    strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes)
+    strategy = ValidatingStrategy(strategy, config.reject_norm_ratio, model_dtypes, on_faults)
     if model is not None and overrides_sent_names(model):
         if model.run_settings is None:  # its sent_names reads the run's length
             if settings is None:

@@ -58,12 +58,19 @@ class PartitionOrderedGrid:
             self._order = self._registration_order(node_ids) or self._roster(node_ids)
         return sorted(node_ids, key=self._order.__getitem__)
 
+    def partitions(self) -> dict[int, int]:
+        """node id → partition id as far as known (for naming clients that never replied):
+        the roster, else the simulation's registration order, else nothing."""
+        if self._order is None and self._in_memory():
+            self._order = self._registration_order(list(self._grid.get_node_ids()))
+        return {node: rank for node, rank in (self._order or {}).items() if rank != 1 << 62}
+
     def _registration_order(self, node_ids: list[int]) -> dict[int, int] | None:
         """In simulation, nodes register in partition order (`_register_nodes` creates node i
         for partition i), so registration times give the order without a message per node:
         a 10,000-node roster query costs minutes. None (ask the nodes) on a real deployment,
         where registration order means nothing, or if two times tie."""
-        if not isinstance(self._grid, InMemoryGrid):
+        if not self._in_memory():
             return None
         registered = {info.node_id: info.registered_at for info in self._grid.get_nodes()}
         if set(registered) != set(node_ids) or not all(registered.values()):
@@ -72,6 +79,10 @@ class PartitionOrderedGrid:
         if len(set(stamps.values())) != len(stamps):
             return None
         return {node_id: rank for rank, node_id in enumerate(sorted(stamps, key=stamps.__getitem__))}
+
+    def _in_memory(self) -> bool:
+        """The simulation's grid, maybe behind a view that delegates to it (`wrapped`)."""
+        return isinstance(getattr(self._grid, "wrapped", self._grid), InMemoryGrid)
 
     def _roster(self, node_ids: list[int]) -> dict[int, int]:
         queries = [

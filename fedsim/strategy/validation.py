@@ -9,7 +9,10 @@ a success. This wrapper sits right inside the ordering wrapper (see `fedsim.stra
   ‖Δw‖ exceeds that multiple of the round's median; rejected replies are dropped before the
   auditor and the aggregator, and count like clients that failed to train;
 - a round in which no client's update is usable stops the federation (`RunFailedError`);
-- so does an aggregated global model that is not finite (training diverged).
+- so does an aggregated global model that is not finite (training diverged);
+- every unusable reply, train or evaluate, is handed to `on_faults` (the run's `faults.csv`):
+  rejected ones, clients that raised (Flower's error replies) and sampled clients that sent
+  nothing within the round's timeout.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import RunFailedError
 from fedsim.federation import wire
+from fedsim.store.fault_log import FAILED, NO_REPLY, REJECTED, FaultRow
 from fedsim.strategy.base import RoundStartWrapper
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,10 @@ DIVERGED = (
 )
 
 
+FaultsObserver = Callable[[list[FaultRow]], None]
+NO_REPLY_REASON = "no reply within round-timeout"
+
+
 @dataclass(frozen=True)
 class Rejection:
     """One reply refused by validation, and why (`diverged`: its weights were not finite)."""
@@ -41,6 +50,7 @@ class Rejection:
     client: str
     reason: str
     diverged: bool = False
+    reply: Message | None = None  # where it came from, for the fault log
 
     def __str__(self) -> str:
         return f"{self.client}: {self.reason}"
@@ -55,10 +65,34 @@ class ValidatingStrategy(RoundStartWrapper):
         inner: Strategy,
         reject_norm_ratio: float = 0.0,
         model_dtypes: Mapping[str, np.dtype] | None = None,
+        on_faults: FaultsObserver | None = None,
     ) -> None:
         super().__init__(inner)
         self.reject_norm_ratio = reject_norm_ratio
         self.model_dtypes = dict(model_dtypes or {})
+        self.on_faults = on_faults
+        self._asked: dict[str, list[int]] = {}  # stage → nodes sent a message this round
+        self._partitions: dict[int, int] = {}  # node id → partition id, as far as known
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._remember("train", super().configure_train(server_round, arrays, config, grid), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._remember("evaluate", messages, grid)
+
+    def _remember(self, stage: str, messages: Iterable[Message], grid: Grid) -> list[Message]:
+        """Note whom the round asks, to tell later who never answered."""
+        messages = list(messages)
+        self._asked[stage] = [message.metadata.dst_node_id for message in messages]
+        partitions = getattr(grid, "partitions", None)  # fedsim's partition-ordered view
+        if callable(partitions):
+            self._partitions.update(partitions())
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -68,7 +102,8 @@ class ValidatingStrategy(RoundStartWrapper):
             replies, self.round_start("to check against"), self.reject_norm_ratio, self.model_dtypes
         )
         _log_rejections(server_round, "update", rejections)
-        require_training(server_round, replies, rejections)
+        silent = self._record_faults(server_round, "train", replies, rejections)
+        require_training(server_round, replies, rejections, silent)
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         require_finite_model(server_round, arrays)
         return arrays, metrics
@@ -77,7 +112,45 @@ class ValidatingStrategy(RoundStartWrapper):
         replies = list(replies)
         kept, rejections = screen_replies(replies, _metrics_problem)
         _log_rejections(server_round, "evaluation", rejections)
+        self._record_faults(server_round, "evaluate", replies, rejections)
         return self.inner.aggregate_evaluate(server_round, kept)
+
+    def _record_faults(
+        self, server_round: int, stage: str, replies: list[Message], rejections: list[Rejection]
+    ) -> int:
+        """Hand every unusable reply of the round to `on_faults`, in partition order; the number
+        of asked nodes that sent nothing."""
+        for reply in replies:
+            if not reply.has_error() and wire.CLIENT in reply.content.config_records:
+                partition = reply.content.config_records[wire.CLIENT].get(wire.PARTITION_ID)
+                if isinstance(partition, int):
+                    self._partitions[reply.metadata.src_node_id] = partition
+        answered = {reply.metadata.src_node_id for reply in replies}
+        silent = [node for node in self._asked.pop(stage, []) if node not in answered]
+        if silent:
+            log.warning(
+                "round %d: %d of %d clients sent no %s reply within the round timeout",
+                server_round, len(silent), len(silent) + len(replies), stage,
+            )  # fmt: skip
+        rows = [self._row(server_round, stage, node, NO_REPLY, NO_REPLY_REASON) for node in silent]
+        rows += [
+            self._row(server_round, stage, r.metadata.src_node_id, FAILED, _client_error(r.error.reason))
+            for r in replies
+            if r.has_error()
+        ]
+        rows += [
+            self._row(server_round, stage, r.reply.metadata.src_node_id, REJECTED, r.reason)
+            for r in rejections
+            if r.reply is not None
+        ]
+        if rows and self.on_faults is not None:
+            big = 1 << 62
+            rows.sort(key=lambda row: (big if row.partition_id is None else row.partition_id, row.node_id))
+            self.on_faults(rows)
+        return len(silent)
+
+    def _row(self, server_round: int, stage: str, node: int, kind: str, reason: str) -> FaultRow:
+        return FaultRow(server_round, stage, self._partitions.get(node), node, kind, reason)
 
 
 def screen_train_replies(
@@ -116,22 +189,27 @@ def screen_replies(
         if found is None:
             kept.append(reply)
         else:
-            rejections.append(Rejection(_client(reply), *found))
+            rejections.append(Rejection(_client(reply), *found, reply=reply))
     names = [_metric_names(r) for r in kept if not r.has_error()]
     if names:
         usual = Counter(names).most_common(1)[0][0]
         for reply in [r for r in kept if not r.has_error() and _metric_names(r) != usual]:
             kept.remove(reply)
             reason = f"metrics {sorted(_metric_names(reply))} differ from the round's {sorted(usual)}"
-            rejections.append(Rejection(_client(reply), reason))
+            rejections.append(Rejection(_client(reply), reason, reply=reply))
     return kept, rejections
 
 
 def require_training(
-    server_round: int, replies: Sequence[Message], rejections: Sequence[Rejection] = ()
+    server_round: int, replies: Sequence[Message], rejections: Sequence[Rejection] = (), silent: int = 0
 ) -> None:
-    """Raise RunFailedError when no client's update is usable (all failed or were rejected);
-    warn when some clients failed."""
+    """Raise RunFailedError when no client's update is usable (all failed, were rejected or,
+    `silent` of them, sent nothing within the round's timeout); warn when some clients failed."""
+    if not replies and silent:
+        raise RunFailedError(
+            f"round {server_round}: none of the {silent} sampled clients replied within round-timeout; "
+            "check that the clients run, or raise --round-timeout if they are just slow"
+        )
     failed = [reply for reply in replies if reply.has_error()]
     if len(failed) + len(rejections) < len(replies) or not replies:
         if failed:
@@ -220,7 +298,7 @@ def _reject_norm_outliers(
         norm = norms.get(id(reply))
         if norm is not None and norm > limit:
             reason = f"update norm {norm:.4g} exceeds {ratio:g} × the round's median {limit / ratio:.4g}"
-            rejections.append(Rejection(_client(reply), reason))
+            rejections.append(Rejection(_client(reply), reason, reply=reply))
         else:
             kept.append(reply)
     return kept, rejections
