@@ -1,6 +1,7 @@
-"""Sampling at load: 10,000 simulated nodes are put in partition order from their registration
+"""Sampling and dispatch at load: 10,000 simulated nodes are put in partition order from their registration
 times, without the roster query (one message per node, minutes at this size), and the nodes a
-round trains are a reproducible function of (seed, round) over the whole population.
+round trains are a reproducible function of (seed, round) over the whole population; the
+simulation hands messages to its workers by asking only the nodes that have one waiting.
 
 The memory side of load (flat RSS across rounds at 1,000 and 10,000 clients) is measured by
 benchmarks/load.py: a federation's cold start alone exceeds a test's budget on 2 shared cores.
@@ -9,16 +10,19 @@ benchmarks/load.py: a federation's cold start alone exceeds a test's budget on 2
 from __future__ import annotations
 
 import random
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from queue import Queue
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedsim.config.run_config import RunConfig
-from fedsim.federation import wire
+from fedsim.federation import dispatch, wire
 from fedsim.strategy.chain import build_chain
 from fedsim.strategy.ordering import PartitionOrderedGrid
 from tests.flower_messages import act_as_server, arrays
@@ -92,3 +96,64 @@ def test_one_percent_of_ten_thousand_nodes_is_sampled_reproducibly(monkeypatch: 
     assert _sampled(config.replace(seed=4), 1) != first
     # drawn from the whole population, not from the first nodes registered
     assert max(first + second) > NODES // 2 and min(first + second) < NODES // 2
+
+
+class StoredMessages:
+    """The parts of Flower's InMemoryLinkState the sweep reads, counting how often nodes are asked."""
+
+    def __init__(self, pending: dict[str, tuple[int, str]]) -> None:
+        self.lock = threading.RLock()
+        self.message_ins_store = {
+            message_id: SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at=at))
+            for message_id, (node, at) in pending.items()
+        }
+        self.asked: list[int] = []
+
+    def get_message_ins(self, node_id: int, limit: int | None) -> list[SimpleNamespace]:
+        self.asked.append(node_id)
+        found = [
+            m for m in self.message_ins_store.values()
+            if m.metadata.dst_node_id == node_id and m.metadata.delivered_at == ""
+        ][:limit]  # fmt: skip
+        for message in found:
+            message.metadata.delivered_at = "now"
+        return found
+
+
+def test_the_sweep_asks_only_nodes_with_undelivered_messages_in_partition_order() -> None:
+    nodes = {node_id: partition for partition, node_id in enumerate(SimulatedGrid().node_ids)}
+    by_partition = list(nodes)
+    state = StoredMessages(
+        {
+            "a": (by_partition[9_000], ""),
+            "b": (by_partition[3], ""),
+            "c": (by_partition[3], ""),  # a second message waits for the next sweep, as in Flower
+            "d": (by_partition[5_000], "2026-01-01T00:00:00"),  # delivered: its node is not asked
+        }
+    )
+    queue: Queue = Queue()
+    stop = threading.Event()
+    sweeper = threading.Thread(target=dispatch.add_messages_to_queue, args=(state, queue, nodes, stop))
+    sweeper.start()
+    deadline = time.monotonic() + 10
+    while queue.qsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    sweeper.join()
+    assert queue.qsize() == 3
+    assert state.asked[:2] == [by_partition[3], by_partition[9_000]]  # partition order
+    assert set(state.asked) == {by_partition[3], by_partition[9_000]}  # 2 of 10,000 nodes asked
+
+
+def test_other_link_states_keep_flowers_sweep_over_every_node() -> None:
+    nodes = {10: 0, 11: 1, 12: 2}
+    assert list(dispatch.nodes_with_undelivered_messages(object(), nodes)) == [10, 11, 12]
+
+
+def test_the_simulation_uses_the_sweep() -> None:
+    try:
+        dispatch.install()
+        assert vce_api.add_messages_to_queue is dispatch.add_messages_to_queue
+    finally:
+        dispatch.uninstall()
+    assert vce_api.add_messages_to_queue is not dispatch.add_messages_to_queue
