@@ -280,6 +280,9 @@ def compare(
             )  # fmt: skip
     except UserInputError as err:
         _fail(err)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again: finished cells are kept, the rest continue")
+        raise typer.Exit(130) from None
     attrs = frame.attrs
     ok = int((frame["status"] == "ok").sum())
     console.print(

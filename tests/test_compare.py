@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import fedsim
 from fedsim.cli import cli
 from fedsim.compare.row import COLUMNS, best_attack
-from fedsim.compare.spec import build_grid, check_cells, merge_overrides
+from fedsim.compare.spec import build_grid, check_cells, merge_overrides, read_spec_file
 from fedsim.errors import UserInputError
 
 # A FedSGD federation (batch 1, one step) so layer-wise inversion applies and every image column
@@ -41,8 +41,11 @@ def test_a_spec_expands_into_cells_in_grid_order() -> None:
     )
     assert grid.name == "demo"
     assert [c.id for c in grid.cells[:4]] == [
-        "mlp__digits__none__s0", "mlp__digits__none__s3", "mlp__digits__clip-C2__s0", "mlp__digits__clip-C2__s3",
-    ]  # fmt: skip
+        "mlp__digits__none__s0",
+        "mlp__digits__none__s3",
+        "mlp__digits__clip-C2__s0",
+        "mlp__digits__clip-C2__s3",
+    ]
     assert len(grid.cells) == 2 * 3 * 2
     dp = next(c for c in grid.cells if c.id == "cnn6__digits__dp-sgd-eps8__s3")
     assert dp.defence.label == "dp-sgd(ε=8)"
@@ -53,6 +56,19 @@ def test_a_spec_expands_into_cells_in_grid_order() -> None:
     clip = grid.cells[2]
     assert (clip.defence.label, clip.config.clipping_norm, clip.config.defence) == ("clip(C=2)", 2.0, "clip")
     assert json.loads(grid.cells[0].defence.params_json) == {}
+
+
+def test_the_benchmark_grids_parse_and_a_model_may_pin_its_dataset() -> None:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    default = build_grid(read_spec_file(root / "compare_default.toml"))
+    assert len(default.cells) == 5 * 5
+    assert {c.defence.label for c in default.cells} == {
+        "none", "clip(C=1)", "top-k(0.1)", "dp-sgd(ε=8)", "dp-sgd(ε=1)",
+    }  # fmt: skip
+    text = build_grid(read_spec_file(root / "compare_text.toml"))
+    pairs = [("text-dnn", "fortunes-lsa")] * 2 + [("cloze", "fortunes")] * 2
+    assert [(c.model, c.dataset) for c in text.cells] == pairs
+    assert text.cells[2].config.audit_attacks == "token-set,dager"
 
 
 def test_cli_lists_replace_the_spec_lists_and_run_keys_override_its_run_table() -> None:
@@ -222,8 +238,8 @@ def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path: Path) -> N
         "models": [{"name": "mlp", "label": "mlp-diverges", "learning-rate": 1e30}, "mlp"],
         "run": {**FAST_RUN, "rounds": 1},
     }
-    result = CliRunner().invoke(cli, ["compare", "--out", str(out), "--jobs", "2", "--cpus-per-cell", "1",
-                                      "--no-report", "--rounds", "1", *_spec_file(tmp_path, spec)])  # fmt: skip
+    flags = ["--out", str(out), "--jobs", "2", "--cpus-per-cell", "1", "--no-report", "--rounds", "1"]
+    result = CliRunner().invoke(cli, ["compare", *flags, *_spec_file(tmp_path, spec)])
     assert result.exit_code == 1, result.output
     rows = _read(out / "compare.csv")
     assert [(r["cell"], r["status"]) for r in rows] == [
