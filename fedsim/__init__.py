@@ -3,6 +3,7 @@
     import fedsim
     result = fedsim.run({"clients": 4, "rounds": 3})   # -> fedsim.RunResult (DataFrames, paths)
     report = fedsim.audit(model="cnn6", dataset="photos")  # -> fedsim.AuditResult
+    frame = fedsim.compare("benchmarks/compare_default.toml")  # -> DataFrame, one row per cell
 
 The API is imported on first use, so `import fedsim.errors` (or any small module) does not
 pull in Flower, Ray or torch.
@@ -25,15 +26,19 @@ _EXPORTS = {
     "AuditResult": "fedsim.api",
     "RunConfig": "fedsim.config.run_config",
     "UserInputError": "fedsim.errors",
+    "compare": "fedsim.compare",  # the package itself, callable (see fedsim/compare/__init__.py)
     "RunFailedError": "fedsim.errors",
 }
-__all__ = ["AuditResult", "RunConfig", "RunFailedError", "RunResult", "UserInputError", "audit", "run"]
+__all__ = [
+    "AuditResult", "RunConfig", "RunFailedError", "RunResult", "UserInputError", "audit", "compare", "run",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fedsim' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    module = importlib.import_module(_EXPORTS[name])
+    return module if name == "compare" else getattr(module, name)
 
 
 def __dir__() -> list[str]:

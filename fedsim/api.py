@@ -280,6 +280,81 @@ def audit(
     )
 
 
+def compare(
+    spec: PathLike | Mapping[str, Any] | None = None,
+    *,
+    out: PathLike | None = None,
+    models: Sequence[str] | None = None,
+    defences: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    rounds: int | None = None,
+    clients: int | None = None,
+    jobs: int | None = None,
+    cpus_per_cell: int | None = None,
+    report: bool | Callable[[Path], Path] = True,
+    progress: Any = None,
+) -> pd.DataFrame:
+    """Run a grid of models × defences (× datasets × seeds): one short federation with the
+    auditor per cell, each cell's final model's security report, one row per cell (see
+    `fedsim.compare.row.COLUMNS`) in `<out>/compare.csv`, returned as a DataFrame.
+
+    spec: a TOML file or a mapping (`fedsim.compare.spec` documents the keys); None = the
+        defaults. models/defences/datasets/seeds replace the spec's lists; rounds/clients set
+        its `[run]` keys. out: the compare folder (default compare/<spec name>); running again
+        on it resumes: finished cells are kept, not recomputed.
+    jobs: cells at once (default cores // cpus_per_cell); cpus_per_cell: cores per simulation.
+    report: True writes the HTML report at the end where `fedsim.compare.report` exists; a
+        callable `report(compare_dir) -> path` is called instead; False writes none.
+    progress: a `fedsim.compare.progress.CellProgress` (None: no progress display).
+
+    Bad specs raise UserInputError before any cell runs; a failing cell is a `failed` row.
+    The frame's `attrs` hold the folder (`path`) and which cells ran, were skipped, failed.
+    """
+    from fedsim.compare import runner
+    from fedsim.compare import spec as grid_spec
+
+    values: Mapping[str, Any]
+    if spec is None:
+        values = {}
+    elif isinstance(spec, Mapping):
+        values = spec
+    else:
+        values = grid_spec.read_spec_file(_path(spec, "compare spec"))
+    overrides = {"models": models, "defences": defences, "datasets": datasets, "seeds": seeds,
+                 "rounds": rounds, "clients": clients}  # fmt: skip
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            overrides[key] = grid_spec.parse_list(value)
+    grid = grid_spec.build_grid(grid_spec.merge_overrides(values, overrides))
+    refused = grid_spec.check_cells(grid)
+    folder = _path(out, "--out") if out is not None else Path("compare") / grid.name
+    writer = _report_writer() if report is True else (report or None)
+    outcome = runner.run_grid(
+        grid, folder, jobs=jobs, cpus_per_cell=cpus_per_cell or runner.CPUS_PER_CELL, progress=progress,
+        report=writer, refused=refused,
+    )  # fmt: skip
+    from fedsim.compare.row import COMPARE_FILE
+
+    frame = pd.read_csv(folder / COMPARE_FILE)  # typed as every reader of the file sees it
+    frame.attrs.update(
+        path=outcome.path, ran=outcome.ran, skipped=outcome.skipped, failed=outcome.failed,
+        report=outcome.report, report_error=outcome.report_error,
+    )  # fmt: skip
+    return frame
+
+
+def _report_writer() -> Callable[[Path], Path] | None:
+    """`fedsim.compare.report.write_report` where that module is installed, else None."""
+    try:
+        from fedsim.compare.report import write_report  # type: ignore[import-not-found]
+    except ModuleNotFoundError as err:
+        if err.name != "fedsim.compare.report":
+            raise  # the module is there but one of its own imports is missing: a real error
+        return None
+    return write_report
+
+
 def _check_gradient_noise(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
         raise UserInputError(

@@ -242,6 +242,65 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
+@cli.command("compare")
+def compare(
+    spec: Annotated[
+        Path | None,
+        typer.Argument(help="TOML grid spec (see notes/compare.md); the CLI lists replace its lists."),
+    ] = None,
+    models: Annotated[str | None, Opt(help="Comma-separated models, e.g. mlp,cnn6.")] = None,
+    defences: Annotated[
+        str | None, Opt(help="Comma-separated defences: none, clip, topk, dp-sgd, gaussian, central-dp.")
+    ] = None,
+    datasets: Annotated[str | None, Opt(help="Comma-separated datasets (default digits).")] = None,
+    seeds: Annotated[str | None, Opt(help="Comma-separated seeds (default 0).")] = None,
+    rounds: Annotated[int | None, Opt(help="Rounds per cell (sets [run] rounds).")] = None,
+    clients: Annotated[int | None, Opt(help="Clients per cell (sets [run] clients).")] = None,
+    out: Annotated[
+        Path | None, Opt(help="Compare folder (default compare/<spec name>); reruns resume it.")
+    ] = None,
+    jobs: Annotated[int | None, Opt(help="Cells at once (default: cores // cpus-per-cell).")] = None,
+    cpus_per_cell: Annotated[int | None, Opt(help="CPU cores per cell's simulation (default 2).")] = None,
+    no_report: Annotated[bool, Opt("--no-report", help="Write compare.csv only, no HTML report.")] = False,
+) -> None:
+    """Run a grid of models × defences (× datasets × seeds) with the auditor; write compare.csv."""
+    from fedsim.compare.progress import CellProgress
+    from fedsim.compare.spec import parse_list, parse_seeds
+
+    try:
+        lists = {
+            "models": parse_list(models),
+            "defences": parse_list(defences),
+            "datasets": parse_list(datasets),
+        }
+        progress = CellProgress(console)
+        with progress:
+            frame = api.compare(
+                spec, out=out, seeds=parse_seeds(seeds), rounds=rounds, clients=clients, jobs=jobs,
+                cpus_per_cell=cpus_per_cell, report=not no_report, progress=progress, **lists,
+            )  # fmt: skip
+    except UserInputError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again: finished cells are kept, the rest continue")
+        raise typer.Exit(130) from None
+    attrs = frame.attrs
+    ok = int((frame["status"] == "ok").sum())
+    console.print(
+        f"{ok} of {len(frame)} cells ok ({len(attrs['ran'])} run now, {len(attrs['skipped'])} done earlier) "
+        f"-> {attrs['path'] / 'compare.csv'}",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    for _, row in frame[frame["status"] != "ok"].iterrows():
+        console.print(f"{row['cell']}: failed: {row['error']}", markup=False, highlight=False, soft_wrap=True)
+    if attrs.get("report") is not None:
+        console.print(f"report: {attrs['report']}", markup=False, highlight=False)
+    if attrs.get("report_error"):
+        console.print(f"report not written: {attrs['report_error']}", markup=False, highlight=False)
+    if ok < len(frame):
+        raise typer.Exit(RunFailedError.exit_code)
+
+
 @cli.command("attacks")
 def list_attacks() -> None:
     """List the attacks an audit can run: what each does and what it works on."""
