@@ -124,5 +124,15 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _exit(code: int) -> None:
+    """Exit now, whatever threads are left: after a failed start (Ray's node start timing out
+    under load) a non-daemon thread of Flower or Ray kept the interpreter from exiting, and the
+    caller waited on a finished worker forever. Everything this process writes is written and
+    closed before `main` returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
