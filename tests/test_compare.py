@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from fedsim.cli import cli
 from fedsim.compare.row import COLUMNS, best_attack
 from fedsim.compare.spec import build_grid, check_cells, merge_overrides, read_spec_file
 from fedsim.errors import UserInputError
+from tests.test_compare_report import browse, chromium, coloured_pixels, parsed
 
 # A FedSGD federation (batch 1, one step) so layer-wise inversion applies and every image column
 # has a value; 2 clients, 2 rounds, 1 audited client per round: as short as an audited run gets.
@@ -176,13 +178,7 @@ def test_a_2x2_grid_runs_end_to_end_and_a_rerun_recomputes_nothing(tmp_path: Pat
         "defences": ["none", {"name": "clip", "clipping-norm": 1.0}],
         "run": FAST_RUN,
     }
-    reports: list[Path] = []
-
-    def report(folder: Path) -> Path:
-        reports.append(folder)
-        return folder / "compare.csv"
-
-    frame = fedsim.compare(spec, out=out, jobs=2, cpus_per_cell=1, report=report)
+    frame = fedsim.compare(spec, out=out, jobs=2, cpus_per_cell=1)  # with the HTML report
     rows = _read(out / "compare.csv")
     assert list(rows[0]) == list(COLUMNS)
     expected = [
@@ -202,14 +198,13 @@ def test_a_2x2_grid_runs_end_to_end_and_a_rerun_recomputes_nothing(tmp_path: Pat
         assert row["best_attack"] == "layerwise" and float(row["best_psnr"]) > 30  # FedSGD, batch 1
         assert (out / row["run_dir"] / "checkpoints" / "round-0002.safetensors").is_file()
     assert [r["defence"] for r in rows] == ["none", "clip(C=1)"] * 2
-    assert reports == [out]
+    _assert_renders_in_chromium(out / "report.html", expected, tmp_path / "browser")
 
     before, csv_before = _mtimes(out / "runs"), (out / "compare.csv").read_text()
-    again = fedsim.compare(spec, out=out, jobs=2, cpus_per_cell=1, report=report)
+    again = fedsim.compare(spec, out=out, jobs=2, cpus_per_cell=1, report=False)
     assert again.attrs["ran"] == [] and again.attrs["skipped"] == expected
     assert _mtimes(out / "runs") == before  # no federation, no security report rewrote anything
     assert (out / "compare.csv").read_text() == csv_before
-    assert reports == [out, out]
 
     # An interruption in cnn6 + clip's last round: its row never written, its round-2 checkpoint
     # missing. The rerun continues that cell from round 1 and leaves the other three alone.
@@ -229,6 +224,25 @@ def test_a_2x2_grid_runs_end_to_end_and_a_rerun_recomputes_nothing(tmp_path: Pat
     final = _read(out / "compare.csv")
     assert [r["cell"] for r in final] == expected and final[3]["status"] == "ok"
     assert final[3]["best_psnr"] == rows[3]["best_psnr"]  # the same federation, deterministically
+
+
+def _assert_renders_in_chromium(page: Path, cells: list[str], scratch: Path) -> None:
+    """The grid's own report, alone in a folder, rendered by headless Chromium: the DOM holds the
+    tables, every cell and the embedded figures, and the screenshot shows the decoded figures."""
+    binary = chromium()
+    scratch.mkdir()
+    alone = scratch / "report.html"
+    shutil.copy(page, alone)  # it must need nothing beside it
+    dom = browse(binary, alone, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    links = parsed(dom.stdout)
+    assert links.tags.count("table") >= 1 and len(links.images) >= 4  # the cell table; 4 figures + grids
+    assert all(src.startswith("data:image/png;base64,") for src in links.images)
+    assert all(cell in dom.stdout for cell in cells) and "Summary" in dom.stdout
+    shot = scratch / "shot.png"
+    done = browse(binary, alone, f"--screenshot={shot}", "--window-size=1300,5000")
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    assert coloured_pixels(shot) > 2_000  # the page's own style is grey: these are the figures
 
 
 @pytest.mark.slow

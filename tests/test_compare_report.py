@@ -1,8 +1,8 @@
 """The compare report: figures, the one-file HTML page and its summary, from a compare.csv.
 
-Most tests read a HAND-WRITTEN compare.csv (TEST DATA, numbers chosen so the expected Pareto
-front, chosen setting and Spearman ρ can be worked out by hand below); the slow test builds the
-compare directory from real tiny federations; the browser test renders the page in Chromium.
+These tests read a HAND-WRITTEN compare.csv (TEST DATA, numbers chosen so the expected Pareto
+front, chosen setting and Spearman ρ can be worked out by hand below); the browser test renders
+the page in Chromium. The report of a real grid is rendered in tests/test_compare.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from fedsim.compare.analysis import choose, groups, pareto_front, prediction_err
 from fedsim.compare.report import write_report
 from fedsim.compare.table import COLUMNS, read_compare
 from fedsim.errors import UserInputError
-from tests.conftest import final_server_accuracy, require_fortunes, run_fedsim
 
 INJECTION = "<script>alert(1)</script>"
 # TEST DATA, not measurements: (cell fields) -> compare.csv rows. Images on digits, text on fortunes.
@@ -419,76 +418,3 @@ def imread_grey(path: Path) -> np.ndarray:
     from matplotlib.image import imread
 
     return imread(path)[..., :3].mean(axis=2)
-
-
-# ---- from real run directories ----------------------------------------------------------------------
-
-TINY = ["--clients", "2", "--rounds", "1", "--audit", "--audit-clients", "1", "--fraction-evaluate", "0"]
-FEDSGD = ["--batch-size", "1", "--max-local-steps", "1", "--momentum", "0", "--learning-rate", "0.1",
-          "--audit-attacks", "layerwise"]  # fmt: skip
-RUNS = {
-    # cell -> (model, dataset, defence, extra flags)
-    "mlp__digits__none__s0": ("mlp", "digits", "none", FEDSGD),
-    "mlp__digits__topk__s0": ("mlp", "digits", "top-k(0.1)", [*FEDSGD, "--defence", "topk"]),
-    "cloze__fortunes__none__s0": ("cloze", "fortunes", "none", ["--model-options", "width=16,layers=1",
-                                  "--audit-attacks", "token-set"]),
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def real_compare_dir() -> Path:
-    """Three tiny federations run once, and a compare.csv written from their own audit.csv and
-    metrics.csv (the columns a run does not measure, such as the ceiling, left empty)."""
-    require_fortunes()
-    folder = Path(tempfile.mkdtemp(prefix="compare-real-"))
-    rows = []
-    for cell, (model, dataset, defence, flags) in RUNS.items():
-        args = [
-            "run",
-            "--name",
-            cell,
-            "--runs-dir",
-            str(folder / "runs"),
-            "--model",
-            model,
-            "--dataset",
-            dataset,
-        ]
-        done = run_fedsim([*args, *TINY, *flags], cwd=folder)
-        assert done.returncode == 0, done.stderr[-3000:]
-        run = folder / "runs" / cell
-        audit = pd.read_csv(run / "audit.csv")
-        text = dataset == "fortunes"
-        score = "token_recall" if text else "psnr"
-        best = audit.dropna(subset=[score]).sort_values(score).tail(1)
-        rows.append({
-            "cell": cell, "model": model, "dataset": dataset, "defence": defence, "defence_params": "{}",
-            "seed": 0, "status": "ok", "accuracy": final_server_accuracy(run), "model_metrics": "{}",
-            "best_attack": best["attack"].iloc[0] if len(best) else "",
-            "best_psnr": None if text or best.empty else best["psnr"].iloc[0],
-            "best_ssim": None if text or best.empty else best["ssim"].iloc[0],
-            "token_recall": best["token_recall"].iloc[0] if text and len(best) else None,
-            "rouge1": best["rouge1"].iloc[0] if text and len(best) else None,
-            "wall_s": 1.0, "run_dir": f"runs/{cell}",
-        })  # fmt: skip
-    rows.append({"cell": "mlp__digits__broken__s0", "model": "mlp", "dataset": "digits", "defence": "broken",
-                 "defence_params": "{}", "seed": 0, "status": "failed", "error": "RunFailedError: diverged",
-                 "model_metrics": "{}", "run_dir": "runs/mlp__digits__broken__s0"})  # fmt: skip
-    write_compare_csv(folder, rows)
-    yield folder
-    shutil.rmtree(folder)
-
-
-@pytest.mark.slow
-def test_report_from_real_runs(real_compare_dir: Path) -> None:
-    html = write_report(real_compare_dir).read_text(encoding="utf-8")
-    cells = read_compare(real_compare_dir)
-    leaky = cells.loc[cells["cell"] == "mlp__digits__none__s0"].iloc[0]
-    assert leaky["best_psnr"] > 30  # FedSGD batch 1: layer-wise inversion recovers the digit
-    grids = real_compare_dir / "runs" / "mlp__digits__none__s0" / "audit"
-    shown = (real_compare_dir / "figures" / "recon-most-images.png").read_bytes()
-    assert shown in {p.read_bytes() for p in grids.glob("round-*.png")}
-    assert base64.b64encode(shown).decode() in html
-    assert "Most leaky (text): cloze__fortunes__none__s0" in html and "<table><tr><th>sample</th>" in html
-    assert "mlp / none</strong>" in html or "mlp / top-k(0.1)</strong>" in html
-    assert html.count('<tr class="failed">') == 1

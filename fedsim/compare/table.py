@@ -13,26 +13,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedsim.compare.row import COLUMNS, COMPARE_FILE, FAILED, OK
 from fedsim.errors import UserInputError
 
-# The columns `fedsim compare` writes, in its order (the runner's contract with the report).
-COLUMNS = (
-    "cell", "model", "dataset", "defence", "defence_params", "seed", "status", "error", "accuracy",
-    "model_metrics", "epsilon", "layerwise_score", "e2e_deficit", "psnr_ceiling", "best_attack",
-    "best_psnr", "best_ssim", "token_recall", "rouge1", "linear_regions", "wall_s", "run_dir",
-)  # fmt: skip
 TEXT_COLUMNS = ("cell", "model", "dataset", "defence", "defence_params", "status", "error")
 TEXT_COLUMNS += ("model_metrics", "best_attack", "run_dir")
 NUMBER_COLUMNS = tuple(c for c in COLUMNS if c not in TEXT_COLUMNS)
 JSON_COLUMNS = ("defence_params", "model_metrics")
-STATUSES = ("ok", "failed")
+STATUSES = (OK, FAILED)
 FIX = "regenerate it with `fedsim compare`"
 
 
 def read_compare(compare_dir: Path) -> pd.DataFrame:
     """compare.csv as a frame: text columns as str ('' when empty), numbers as float (NaN when
     empty), one row per cell, cells unique. Raises UserInputError naming the first problem."""
-    path = Path(compare_dir) / "compare.csv"
+    path = Path(compare_dir) / COMPARE_FILE
     if not Path(compare_dir).is_dir():
         raise UserInputError(f"{compare_dir} is not a directory; pass the folder `fedsim compare` wrote")
     if not path.is_file():
