@@ -83,6 +83,7 @@ def test_workers_write_the_serial_audits_rows_and_grids_in_order(tmp_path: Path)
     assert list(_grids(tmp_path / "parallel")) == ["round-0001.png", "round-0002.png"]
 
 
+@pytest.mark.slow  # several pools: the crash breaks one, each job then in flight reruns in its own
 def test_a_worker_that_dies_costs_its_update_an_error_row_and_no_round(tmp_path: Path) -> None:
     strategy, inner = _strategy(tmp_path, [DiesOnBatchTwo(), "analytic-fc"], workers=1, batch_size=8)
     rounds = {1: [_reply(0, 0)], 2: [_reply(0, 1), _reply(1, 2, num_examples=2)], 3: [_reply(0, 3)]}
