@@ -152,3 +152,10 @@ def test_a_federation_audited_by_workers_matches_the_serial_one(tmp_path: Path) 
     assert sorted(p.name for p in (parallel / "checkpoints").iterdir()) == sorted(
         p.name for p in (serial / "checkpoints").iterdir()
     )
+
+
+def test_workers_refuse_a_model_recipe_they_cannot_receive(tmp_path: Path) -> None:
+    """Each worker gets the auditor and the model recipe by pickling; a lambda fails at once."""
+    recipe = lambda: _model()  # noqa: E731
+    with pytest.raises(TypeError, match="audit workers need a picklable auditor"):
+        AuditingStrategy(Recorder(), UpdateAuditor(["layerwise"]), recipe, LR, 1, tmp_path, workers=2)

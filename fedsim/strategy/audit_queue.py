@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 from collections import deque
@@ -93,6 +94,13 @@ class AuditQueue:
         self.grid_dir, self.write_rows = grid_dir, write_rows
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[_Round] = deque()
+        try:  # what each worker receives; fail here, not inside a round
+            pickle.dumps((auditor, make_model))
+        except Exception as err:
+            raise TypeError(
+                f"audit workers need a picklable auditor and model recipe ({err}); "
+                "pass module-level functions or functools.partial, or use 0 workers"
+            ) from err
 
     def start(self) -> None:
         """Start the workers (each loads its imports and data) while the first round trains."""
