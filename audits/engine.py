@@ -202,6 +202,11 @@ class UpdateAuditor:
         rows = [_row(context, a.name, DECLINED, None, 0.0, note) for a in self.attacks]
         return UpdateAudit(rows, None, original_note="reply not\nreadable")
 
+    def failed(self, context: AuditContext, note: str) -> UpdateAudit:
+        """Rows for an update whose audit itself broke (e.g. the process attacking it died)."""
+        rows = [_row(context, a.name, FAILED, None, 0.0, note) for a in self.attacks]
+        return UpdateAudit(rows, None, original_note="audit\nfailed")
+
     def not_applicable(self, context: AuditContext, truth: Truth | None, note: str) -> UpdateAudit:
         """Rows for a model no attack here can face (e.g. one not trained by gradients)."""
         rows = [_row(context, a.name, DECLINED, truth, 0.0, note) for a in self.attacks]

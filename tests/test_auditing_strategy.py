@@ -19,7 +19,7 @@ from audits.engine import AUDIT_COLUMNS, NO_TRUTH_NOTE, NON_FINITE_NOTE
 from fedsim.config.run_config import RunConfig
 from fedsim.data.photos import photo_crops
 from fedsim.federation import wire
-from fedsim.strategy import auditing
+from fedsim.strategy import audit_jobs
 from fedsim.strategy.auditing import (
     AUDIT_FILE,
     GRID_FOLDER,
@@ -162,7 +162,7 @@ def test_a_failing_audit_report_never_stops_the_round(
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(auditing, "save_audit_grid", disk_full)
+    monkeypatch.setattr(audit_jobs, "save_audit_grid", disk_full)
     strategy, inner = _auditor(tmp_path, ["analytic-fc"])
     replies = [_reply(0, 0)]
     strategy.aggregate_train(1, replies)

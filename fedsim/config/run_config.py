@@ -285,6 +285,12 @@ class RunConfig:
     audit: bool = knob(False, "Attack client updates each round.", "audit")
     audit_attacks: str = knob("layerwise", "Comma-separated attacks (see `fedsim attacks`).", "audit")
     audit_clients: int = knob(2, "Clients audited per round (0 = every sampled client).", "audit", at_least=0)
+    audit_workers: int = knob(
+        1,
+        "Worker processes attacking updates while later rounds train (0 = inside the round, serially).",
+        "audit",
+        at_least=0,
+    )
 
     def __post_init__(self) -> None:
         # RunConfig(learning_rate=1) means 1.0: keep float knobs floats so equal configs

@@ -7,11 +7,13 @@ test split every round, and records everything in the run store.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -116,6 +118,11 @@ def _privacy_budget(chain: StrategyChain) -> dict[str, float | None]:
     }
 
 
+def _snapshot(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The strategy state as of now: its checkpoint may be written rounds later."""
+    return {key: np.array(value, copy=True) for key, value in state.items()}
+
+
 def run_federation(grid: Grid, plan: FederationPlan) -> None:
     """Run (or continue) the federation up to `plan.last_round()`, checkpointing every round."""
     config, store = plan.config, plan.store
@@ -139,6 +146,7 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
         settings=training_settings(config),
     )
     start = _starting_point(store, last_complete, chain, initial, faults)
+    auditor = chain.find(AuditingStrategy)
     done = start.done
     round_started = [time.perf_counter()]
 
@@ -168,20 +176,30 @@ def run_federation(grid: Grid, plan: FederationPlan) -> None:
             raise RunFailedError(
                 f"round {absolute}: the global model's test loss is {result.loss}; {DIVERGED}"
             )
-        store.save_checkpoint(absolute, weights, chain.state_dict())  # last: the round's commit marker
+        # Last: the round's commit marker, and only once the round's audit is written (audits run
+        # behind the rounds): a run killed with audits pending resumes before them, re-auditing.
+        commit = functools.partial(store.save_checkpoint, absolute, weights, _snapshot(chain.state_dict()))
+        if auditor is None:
+            commit()
+        else:
+            auditor.after_audits(commit)
         return MetricRecord(scores)
 
     run_config = wire.run_config_record(config)
     remaining = plan.last_round() - done
-    if remaining > 0:
-        chain.outer.start(
-            grid=StragglerDeadlineGrid(grid, config.round_timeout),
-            initial_arrays=ArrayRecord(start.weights),
-            num_rounds=remaining,
-            train_config=run_config,
-            evaluate_config=run_config,
-            evaluate_fn=evaluate_global,
-        )
+    try:
+        if remaining > 0:
+            chain.outer.start(
+                grid=StragglerDeadlineGrid(grid, config.round_timeout),
+                initial_arrays=ArrayRecord(start.weights),
+                num_rounds=remaining,
+                train_config=run_config,
+                evaluate_config=run_config,
+                evaluate_fn=evaluate_global,
+            )
+    finally:
+        if auditor is not None:  # the run ends when its audits (and the checkpoints after them) do
+            auditor.close()
     plot_metrics(store.metrics_path, store.path / PLOT_FILE)
 
 

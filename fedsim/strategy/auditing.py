@@ -21,9 +21,10 @@ all the same and its rows say the leakage could not be measured.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,30 +32,38 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from attacks.base import ObservedUpdate
 from audits.engine import (
     AUDIT_COLUMNS,
     AuditContext,
     Truth,
     UpdateAudit,
     UpdateAuditor,
-    measure_security,
     threat_model,
 )
-from audits.report import save_audit_grid
 from audits.text_metrics import Decode
-from audits.text_table import text_table
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.federation import wire
 from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
+from fedsim.strategy.audit_jobs import (
+    PlainState,
+    ReplyJob,
+    audit_reply,
+    draw_round,
+    round_model,
+    security_score,
+    weights_around,
+    with_rank_score,
+)
+from fedsim.strategy.audit_queue import AuditQueue
 from fedsim.strategy.base import StrategyWrapper
 from fedsim.strategy.central_dp import OFF, central_dp_label
 from fedsim.strategy.ordering import partition_of
 from fedsim.training.local import model_for
 from models import ZooModel
-from models.base import load_federated_state
+
+__all__ = ["GRID_FOLDER", "AuditingStrategy", "auditing_wrapper", "drop_grids_after", "weights_around"]
 
 GRID_FOLDER = "audit"
 
@@ -62,7 +71,12 @@ log = logging.getLogger(__name__)
 
 
 class AuditingStrategy(StrategyWrapper):
-    """Audits up to `max_clients` replies per round (0 = all), then lets `inner` aggregate them."""
+    """Audits up to `max_clients` replies per round (0 = all), then lets `inner` aggregate them.
+
+    `workers` > 0 attacks in that many worker processes while the next rounds train
+    (`audit_queue`); 0 attacks inside the round, in the server thread. Both write the same rows.
+    Whoever runs the strategy calls `close()` at the end, which waits for pending audits.
+    """
 
     def __init__(
         self,
@@ -74,6 +88,7 @@ class AuditingStrategy(StrategyWrapper):
         output_dir: Path,
         max_clients: int = 0,
         server_defences: str = "",
+        workers: int = 0,
     ) -> None:
         super().__init__(inner)
         self.server_defences = server_defences  # e.g. central DP's label, added to every row
@@ -86,11 +101,18 @@ class AuditingStrategy(StrategyWrapper):
         self.grid_dir = output_dir / GRID_FOLDER
         self.grid_dir.mkdir(exist_ok=True)
         self._global: dict[str, torch.Tensor] | None = None
+        self.queue = (
+            AuditQueue(workers, auditor, make_model, learning_rate, self.grid_dir, self._write_rows)
+            if workers > 0
+            else None
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
+        if self.queue is not None:
+            self.queue.start()  # the workers load while the round trains
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -98,81 +120,69 @@ class AuditingStrategy(StrategyWrapper):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         audited = [r for r in replies if not r.has_error()][: self.max_clients or None]
+        jobs: list[ReplyJob] = []
         if audited and self._global is not None:
             try:
-                self._audit_round(server_round, audited)
+                jobs = [self._decode(server_round, reply) for reply in audited]
+                if self.queue is None:
+                    self._audit_round(server_round, jobs)
             except Exception:  # the audit observes the federation; it must never stop it
                 log.exception("round %d: the audit failed; the federation goes on", server_round)
+                jobs = []
+        if self.queue is not None and jobs:
+            self.queue.submit(server_round, self._global, jobs)  # waits while the queue is full
         return self.inner.aggregate_train(server_round, replies)
+
+    def after_audits(self, callback: Callable[[], None]) -> None:
+        """Run `callback` (a round's checkpoint) once every audit submitted so far is written."""
+        if self.queue is None:
+            callback()
+        else:
+            self.queue.after(callback)
+
+    def close(self) -> None:
+        """Wait for pending audits (writing them, then what waited on them) and stop the workers."""
+        if self.queue is not None:
+            self.queue.close()
 
     def drop_rounds_after(self, last_round: int) -> None:
         """On resume: forget the rows and grids of rounds after the last complete one."""
         self.log.drop_rows_after(last_round)
         drop_grids_after(self.grid_dir, last_round)
 
-    def _audit_round(self, server_round: int, replies: list[Message]) -> None:
-        model = self.make_model()  # the whole model: the global federated state over a fresh build
-        load_federated_state(model, {k: v.float() for k, v in self._global.items()})
-        rank_score = measure_security(model, tuple(model.spec.shape)).score  # once per round
-        audits = [self._audit_reply(server_round, reply, model, rank_score) for reply in replies]
-        self.log.append(row.to_dict() for audit in audits for row in audit.rows)
-        threats = list(dict.fromkeys(row.threat for audit in audits for row in audit.rows))
-        titles = [f"client {partition_of(reply)}" for reply in replies]
-        if len(threats) > 1:
-            titles = [f"{t}\n{a.rows[0].threat.split()[0]}" for t, a in zip(titles, audits, strict=True)]
-        title = f"round {server_round}, threat: {' / '.join(threats)}"
-        save_audit_grid(
-            audits, self.grid_dir / f"round-{server_round:04d}.png", title=title, column_titles=titles
-        )
-        table = text_table(audits, self.auditor.decode) if self.auditor.decode is not None else ""
-        if table:  # token models: each client's true text beside what each attack recovered
-            (self.grid_dir / f"round-{server_round:04d}.md").write_text(f"# {title}\n\n{table}")
+    def _audit_round(self, server_round: int, jobs: list[ReplyJob]) -> None:
+        """The serial audit: the same functions the workers run, in the server thread."""
+        model = round_model(self.make_model, self._global)
+        score = security_score(model)  # once per round
+        audits = [audit_reply(self.auditor, model, self._global, job, self.learning_rate) for job in jobs]
+        self._write_rows(server_round, with_rank_score(audits, score))
+        partitions = [job.context.partition_id for job in jobs]
+        draw_round(audits, partitions, server_round, self.grid_dir, self.auditor.decode)
 
-    def _audit_reply(
-        self, server_round: int, reply: Message, model: ZooModel, rank_score: float | None
-    ) -> UpdateAudit:
+    def _write_rows(self, server_round: int, audits: list[UpdateAudit]) -> None:
+        self.log.append(row.to_dict() for audit in audits for row in audit.rows)
+
+    def _decode(self, server_round: int, reply: Message) -> ReplyJob:
+        """What the server knows of a reply, as plain data: the batch size from the run config and
+        the example count the client reports (never from the truth), its weights and its truth."""
         context = AuditContext(
             threat_model(self.batch_size, 1),
             defences=" ".join(filter(None, (_client_defences(reply), self.server_defences))),
             round=server_round,
             partition_id=partition_of(reply),
             batch_size=self.batch_size,
-            rank_score=rank_score,
         )
         try:
             metrics = reply.content.metric_records[wire.METRICS]
             steps = int(metrics.get(wire.LOCAL_STEPS, 1))
-            # What the server knows: a client trains at most `batch_size` samples a step, and
-            # fewer when it holds fewer (it reports how many it trained on).
+            # A client trains at most `batch_size` samples a step, and fewer when it holds fewer.
             batch = max(1, min(self.batch_size, int(metrics[wire.NUM_EXAMPLES])))
             context = replace(context, threat=threat_model(batch, steps), batch_size=batch, local_steps=steps)
             truth = _truth(reply)
-            update = self._observe(reply, model, batch, steps)
+            local = PlainState.of(reply.content[wire.ARRAYS].to_torch_state_dict())
         except Exception as err:  # a reply the auditor cannot read must not stop the round
-            return self.auditor.unreadable(context, f"reply not readable: {type(err).__name__}: {err}")
-        return self.auditor.audit(update, truth, context)
-
-    def _observe(self, reply: Message, model: ZooModel, batch: int, steps: int) -> ObservedUpdate:
-        local = reply.content[wire.ARRAYS].to_torch_state_dict()
-        before, after = weights_around(model, self._global, local)
-        return ObservedUpdate.from_weight_delta(
-            model, before, after,
-            self.learning_rate, steps, tuple(model.spec.shape), model.spec.num_classes, batch,
-        )  # fmt: skip
-
-
-def weights_around(
-    model: ZooModel, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every parameter of `model` before and after a round: a federated one from the entries
-    given (KeyError when one lacks it), one outside the federated model (a frozen pretrained
-    base) the model's own value on both sides, so its observed update is exactly zero."""
-    federated = set(model.federated_names())
-    own = {name: p.detach() for name, p in model.named_parameters()}
-    return (
-        {name: before[name] if name in federated else value for name, value in own.items()},
-        {name: after[name] if name in federated else value for name, value in own.items()},
-    )
+            return ReplyJob(context, None, None, f"reply not readable: {type(err).__name__}: {err}")
+        return ReplyJob(context, local, truth)
 
 
 def drop_grids_after(grid_dir: Path, last_round: int) -> None:
@@ -200,8 +210,20 @@ def _truth(reply: Message) -> Truth | None:
 
 def _decoder(config: RunConfig) -> Decode | None:
     """The dataset's tokenizer, so the auditor's ROUGE and BLEU read words; None for other data."""
-    tokenizer = dataset_for(config).tokenizer
-    return None if tokenizer is None else tokenizer.decode
+    return None if dataset_for(config).tokenizer is None else _TokenDecoder(config)
+
+
+@dataclass(frozen=True)
+class _TokenDecoder:
+    """The run's tokenizer's decode, picklable: an audit worker looks the tokenizer up in its own
+    (per-process cached) copy of the dataset instead of receiving it."""
+
+    config: RunConfig
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        tokenizer = dataset_for(self.config).tokenizer
+        assert tokenizer is not None
+        return tokenizer.decode(ids)
 
 
 def auditing_wrapper(config: RunConfig, output_dir: Path) -> Callable[[Strategy], AuditingStrategy]:
@@ -211,12 +233,13 @@ def auditing_wrapper(config: RunConfig, output_dir: Path) -> Callable[[Strategy]
         return AuditingStrategy(
             inner,
             UpdateAuditor(config.attack_names(), _decoder(config)),
-            make_model=lambda: model_for(config),
+            make_model=functools.partial(model_for, config),  # picklable: workers build their own
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
             output_dir=output_dir,
             max_clients=config.audit_clients,
             server_defences=central_dp_label(config) if config.central_dp != OFF else "",
+            workers=config.audit_workers,
         )
 
     return wrap
