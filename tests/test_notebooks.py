@@ -18,7 +18,11 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_every_notebook_is_collected() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01-launch-a-simulation.ipynb", "02-audit-a-model.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01-launch-a-simulation.ipynb",
+        "02-audit-a-model.ipynb",
+        "03-compare-architectures.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
