@@ -17,7 +17,6 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from attacks.registry import ATTACKS, available_attacks
@@ -29,6 +28,7 @@ from fedsim.compare.report import write_report
 from fedsim.config.run_config import Knob, RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import RunFailedError, UserInputError
+from fedsim.progress import status_progress
 from fedsim.store.resume_check import open_for_resume
 from fedsim.training.transforms import TRANSFORMATIONS, available_transformations
 from models import available_models, model_options
@@ -165,15 +165,7 @@ class _RoundProgress:
 
     def __init__(self, name: str, total: int, done: int) -> None:
         self.plain = not sys.stderr.isatty()
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=self.plain,
-        )
+        self.progress = status_progress(console, disable=self.plain)
         self.task = self.progress.add_task(name, total=total, completed=done, status="")
         self.started = False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import final_server_accuracy
+from tests.deployment import copy_app
 
 # One at a time under pytest-xdist: every managed local SuperLink listens on the same port.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flwr-superlink")]
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_FILES = ("pyproject.toml", "README.md", "fedsim", "models", "attacks", "audits")
 
 
 def _superlink_pids(flwr_home: Path) -> list[int]:
@@ -35,14 +34,7 @@ CENTRAL_DP_CLIENT = "defence='clip' clipping-norm=5.0 central-dp='client' noise-
     "overrides", [CENTRAL_DP_CLIENT, "secagg=true audit=true"], ids=["fedavg-central-dp", "secagg"]
 )
 def test_flwr_run_writes_a_run_directory(overrides: str, tmp_path: Path) -> None:
-    app = tmp_path / "app"  # a copy: `flwr run` packs the folder and may rewrite pyproject.toml
-    app.mkdir()
-    for name in APP_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, app / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, app / name)
+    app = copy_app(tmp_path / "app")
     flwr_home, runs = tmp_path / "flwr-home", tmp_path / "runs"
     flwr_home.mkdir()
     env = {

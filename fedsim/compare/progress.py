@@ -10,7 +10,8 @@ import sys
 import threading
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedsim.progress import status_progress
 
 
 class CellProgress:
@@ -19,15 +20,7 @@ class CellProgress:
     def __init__(self, console: Console | None = None, plain: bool | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.plain = (not sys.stderr.isatty()) if plain is None else plain
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            disable=self.plain,
-        )
+        self.progress = status_progress(self.console, disable=self.plain)
         self.tasks: dict[str, int] = {}
         self.totals: dict[str, int] = {}
         self.lock = threading.Lock()
