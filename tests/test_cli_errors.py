@@ -36,6 +36,11 @@ CASES = [
         "dp-sgd with model 'hybrid-sc': its loss couples the samples of a batch",
     ),
     (
+        ["--model", "dam-mlp", "--defence", "dp-sgd"],
+        "dp-sgd cannot train model 'dam-mlp': Opacus computes no per-sample gradient for a trainable "
+        "layer that keeps buffers (layers.3, layers.6)",
+    ),
+    (
         ["--model-options", "widht=3"],
         "model 'mlp' has no option 'widht'; its options (defaults): hidden=128, depth=2, head=ce",
     ),

@@ -320,6 +320,7 @@ def check_opacus_accepts(model_name: str, spec: InputSpec, options: str = "") ->
             "or --defence clip/gaussian"
         )
     if not ModuleValidator.validate(model, strict=False):
+        _check_per_sample_gradients(model_name, model)
         return
     for layer_name, layer in trainable_modules(model):
         validator = ModuleValidator.VALIDATORS.get(type(layer))
@@ -340,3 +341,19 @@ def check_opacus_accepts(model_name: str, spec: InputSpec, options: str = "") ->
     raise UserInputError(
         f"{DP_SGD} cannot train model {model_name!r}: {problems}; drop {DP_SGD} from --defence"
     )
+
+
+def _check_per_sample_gradients(model_name: str, model: nn.Module) -> None:
+    """`GradSampleModule`'s own check, which `make_private` runs on the clients: a trainable layer
+    holding buffers (DAM's gates keep their pruning state in one) gets no per-sample gradient.
+    Found at planning, it is one line instead of every client failing round 1."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.utils.module_utils import trainable_modules
+
+    layers = [name for name, layer in trainable_modules(model) if next(layer.buffers(), None) is not None]
+    if GradSampleModule.validate(model, strict=False):
+        raise UserInputError(
+            f"{DP_SGD} cannot train model {model_name!r}: Opacus computes no per-sample gradient for "
+            f"a trainable layer that keeps buffers ({', '.join(layers)}); drop {DP_SGD} from --defence, "
+            "or use --central-dp server"
+        )
