@@ -350,7 +350,11 @@ def _check_per_sample_gradients(model_name: str, model: nn.Module) -> None:
     from opacus.grad_sample import GradSampleModule
     from opacus.utils.module_utils import trainable_modules
 
-    layers = [name for name, layer in trainable_modules(model) if next(layer.buffers(), None) is not None]
+    layers = [
+        name or type(layer).__name__  # the model itself holds parameters (ProtoPNet's prototypes)
+        for name, layer in trainable_modules(model)
+        if next(layer.buffers(), None) is not None
+    ]
     if GradSampleModule.validate(model, strict=False):
         raise UserInputError(
             f"{DP_SGD} cannot train model {model_name!r}: Opacus computes no per-sample gradient for "
