@@ -123,7 +123,8 @@ def test_cnn6_federation_on_32px_fashion_mnist(tmp_path: Path) -> None:
 
 @SHARES_FEDADAM_RUN
 def test_resume_after_sigkill_mid_round(fedadam_run: Path, tmp_path: Path) -> None:
-    """`fedsim run` and its Ray cluster SIGKILLed while a round after round 1 trains; `--resume`
+    """`fedsim run` SIGKILLed (with its process group) while a round after round 1 trains: its worker
+    and Ray cluster go with it, and `--resume`
     redoes that round and ends exactly where an uninterrupted run ends.
 
     Each round lasts about as long as its local training (a second or so here). The kill lands
@@ -180,8 +181,12 @@ def _kill_after_round_one(process: subprocess.Popen[bytes], run: Path) -> list[p
         time.sleep(0.02)
     train_seconds = [float(r["seconds"]) for r in read_metrics(run) if r["stage"] == "train"]
     time.sleep(max(train_seconds) / 3)
-    group = [p for p in psutil.process_iter(["name"]) if _group_of(p) == process.pid]
-    assert {"raylet", "gcs_server"} & {p.info["name"] for p in group}, "no Ray cluster in the group"
+    # The simulation's worker leads a process group of its own (Ray's helpers in it); killing the
+    # CLI's group must still take it all down: the worker dies with its parent, and its
+    # watchdog kills the worker's group.
+    cli = psutil.Process(process.pid)
+    group = [cli, *cli.children(recursive=True)]
+    assert {"raylet", "gcs_server"} & {p.name() for p in group}, "no Ray cluster under the CLI"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return group
