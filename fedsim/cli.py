@@ -238,7 +238,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def compare(
     spec: Annotated[
         Path | None,
-        typer.Argument(help="TOML grid spec (see notes/compare.md); the CLI lists replace its lists."),
+        typer.Argument(help="TOML grid spec (README: fedsim compare); the CLI lists replace its lists."),
     ] = None,
     models: Annotated[str | None, Opt(help="Comma-separated models, e.g. mlp,cnn6.")] = None,
     defences: Annotated[
