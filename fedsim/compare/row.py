@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.compare.spec import Cell
+from fedsim.store.csv_log import read_csv_rows
 from fedsim.store.files import atomic_write
 
 COMPARE_FILE = "compare.csv"
@@ -68,7 +69,7 @@ def cell_row(cell: Cell, run_dir: Path, security: Mapping[str, Any]) -> dict[str
         if key.startswith("eval_") and key != "eval_accuracy" and value not in ("", None)
     }
     epsilons = [float(final[k]) for k in EPSILON_COLUMNS if final.get(k) not in ("", None)]
-    attack = best_attack(_read_csv(run_dir / "audit.csv"))
+    attack = best_attack(read_csv_rows(run_dir / "audit.csv"))
     return {
         **dict.fromkeys(COLUMNS, None),
         **_identity(cell),
@@ -114,17 +115,10 @@ def best_attack(rows: Iterable[Mapping[str, str]]) -> dict[str, Any]:
 
 
 def _final_server_row(run_dir: Path) -> dict[str, str]:
-    rows = [r for r in _read_csv(run_dir / "metrics.csv") if r.get("stage") == "server"]
+    rows = [r for r in read_csv_rows(run_dir / "metrics.csv") if r.get("stage") == "server"]
     if not rows:
         raise ValueError(f"{run_dir / 'metrics.csv'} has no server rows")
     return max(rows, key=lambda r: int(r["round"]))
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _float(value: Any) -> float | None:

@@ -19,7 +19,6 @@ Several noises add in quadrature.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -33,6 +32,7 @@ from audits.architecture_report import ObservationNoise, architecture_report
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.store.audit_folder import AUDIT_FILE
+from fedsim.store.csv_log import read_csv_rows
 from fedsim.store.files import atomic_write
 from fedsim.store.run_store import RunStore
 from fedsim.strategy.privacy_ledger import PRIVACY_FILE
@@ -65,7 +65,7 @@ def observation_noise(config: RunConfig, run_dir: Path) -> tuple[float, str]:
 
 def _dp_sgd_noise(run_dir: Path) -> tuple[float, int]:
     """The last round's noise multiplier and steps (the largest over its clients) from privacy.csv."""
-    rows = _read_csv(run_dir / PRIVACY_FILE)
+    rows = read_csv_rows(run_dir / PRIVACY_FILE)
     rows = [r for r in rows if r.get("mechanism") == "dp-sgd" and r.get("noise_multiplier")]
     if not rows:
         raise ValueError(f"{run_dir / PRIVACY_FILE} has no dp-sgd rows to read the noise multiplier from")
@@ -76,15 +76,8 @@ def _dp_sgd_noise(run_dir: Path) -> tuple[float, int]:
 
 def _local_steps(run_dir: Path) -> int:
     """A client's local steps per round, as the auditor recorded them (1 when nothing was audited)."""
-    steps = [int(r["local_steps"]) for r in _read_csv(run_dir / AUDIT_FILE) if r.get("local_steps")]
+    steps = [int(r["local_steps"]) for r in read_csv_rows(run_dir / AUDIT_FILE) if r.get("local_steps")]
     return max(steps[-1], 1) if steps else 1
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def cell_security(run_dir: Path) -> dict[str, Any]:

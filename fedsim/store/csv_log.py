@@ -1,4 +1,4 @@
-"""Append-only CSV logs with a fixed header: metrics.csv and audit.csv."""
+"""Append-only CSV logs with a fixed header (metrics.csv, audit.csv, faults.csv), and reading one back."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ class CsvLog:
     def drop_rows_after(self, last_round: int) -> None:
         """Forget rows of an interrupted round, as the run store does for metrics.csv."""
         drop_csv_rows_after(self.path, self.columns, last_round)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """Every row of a run's CSV log as text; none when the log was never written (no audit, no DP)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _cell(value: Any) -> str:
