@@ -60,10 +60,10 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: install
-	$(PY) benchmarks/sim_overhead.py
-	$(PY) benchmarks/inversion.py
-	$(PY) benchmarks/defences.py
-	$(PY) benchmarks/security_metric.py
+	$(PY) -m benchmarks.performance.sim_overhead
+	$(PY) -m benchmarks.leakage.inversion
+	$(PY) -m benchmarks.leakage.defences
+	$(PY) -m benchmarks.leakage.security_metric
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

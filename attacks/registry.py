@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from attacks.analytic import AnalyticFCInversion
+from attacks.analytic.closed_form import AnalyticFCInversion
 from attacks.auto import AutoAttack
 from attacks.base import Attack
-from attacks.dager_llama import DagerLlamaAttack
-from attacks.layerwise import LayerwiseInversion
-from attacks.optimisation import DLG, IDLG, InvertingGradients
-from attacks.text_leakage import DagerAttack, TokenSetAttack
+from attacks.layerwise.attack import LayerwiseInversion
+from attacks.optimisation.gradient_matching import DLG, IDLG, InvertingGradients
+from attacks.text.dager_llama import DagerLlamaAttack
+from attacks.text.token_leakage import DagerAttack, TokenSetAttack
 
 
 @dataclass(frozen=True)

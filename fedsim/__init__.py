@@ -3,7 +3,7 @@
     import fedsim
     result = fedsim.run({"clients": 4, "rounds": 3})   # -> fedsim.RunResult (DataFrames, paths)
     report = fedsim.audit(model="cnn6", dataset="photos")  # -> fedsim.AuditResult
-    frame = fedsim.compare("benchmarks/compare_default.toml")  # -> DataFrame, one row per cell
+    frame = fedsim.compare("benchmarks/leakage/compare_default.toml")  # -> DataFrame, one row per cell
 
 The API is imported on first use, so `import fedsim.errors` (or any small module) does not
 pull in Flower, Ray or torch.
@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedsim.api import AuditResult, RunResult, audit, run
+    from fedsim.api import AuditResult, RunResult, audit, compare, run
     from fedsim.config.run_config import RunConfig
     from fedsim.errors import RunFailedError, UserInputError
 
@@ -26,7 +26,7 @@ _EXPORTS = {
     "AuditResult": "fedsim.api",
     "RunConfig": "fedsim.config.run_config",
     "UserInputError": "fedsim.errors",
-    "compare": "fedsim.compare",  # the package itself, callable (see fedsim/compare/__init__.py)
+    "compare": "fedsim.api",
     "RunFailedError": "fedsim.errors",
 }
 __all__ = [
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fedsim' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
-    return module if name == "compare" else getattr(module, name)
+    return getattr(module, name)
 
 
 def __dir__() -> list[str]:

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(args.parent)
     _reap_group_when_gone()
     _show_fedsim_warnings()
-    from fedsim.federation.server_app import FederationPlan
     from fedsim.federation.simulation import simulate
+    from fedsim.plan.federation_plan import FederationPlan
     from fedsim.store.run_store import RunStore
 
     try:

@@ -20,16 +20,16 @@ from rich.console import Console
 from rich.table import Table
 
 from attacks.registry import ATTACKS, available_attacks
-from audits.architecture_report import ROUNDING_LEARNING_RATE
-from audits.engine import AuditRow
-from audits.report import summarise_audit
+from audits.architecture.report import ROUNDING_LEARNING_RATE
+from audits.scoring.engine import AuditRow
+from audits.scoring.summary import summarise_audit
 from fedsim import api
-from fedsim.compare.report import write_report
 from fedsim.config.run_config import Knob, RunConfig
 from fedsim.data import available_datasets
 from fedsim.errors import RunFailedError, UserInputError
+from fedsim.grid.report import write_report
+from fedsim.plan.resume import open_for_resume
 from fedsim.progress import status_progress
-from fedsim.store.resume_check import open_for_resume
 from fedsim.training.transforms import TRANSFORMATIONS, available_transformations
 from models import available_models, model_options
 
@@ -256,8 +256,8 @@ def compare(
     no_report: Annotated[bool, Opt("--no-report", help="Write compare.csv only, no HTML report.")] = False,
 ) -> None:
     """Run a grid of models × defences (× datasets × seeds) with the auditor; write compare.csv."""
-    from fedsim.compare.progress import CellProgress
-    from fedsim.compare.spec import parse_list, parse_seeds
+    from fedsim.grid.progress import CellProgress
+    from fedsim.grid.spec import parse_list, parse_seeds
 
     try:
         lists = {

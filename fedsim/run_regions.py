@@ -1,6 +1,6 @@
 """Linear regions of a run's global model over its rounds, read from the run's checkpoints.
 
-`audits.linear_regions` counts the regions of one network near the data; this reads a run
+`audits.security.linear_regions` counts the regions of one network near the data; this reads a run
 directory (`runs/<name>/checkpoints/round-NNNN.safetensors`, round 0 the initial model), builds
 the run's model for the run's dataset, and counts each round's regions on the same test samples,
 segments and planes, so the rows differ only by the weights.
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from audits.linear_regions import RegionSettings, regions_over_rounds
+from audits.security.linear_regions import RegionSettings, regions_over_rounds
 from fedsim.data.clients import dataset_for
 from fedsim.errors import UserInputError
 from fedsim.store.run_store import CHECKPOINT_NAME, CHECKPOINTS, RunStore

@@ -26,7 +26,7 @@ of the clients that reported. From then on every client uses the same (tpr, fpr)
 record, and the server resets the buffers to the round's global values after every aggregation,
 so no client can change them. What the counts reveal: the server learns, per class, how many of
 a client's documents contain each vocabulary term: the token set of a one-document client, and
-document frequencies otherwise (`benchmarks/fidelity_ltw.py` measures it).
+document frequencies otherwise (`benchmarks/fidelity/ltw.py` measures it).
 """
 
 from __future__ import annotations

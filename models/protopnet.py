@@ -19,7 +19,7 @@ its own training images of the prototype's class and that patch's distance (extr
 the aggregated prototypes. Frozen tensors are reset to the round's global values after
 aggregation, so every prototype stays bit-for-bit a real training patch afterwards. What this
 reveals: the server receives, per prototype, one D-dimensional latent patch of some client's
-image and its distance; `attacks.latent_patch` measures how many of the patch's pixels it gives
+image and its distance; `attacks.disclosure.latent_patch` measures how many of the patch's pixels it gives
 back. A class that no client holds keeps its unpushed prototypes.
 """
 

@@ -5,7 +5,7 @@
       -> feed-forward (Linear, GELU, Linear; residual) -> mean pool
       -> Linear head -> class logits
 
-It exists so that the text attacks (`attacks.text_leakage`: token-set, DAGER) and the text audit
+It exists so that the text attacks (`attacks.text.token_leakage`: token-set, DAGER) and the text audit
 metrics have a model with a trainable embedding, positional embeddings and per-token Linear
 projections to be tested and measured on. Padding (id 0) is masked out of attention and pooling
 by default (as BERT's attention mask does); the embedding has no `padding_idx`, so with the mask

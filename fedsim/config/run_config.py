@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.data.partition import PartitionSpec
+from fedsim.config.partition_spec import PartitionSpec
 from fedsim.errors import UserInputError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "krum", "fedmedian", "fedtrimmedavg")
@@ -360,7 +360,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Checks that need no data (each knob against its declaration, then the run name); the
-        partition spec is checked against the data in `fedsim.federation.planning.validate_plan`."""
+        partition spec is checked against the data in `fedsim.plan.planning.validate_plan`."""
         for spec in self.knobs():
             spec.check(getattr(self, spec.name))
         if self.name.startswith(".") or "/" in self.name or "\\" in self.name:

@@ -16,7 +16,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedsim.federation import wire
+from fedsim import wire
 
 ADAPTIVE_KEY = wire.RUN_CONFIG_PREFIX + "adaptive-clipping"
 

@@ -23,8 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedsim import wire
 from fedsim.data.clients import ClientData
-from fedsim.federation import wire
 from fedsim.federation.central_dp_mod import asks_for_client_clipping, central_dp_mod
 from fedsim.federation.node_config import load_node_data, partition_id_of
 from fedsim.federation.secagg_client import route_secagg

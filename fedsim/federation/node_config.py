@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim import wire
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import ClientData, client_data, node_file_data
 from fedsim.errors import UserInputError
-from fedsim.federation import wire
 
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"

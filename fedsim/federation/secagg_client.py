@@ -4,7 +4,7 @@ example does.
 
 The client trains exactly as on the Message API path (`train_locally`, seeded by run seed, round
 and partition id) and returns its update Δ = local − global in float64; `secaggplus_mod` then
-quantises it (see `fedsim.federation.secagg_plan`), masks it and sends only the masked integers.
+quantises it (see `fedsim.plan.secagg`), masks it and sends only the masked integers.
 Metrics (loss, example count, steps, partition id) travel in clear, as Flower's SecAgg+ sends them.
 
 Two things the mod cannot do right are done here, before it quantises:
@@ -33,10 +33,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedsim import wire
 from fedsim.config.run_config import RunConfig
-from fedsim.federation import wire
 from fedsim.federation.node_config import load_node_data, partition_id_of
-from fedsim.federation.secagg_plan import CLIPPING_RANGE, max_weight
+from fedsim.plan.secagg import CLIPPING_RANGE, max_weight
 from fedsim.training.local import evaluate, model_for, train_locally
 from models import ZooModel
 from models.base import load_federated_state
@@ -74,7 +74,7 @@ class SecAggClient(NumPyClient):
     """Trains and evaluates on this node's partition; parameters are the model's federated
     arrays in `federated_names` order (both sides build the same model from the run config), and
     the masked vector is the update of exactly those (planning refuses a model that would send
-    fewer under SecAgg+, `fedsim.federation.secagg_plan.check_secagg_model`)."""
+    fewer under SecAgg+, `fedsim.plan.secagg.check_secagg_model`)."""
 
     def __init__(self, node_config: Mapping[str, Any]) -> None:
         self.node_config = dict(node_config)

@@ -10,7 +10,7 @@ still committed by its checkpoint, written last, after federated evaluation; res
 
 What differs, by construction of SecAgg+: the server receives no client's update, only the
 unmasked, quantised, example-weighted average (`fedsim.strategy.secagg_fedavg`); reply
-validation and auditing therefore work on the aggregate (`fedsim.strategy.aggregate_audit`).
+validation and auditing therefore work on the aggregate (`fedsim.strategy.auditor.aggregate`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,14 +30,15 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim import wire
 from fedsim.data.clients import dataset_for, server_test_split
 from fedsim.errors import RunFailedError, UserInputError
-from fedsim.federation import wire
 from fedsim.federation.secagg_client import NON_FINITE_UPDATE
-from fedsim.federation.secagg_plan import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, max_weight
+from fedsim.plan.federation_plan import FederationPlan
+from fedsim.plan.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, max_weight
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
-from fedsim.strategy.aggregate_audit import AggregateAuditor
+from fedsim.strategy.auditor.aggregate import AggregateAuditor
 from fedsim.strategy.chain import keeps_privacy_ledger
 from fedsim.strategy.privacy_ledger import PrivacyBook, PrivacyLedger
 from fedsim.strategy.secagg_fedavg import ClientResult, SecAggFedAvg, failure_reason
@@ -46,9 +46,6 @@ from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, model_for
 from models import ZooModel
 from models.base import federated_state, load_federated_state
-
-if TYPE_CHECKING:  # server_app imports this module
-    from fedsim.federation.server_app import FederationPlan
 
 
 class CheckedSecAggPlusWorkflow(SecAggPlusWorkflow):

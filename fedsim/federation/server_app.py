@@ -18,17 +18,18 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim import wire
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for, server_test_split
 from fedsim.errors import RunFailedError
-from fedsim.federation import wire
-from fedsim.federation.planning import validate_plan
 from fedsim.federation.secagg_server import build_secagg_server_app, run_secagg_federation
 from fedsim.federation.straggler_grid import StragglerDeadlineGrid
+from fedsim.plan.federation_plan import FederationPlan
+from fedsim.plan.planning import validate_plan
 from fedsim.store.fault_log import FaultLog
 from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import PLOT_FILE, RunStore
-from fedsim.strategy.auditing import AuditingStrategy, auditing_wrapper
+from fedsim.strategy.auditor.strategy import AuditingStrategy, auditing_wrapper
 from fedsim.strategy.central_dp import CentralPrivacy
 from fedsim.strategy.chain import StrategyChain, build_chain
 from fedsim.strategy.ordering import partition_of
@@ -36,18 +37,6 @@ from fedsim.strategy.privacy_ledger import PrivacyLedger
 from fedsim.strategy.validation import DIVERGED
 from fedsim.training.local import evaluate, metric_names, model_for, training_settings
 from models.base import federated_state, load_federated_state
-
-
-@dataclass
-class FederationPlan:
-    """A validated config bound to its run store, and how far this invocation should go."""
-
-    config: RunConfig
-    store: RunStore
-    stop_after: int | None = None
-
-    def last_round(self) -> int:
-        return min(self.config.rounds, self.stop_after or self.config.rounds)
 
 
 def _client_rows(stage: str, server_round: int, replies: list[Message]) -> list[dict[str, object]]:

@@ -15,7 +15,8 @@ from fedsim.errors import RunFailedError, UserInputError
 from fedsim.federation import dispatch
 from fedsim.federation.client_app import build_client_app
 from fedsim.federation.secagg_client import route_secagg
-from fedsim.federation.server_app import FederationPlan, build_server_app
+from fedsim.federation.server_app import build_server_app
+from fedsim.plan.federation_plan import FederationPlan
 from fedsim.strategy.validation import DIVERGED
 
 

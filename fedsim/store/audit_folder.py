@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from audits.engine import AUDIT_COLUMNS
-from audits.report import save_audit_grid, summarise_audit
-from audits.standalone import StandaloneAudit
+from audits.architecture.standalone import StandaloneAudit
+from audits.scoring.engine import AUDIT_COLUMNS
+from audits.scoring.summary import save_audit_grid, summarise_audit
 from fedsim.errors import UserInputError
 from fedsim.store.csv_log import CsvLog
 from fedsim.store.files import staged_folder

@@ -85,7 +85,7 @@ class RunStore:
 
     @classmethod
     def open(cls, path: Path) -> RunStore:
-        """A store over an existing run folder, unchecked: `fedsim.store.resume_check.open_for_resume`
+        """A store over an existing run folder, unchecked: `fedsim.plan.resume.open_for_resume`
         checks it before a resume."""
         if not (path / CONFIG_FILE).is_file():
             raise UserInputError(f"{path} is not a fedsim run directory (no {CONFIG_FILE}); pass runs/<name>")

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
+from fedsim import wire
 from fedsim.config.run_config import STRATEGIES, RunConfig
 from fedsim.errors import UserInputError
-from fedsim.federation import wire
 
 
 def check_strategy(config: RunConfig) -> None:

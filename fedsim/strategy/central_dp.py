@@ -40,9 +40,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedsim import wire
 from fedsim.config.run_config import RunConfig
 from fedsim.errors import UserInputError
-from fedsim.federation import wire
 from fedsim.strategy.base import StrategyWrapper
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.federation import wire
+from fedsim import wire
 from fedsim.strategy.base import RoundStartWrapper
 from models import ZooModel
 

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.federation import wire
+from fedsim import wire
 from fedsim.strategy.base import RoundStartWrapper
 from fedsim.strategy.ordering import partition_of
 from models import TrainingSettings, ZooModel

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's Grid
 
-from fedsim.federation import wire
+from fedsim import wire
 from fedsim.strategy.base import StrategyWrapper
 
 RepliesObserver = Callable[[int, list[Message]], None]

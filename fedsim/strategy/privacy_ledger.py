@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 from opacus.accountants import RDPAccountant
 
-from fedsim.federation import wire
+from fedsim import wire
 from fedsim.store.csv_log import CsvLog
 from fedsim.strategy.base import StrategyWrapper
 from fedsim.strategy.central_dp import CentralPrivacy

@@ -3,7 +3,7 @@
 SecAgg+ exists only on Flower's legacy API, where the workflow asks a legacy `Strategy` whom to
 train (`configure_fit`) and hands it the unmasked result (`aggregate_fit`). That result is
 already the FedAvg average of the clients' updates, weighted by their example counts (the
-workflow weights before it masks, see `fedsim.federation.secagg_plan`), and the workflow puts
+workflow weights before it masks, see `fedsim.plan.secagg`), and the workflow puts
 the same array list into every client's `FitRes`. This strategy therefore takes it as it is
 (Flower's `FedAvg.aggregate_fit` would re-average n copies of it, in reply order) and adds it to
 the global model. It does what the Message API path's ordering and validation wrappers do:
@@ -42,9 +42,9 @@ from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedsim import wire
 from fedsim.config.run_config import RunConfig
 from fedsim.errors import RunFailedError
-from fedsim.federation import wire
 from fedsim.strategy.ordering import PartitionOrderedGrid
 from fedsim.strategy.validation import DIVERGED
 

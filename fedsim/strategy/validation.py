@@ -27,8 +27,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim import wire
 from fedsim.errors import RunFailedError
-from fedsim.federation import wire
 from fedsim.store.fault_log import FAILED, NO_REPLY, REJECTED, FaultRow
 from fedsim.strategy.base import RoundStartWrapper
 

@@ -1,0 +1,1 @@
+"""Leakage: attacks, defences, the security metric and the compare grids, measured."""

@@ -1,0 +1,11 @@
+"""A port nothing listens on, for `--ray-address` cases."""
+
+from __future__ import annotations
+
+import socket
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
