@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedsim-installed
 
-.PHONY: install data demo test test-fast lint bench clean
+.PHONY: install data demo test test-fast lint docs bench clean
 
 # torch is pinned and installed first: an open range would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -58,6 +58,11 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The documentation site (mkdocs.yml): reference pages generated from the code, notebooks rendered
+# unexecuted; --strict fails on any warning (a broken link, a missing page). Into build/site/.
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 bench: install
 	$(PY) -m benchmarks.performance.sim_overhead

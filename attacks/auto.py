@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from attacks.base import Attack, AttackError, ObservedUpdate, Reconstruction
-from attacks.layerwise.attack import LayerwiseInversion
+from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation.gradient_matching import InvertingGradients
 
 CHOICE_KEY = "attack_choice"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from attacks.analytic.closed_form import AnalyticFCInversion
 from attacks.auto import AutoAttack
 from attacks.base import Attack
-from attacks.layerwise.attack import LayerwiseInversion
+from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation.gradient_matching import DLG, IDLG, InvertingGradients
 from attacks.text.dager_llama import DagerLlamaAttack
 from attacks.text.token_leakage import DagerAttack, TokenSetAttack

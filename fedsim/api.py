@@ -31,10 +31,10 @@ from fedsim.config.run_config import RunConfig
 from fedsim.data import load_dataset
 from fedsim.errors import UserInputError
 from fedsim.launch import PathLike, RunResult, checked_path, run
-from fedsim.plan.planning import check_attack_names, check_model_name
+from fedsim.plan.planning import check_attack_names, check_model_name, check_model_takes
 from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
 from fedsim.training.run_model import build_run_model
-from models import InputSpec, ZooModel
+from models import InputSpec, UnsupportedInputError, ZooModel, available_models, natural_dataset
 from models import model_options as model_options_of
 
 __all__ = ["AuditResult", "RunResult", "audit", "compare", "run"]
@@ -70,7 +70,7 @@ def _audited_model(model: str, spec: InputSpec, options: str, head: str) -> ZooM
 def audit(
     *,
     model: str = "cnn6",
-    dataset: str = "photos",
+    dataset: str | None = None,
     samples: int = 4,
     attacks: str | Sequence[str] = "layerwise",
     weights: PathLike | None = None,
@@ -85,6 +85,9 @@ def audit(
     the layer-wise inversion systems) and each attack on the exact batch-1 gradient of
     `samples` test samples of `dataset`, drawn with `seed`.
 
+    dataset: None takes the model family's natural dataset (`fedsim models` lists it); a dataset
+        of a modality the family does not take is refused naming the datasets it does take.
+
     weights: a .safetensors file (e.g. a run checkpoint) to load; default a seeded initial model.
     out: a new folder to write report.json, audit.csv and reconstructions.png to; None keeps
         everything in memory. head: "ce" (softmax with bias) or "logistic" (R-GAP's one logit).
@@ -93,6 +96,8 @@ def audit(
         one-step weight delta, see `audits.architecture.report.ROUNDING_LEARNING_RATE`).
     model_options: the model's options as `fedsim run --model-options` takes them.
     """
+    if dataset is None and model in available_models():
+        dataset = natural_dataset(model)
     names = [a.strip() for a in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     names = [name for name in names if name]
     check_attack_names(names)
@@ -106,10 +111,14 @@ def audit(
         raise UserInputError(f"--samples must be at least 1 (got {samples}); pass e.g. --samples 4")
     _check_gradient_noise(gradient_noise)
     check_model_name(model)
+    check_model_takes(model, dataset)
     data = load_dataset(dataset, image_size or None)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
-        net = _audited_model(model, data.spec, model_options, head)
+        try:
+            net = _audited_model(model, data.spec, model_options, head)
+        except UnsupportedInputError as err:  # finer than a modality: a pretrained vocabulary
+            raise UserInputError(str(err)) from None
     weights_path = None if weights is None else checked_path(weights, "weights")
     if weights_path is not None:
         load_weights(net, weights_path)
@@ -182,7 +191,7 @@ def compare(
 
     spec: a TOML file or a mapping (`fedsim.grid.spec` documents the keys); None = the
         defaults. models/defences/datasets/seeds replace the spec's lists; rounds/clients set
-        its `[run]` keys. out: the compare folder (default compare/<spec name>); running again
+        its `[run]` keys. out: the compare folder (default `compare/<spec name>`); running again
         on it resumes: finished cells are kept, not recomputed.
     jobs: cells at once (default cores // cpus_per_cell); cpus_per_cell: cores per simulation.
     report: True writes the HTML report at the end where `fedsim.grid.report` exists; a

@@ -31,7 +31,7 @@ from fedsim.grid.report import write_report
 from fedsim.plan.resume import open_for_resume
 from fedsim.progress import status_progress
 from fedsim.training.transforms import TRANSFORMATIONS, available_transformations
-from models import available_models, model_options
+from models import available_models, modalities_taken, model_options, natural_dataset
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated-learning simulator with privacy auditing."
@@ -190,8 +190,12 @@ class _RoundProgress:
 def audit(
     model: Annotated[str, Opt(help=f"One of: {', '.join(available_models())}.")] = "cnn6",
     dataset: Annotated[
-        str, Opt(help=f"Samples to attack, from: {', '.join(available_datasets())}.")
-    ] = "photos",
+        str | None,
+        Opt(
+            help=f"Samples to attack, from: {', '.join(available_datasets())}; default: the model's "
+            "natural dataset (`fedsim models`)."
+        ),
+    ] = None,
     data: Annotated[str | None, Opt("--data", hidden=True, help="Old name of --dataset.")] = None,
     image_size: Annotated[int, Opt(help="Resize images to N×N; 0 keeps them.")] = 0,
     head: Annotated[str, Opt(help="'ce' (softmax with bias) or 'logistic' (R-GAP's one logit).")] = "ce",
@@ -215,6 +219,8 @@ def audit(
     """Audit one model's leakage: per-layer rank table and score, end-to-end rank, PSNR ceiling,
     attacks on N samples."""
     dataset = data or dataset
+    if dataset is None and model in available_models():
+        dataset = natural_dataset(model)
     folder = out or RUNS / f"audit-{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = api.audit(
@@ -238,7 +244,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def compare(
     spec: Annotated[
         Path | None,
-        typer.Argument(help="TOML grid spec (README: fedsim compare); the CLI lists replace its lists."),
+        typer.Argument(help="TOML grid spec (docs/how-to/compare.md); the CLI lists replace its lists."),
     ] = None,
     models: Annotated[str | None, Opt(help="Comma-separated models, e.g. mlp,cnn6.")] = None,
     defences: Annotated[
@@ -361,7 +367,8 @@ def list_models() -> None:
     """List the model zoo, each with its options and their defaults (for --model-options)."""
     for name in available_models():
         options = ", ".join(map(str, model_options(name)))
-        typer.echo(f"{name}  ({options})" if options else name)
+        takes = f"takes {', '.join(modalities_taken(name))}; on {natural_dataset(name)}"
+        typer.echo(f"{name}  {takes}" + (f"  ({options})" if options else ""))
 
 
 @cli.command("report")

@@ -59,7 +59,14 @@ def keep_trained(
 
 
 class UnsupportedInputError(ValueError):
-    """A model family cannot take this kind of input (e.g. a convnet given feature vectors)."""
+    """A model family cannot take this kind of input (e.g. a convnet given feature vectors).
+
+    `accepted` names the modalities the family does take, so a caller can name the datasets that
+    hold them; empty where the refusal is finer than a modality (a pretrained model's vocabulary)."""
+
+    def __init__(self, message: str, accepted: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.accepted = accepted
 
 
 @dataclass(frozen=True)
@@ -128,10 +135,11 @@ class InputSpec:
         return torch.int64 if self.modality == "tokens" else torch.float32
 
     def require(self, *modalities: Modality, model: str) -> None:
-        """Raise UnsupportedInputError unless this input is of one of `modalities` (for builders)."""
+        """Raise UnsupportedInputError unless this input is of one of `modalities`."""
         if self.modality not in modalities:
             raise UnsupportedInputError(
-                f"model {model!r} takes {' or '.join(modalities)} inputs, not {self.modality}"
+                f"model {model!r} takes {' or '.join(modalities)} inputs, not {self.modality}",
+                accepted=modalities,
             )
 
 

@@ -57,7 +57,6 @@ def classifier_head(in_features: int, spec: InputSpec, head: str) -> nn.Linear:
 def mlp(spec: InputSpec, hidden: int = 128, depth: int = 2, head: str = "ce") -> SequentialClassifier:
     """Fully connected net with LeakyReLU (invertible, so layer-wise inversion applies); takes
     images (flattened) or feature vectors."""
-    spec.require("image", "features", model="mlp")
     if hidden < 1 or depth < 0:
         raise ValueError(f"mlp needs hidden >= 1 and depth >= 0 (got hidden={hidden}, depth={depth})")
     layers: list[nn.Module] = [nn.Flatten()]
@@ -78,7 +77,6 @@ def lenet(spec: InputSpec, activation: str = "sigmoid", head: str = "ce") -> Seq
 
     Sigmoid keeps the network twice differentiable, which optimisation attacks (DLG) rely on.
     """
-    spec.require("image", model="lenet")
     activations: dict[str, type[nn.Module]] = {
         "sigmoid": nn.Sigmoid,
         "tanh": nn.Tanh,
@@ -114,7 +112,6 @@ CNN6D_CONVS: tuple[tuple[int, int, int, int], ...] = ((12, 4, 2, 2), (20, 3, 2, 
 def _bias_free_convnet(
     spec: InputSpec, convs: tuple[tuple[int, int, int, int], ...], head: str, name: str
 ) -> SequentialClassifier:
-    spec.require("image", model=name)
     channels, height, width = spec.shape
     layers: list[nn.Module] = []
     for out_channels, kernel, stride, padding in convs:

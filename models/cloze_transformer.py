@@ -166,7 +166,6 @@ def cloze_transformer(
 ) -> ClozeTransformer:
     """The cloze model (`direction="both"`) or its same-size left-to-right baseline
     (`direction="forward"`, one tower of 2·layers) for token inputs."""
-    spec.require("tokens", model="cloze")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     if width < 1 or layers < 1 or heads < 1:

@@ -38,7 +38,6 @@ class ResidualBlock(nn.Module):
 
 def cnn6_relu(spec: InputSpec, head: str = "ce") -> SequentialClassifier:
     """CNN6 with ReLU instead of LeakyReLU (and a bias per conv): what most convnets use."""
-    spec.require("image", model="cnn6-relu")
     channels, height, width = spec.shape
     layers: list[nn.Module] = []
     for out_channels, kernel, stride, padding in CNN6_CONVS:
@@ -53,7 +52,6 @@ def _pooled_convnet(
     spec: InputSpec, pool: type[nn.Module], batch_norm: bool, name: str
 ) -> tuple[nn.Sequential, int]:
     """Two 3x3 convs (16 and 32 channels), each followed by [BatchNorm], ReLU and a 2x2 pool."""
-    spec.require("image", model=name)
     channels, height, width = spec.shape
     layers: list[nn.Module] = []
     for out_channels in (16, 32):
@@ -80,7 +78,6 @@ def convnet_maxpool(spec: InputSpec, head: str = "ce") -> SequentialClassifier:
 
 def resnet_mini(spec: InputSpec, head: str = "ce") -> SequentialClassifier:
     """A small ResNet: a 16-channel stem, a 16-channel block and a 32-channel block of stride 2."""
-    spec.require("image", model="resnet-mini")
     channels, height, width = spec.shape
     layers: list[nn.Module] = [
         nn.Conv2d(channels, 16, 3, padding=1, bias=False),

@@ -146,7 +146,6 @@ def dam_mlp(
 ) -> DamNetwork:
     """MLP with a DAM gate after each hidden ReLU (the paper's MLP setting). `widths` are the
     hidden layers' widths before pruning, separated by '-'; `lam` the penalty weight λ."""
-    spec.require("image", "features", model="dam-mlp")
     _check_dam(lam, alpha, cold_rounds)
     layers: list[nn.Module] = [nn.Flatten()]
     width = spec.num_features
@@ -168,7 +167,6 @@ def dam_cnn(
     """Small convnet: 3×3 convs (stride 2, padding 1) each with ReLU and a DAM gate over its
     channels, then a hidden Linear with ReLU and a gate, then the head. Strided convs instead of
     pooling keep every op one the layer-wise analysis can pull back."""
-    spec.require("image", model="dam-cnn")
     _check_dam(lam, alpha, cold_rounds)
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1 (got {hidden})")

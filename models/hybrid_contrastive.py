@@ -224,7 +224,6 @@ def _hybrid(
     shift: int,
     noise: float,
 ) -> HybridContrastive:
-    spec.require("image", model=f"hybrid-{contrast}")
     if min(spec.shape[1:]) < 8:
         raise ValueError(
             f"hybrid-{contrast} pools three times and needs images of at least 8×8, got {spec.shape}"

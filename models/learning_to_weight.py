@@ -306,7 +306,6 @@ def learning_to_weight(
 ) -> LearningToWeight:
     """LTW on token inputs: `weighting` learned (g an MLP 2→`hidden`→1) or a fixed baseline
     (idf, chi2, ig); Adam at `lr` (the paper's 0.005)."""
-    spec.require("tokens", model="ltw")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}")
     if spec.num_classes < 2:

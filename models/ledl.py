@@ -284,7 +284,6 @@ def ledl(
     codes) and `alpha_test` (test codes), ADMM penalty `rho` and iterations per coding. The defaults
     were chosen on digits (pixels in [0, 1]): the paper's α = 1e-6 (ResNet features) gives dense
     codes there and about 0.4 test accuracy after 20 iterations instead of 0.95 after 8."""
-    spec.require("image", "features", model="ledl")
     if atoms_per_class < 1:
         raise ValueError(f"atoms_per_class must be >= 1 (got {atoms_per_class}); e.g. atoms_per_class=10")
     for name, value in (("lam", lam), ("omega", omega), ("alpha", alpha), ("alpha_test", alpha_test)):

@@ -386,7 +386,6 @@ def protopnet(
     the last layer). A prototype compares one latent patch, so its receptive field must cover a
     discriminative part: with two blocks (10x10 pixels of 28x28) Fashion-MNIST's shirts, coats and
     pullovers look alike patch by patch, and the net stayed 11 points below its black box."""
-    spec.require("image", model="protopnet")
     if spec.num_classes < 2:
         raise ValueError("ProtoPNet needs at least two classes (its separation cost compares them)")
     channels, height, width_px = spec.shape

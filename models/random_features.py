@@ -53,7 +53,6 @@ def random_features(spec: InputSpec, features: int = 512, feature_seed: int = 0)
     """ReLU random features (a frozen projection to `features` units, drawn from `feature_seed`,
     the same on every node) and a trained linear readout, the only federated part; takes images
     (flattened) or feature vectors."""
-    spec.require("image", "features", model="random-features")
     if features < 1:
         raise ValueError(f"features must be at least 1 (got {features}); e.g. features=512")
     if feature_seed < 0:

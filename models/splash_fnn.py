@@ -48,7 +48,6 @@ class SplashFNN(SequentialClassifier):
 def splash_fnn(spec: InputSpec, hidden: int = 0) -> SplashFNN:
     """The splash FNN: `hidden=0` is the follow-up's zero-hidden-layer net (one linear map),
     `hidden=n` adds one sigmoid hidden layer of n units."""
-    spec.require("image", model="splash-fnn")
     if hidden < 0:
         raise ValueError(f"splash-fnn hidden must be >= 0 (got {hidden}); 0 = no hidden layer, e.g. 16")
     if spec.num_classes < 2:

@@ -200,7 +200,6 @@ def text_dnn(
     the hidden widths joined by '-'; each hidden layer is pretrained as a denoising autoencoder
     (masking `noise`) for `pretrain_rounds_per_layer` rounds (0: no pretraining, at most half
     the run in all), then the whole net is fine-tuned; `nesterov` uses Nesterov's momentum."""
-    spec.require("features", "image", model="text-dnn")
     hidden = parse_widths(widths, "widths")
     if pretrain_rounds_per_layer < 0:
         raise ValueError(

@@ -421,7 +421,6 @@ def ulmfit(
     texts, the rest train the concat-pooling classifier with gradual unfreezing; discriminative
     rates (÷`decay` per group) and STLR (`cut_frac`, `ratio`) in both. `pretrained` is a
     safetensors file of a general-domain LM (`save_pretrained`) of the same vocabulary and sizes."""
-    spec.require("tokens", model="ulmfit")
     for name, value in (("embedding", embedding), ("hidden", hidden), ("lstm_layers", lstm_layers)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (got {value}); e.g. {name}=64")

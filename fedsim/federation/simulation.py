@@ -88,7 +88,7 @@ def simulate(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
         # ERROR: also hides the deprecation notice of run_simulation, which we call knowingly
-        # (`flwr run .` is the supported path for deployments; see the README).
+        # (`flwr run .` is the supported path for deployments; see docs/how-to/flwr-run.md).
         logging.getLogger("flwr").setLevel(logging.ERROR)
     # Load the data here, before Ray starts: loaded in the ServerApp's thread (Flower starts it
     # first), a BLAS-heavy preparation such as fortunes-lsa's SVD raced Ray's fork of its helper

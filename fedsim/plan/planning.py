@@ -8,6 +8,7 @@ from attacks.registry import available_attacks
 from fedsim.config.run_config import RunConfig
 from fedsim.data.clients import dataset_for
 from fedsim.data.partition import partition
+from fedsim.data.registry import DATASETS, available_datasets, datasets_holding
 from fedsim.errors import UserInputError
 from fedsim.plan.gradient_free import check_gradient_free
 from fedsim.plan.secagg import check_secagg, check_secagg_model
@@ -17,7 +18,7 @@ from fedsim.training.defences import check_client_defences
 from fedsim.training.local import training_settings
 from fedsim.training.run_model import build_run_model
 from fedsim.training.transforms import check_transformation_names
-from models import InputSpec, UnsupportedInputError, available_models, build_model
+from models import InputSpec, UnsupportedInputError, available_models, build_model, modalities_taken
 
 
 def validate_plan(config: RunConfig) -> None:
@@ -94,6 +95,19 @@ def _models_taking(spec: InputSpec) -> list[str]:
 def check_model_name(name: str) -> None:
     if name not in available_models():
         raise UserInputError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+
+
+def check_model_takes(model: str, dataset: str) -> None:
+    """Refuse, before loading anything, a dataset whose modality the model family does not take,
+    naming the datasets it does take."""
+    if dataset not in DATASETS:
+        raise UserInputError(f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}")
+    taken, held = modalities_taken(model), DATASETS[dataset].modality
+    if held not in taken:
+        raise UserInputError(
+            f"model {model!r} takes {' or '.join(taken)} inputs, not {held} ({dataset!r}); "
+            f"pass --dataset one of: {', '.join(datasets_holding(taken))}"
+        )
 
 
 def check_attack_names(names: list[str]) -> None:

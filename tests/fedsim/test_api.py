@@ -20,6 +20,8 @@ from fedsim import api, launch
 from fedsim.config.run_config import RunConfig
 from fedsim.errors import RunFailedError, UserInputError
 from fedsim.store.run_store import RunStore
+from models import natural_dataset
+from tests.support.optional import require_fortunes
 from tests.support.runs import ROOT
 
 
@@ -27,7 +29,8 @@ def test_import_is_light_and_the_api_is_reachable_from_the_package() -> None:
     code = (
         "import sys, fedsim.errors, fedsim\n"
         "assert 'flwr' not in sys.modules and 'torch' not in sys.modules, 'import pulled in the stack'\n"
-        "assert fedsim.run.__module__ == 'fedsim.api' and fedsim.audit.__module__ == 'fedsim.api'\n"
+        "assert fedsim.run.__module__ == 'fedsim.launch' and fedsim.audit.__module__ == 'fedsim.api'\n"
+        "assert fedsim.compare.__module__ == 'fedsim.api'\n"
         "assert {'run', 'audit', 'RunResult', 'AuditResult', 'RunConfig'} <= set(dir(fedsim))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -241,3 +244,16 @@ def test_a_run_result_carries_its_privacy_ledger(tmp_path: Path) -> None:
         (1, 3, "dp-sgd")
     ]
     assert ledger["epsilon"].iloc[0] == pytest.approx(book.client_epsilon(3))
+
+
+def test_audit_without_a_dataset_uses_the_familys_natural_one(tmp_path: Path) -> None:
+    """`fedsim audit --model X` alone attacks the data the family is meant for."""
+    result = fedsim.audit(model="mlp", samples=1, attacks="analytic-fc")
+    assert result.settings["dataset"] == natural_dataset("mlp") == "digits"
+    assert result.inputs.shape == (1, 1, 8, 8)
+
+
+def test_audit_refuses_a_pretrained_model_on_another_vocabulary_in_one_line() -> None:
+    require_fortunes()
+    with pytest.raises(UserInputError, match=r"reads only minilm token ids.*use --dataset fortunes-minilm"):
+        fedsim.audit(model="minilm", dataset="fortunes", samples=1)

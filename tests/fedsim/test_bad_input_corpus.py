@@ -847,8 +847,9 @@ def test_the_tree_digest_sees_a_change(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def table_rows() -> list[tuple[str, str, str]]:
-    """(id, input, message) of every bad-input case: this corpus, then tests/fedsim/test_cli_errors.py's."""
-    from tests import test_cli_errors
+    """(id, input, message) of every bad-input case: this corpus, then the CLI cases
+    (`tests.support.cli_cases`)."""
+    from tests.support import cli_cases
 
     audit = " ".join(AUDIT)  # every audit case attacks the same model, into {tmp}/audit
     rows = [
@@ -856,15 +857,15 @@ def table_rows() -> list[tuple[str, str, str]]:
     ]
     rows += [
         (f"cli-errors-{i}", "run " + " ".join(args), message)
-        for i, (args, message) in enumerate(test_cli_errors.CASES, 1)
+        for i, (args, message) in enumerate(cli_cases.CASES, 1)
     ]
     rows += [
         (f"cli-errors-audit-{i}", "audit " + " ".join(args), message)
-        for i, (args, message) in enumerate(test_cli_errors.AUDIT_CASES, 1)
+        for i, (args, message) in enumerate(cli_cases.AUDIT_CASES, 1)
     ]
     rows += [
         (f"cli-errors-config-{i}", f"config{suffix} `{text.strip()}`", message)
-        for i, (suffix, text, message) in enumerate(test_cli_errors.CONFIG_VALUE_CASES, 1)
+        for i, (suffix, text, message) in enumerate(cli_cases.CONFIG_VALUE_CASES, 1)
     ]
     return rows
 

@@ -10,9 +10,10 @@ import torch
 from fedsim.data import Dataset, Vocabulary, WordTokenizer, available_datasets, load_dataset
 from fedsim.data import registry as data_registry
 from fedsim.data.idx import FASHION_MNIST_DIR, mnist_dir
+from fedsim.data.registry import DATASETS
 from fedsim.data.tabular import min_max_scaled
 from fedsim.errors import UserInputError
-from models import InputSpec
+from models import InputSpec, available_models, modalities_taken, natural_dataset
 
 
 def _require(present: bool, install: str) -> None:
@@ -184,3 +185,22 @@ def test_server_eval_samples_is_one_fixed_subset_of_the_test_split() -> None:
     assert len(set(y.tolist())) > 5, "a random draw, not the first class only"
     larger, _ = server_test_split(RunConfig(dataset="digits", server_eval_samples=10**6))
     assert larger.shape[0] == len(data.y_test)
+
+
+def test_each_dataset_holds_the_modality_its_registry_line_declares() -> None:
+    """The registry's modality (known without loading) is the loaded spec's, for the datasets that
+    load in a second or two; the optional ones are checked where installed."""
+    for name in ("digits", "photos", "breast-cancer", "splash", "fortunes", "kjv"):
+        try:
+            data = load_dataset(name)
+        except UserInputError as err:  # an optional corpus that is not installed
+            assert "install it with" in str(err)
+            continue
+        assert data.spec.modality == DATASETS[name].modality, name
+
+
+def test_every_model_names_a_natural_dataset_of_a_modality_it_takes() -> None:
+    for name in available_models():
+        dataset = natural_dataset(name)
+        assert dataset in DATASETS, (name, dataset)
+        assert DATASETS[dataset].modality in modalities_taken(name), (name, dataset)

@@ -22,7 +22,7 @@ from fedsim.plan.planning import validate_plan
 from fedsim.training.defences import kept_entries
 from fedsim.training.local import TrainResult, model_for, train_locally
 from fedsim.training.transforms import TRANSFORMATIONS
-from models import MODELS, InputSpec
+from models import MODELS, InputSpec, ModelEntry
 from models.classifiers import SequentialClassifier
 
 DIGITS = RunConfig(num_clients=4, local_epochs=1, batch_size=16, learning_rate=0.5, momentum=0.0)
@@ -222,7 +222,7 @@ def batchnorm_net(spec: InputSpec) -> SequentialClassifier:
 def test_a_model_opacus_rejects_fails_at_plan_time_naming_the_layer_and_the_fix(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setitem(MODELS, "bn-net", batchnorm_net)
+    monkeypatch.setitem(MODELS, "bn-net", ModelEntry(batchnorm_net, ("image",), "digits"))
     runs = tmp_path / "runs"
     argv = ["fedsim", "run", "--model", "bn-net", "--defence", "dp-sgd", "--runs-dir", str(runs)]
     monkeypatch.setattr(sys, "argv", argv)

@@ -24,7 +24,7 @@ from fedsim.store.plots import plot_metrics
 from fedsim.store.run_store import RunStore, metric_columns
 from fedsim.training import transforms
 from fedsim.training.local import client_loader, evaluate, metric_names, model_for, train_locally
-from models import MODELS, InputSpec, TrainingSettings, ZooModel
+from models import MODELS, InputSpec, ModelEntry, TrainingSettings, ZooModel
 
 
 # --- a tiny new family, as the README's "Adding a model" describes ------------------------------
@@ -93,7 +93,7 @@ PROBE_RUN = RunConfig(
 
 
 def test_a_new_family_needs_only_its_module_and_a_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(MODELS, "probe", probe)
+    monkeypatch.setitem(MODELS, "probe", ModelEntry(probe, ("image", "features"), "digits"))
     validate_plan(PROBE_RUN)  # fits the dataset's spec
     assert metric_names(PROBE_RUN) == ("accuracy", "brier")
     model = model_for(PROBE_RUN)

@@ -1,11 +1,11 @@
-"""The README's `flwr run .` recipe works exactly as written, from a shell whose PATH does not
-hold the venv, and its last line stops the SuperLink (and everything it started) by PID."""
+"""The `flwr run .` recipe of the how-to page (docs/how-to/flwr-run.md) works exactly as written,
+from a shell whose PATH does not hold the venv, and its last line stops the SuperLink (and
+everything it started) by PID."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -16,21 +16,30 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.deployment import ROOT, VENV_BIN, copy_app, processes_naming
+from tests.support.deployment import VENV_BIN, copy_app, processes_naming
+from tests.support.docs import DOCS, fenced_blocks
 
 # The recipe's SuperLink listens on Flower's fixed local port, like tests/e2e/test_flwr_run.py's.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flwr-superlink")]
 
 LOCAL_PORT = 39091
 PID_LINE = "SUPERLINK_PID=$!"
+PAGE = DOCS / "how-to" / "flwr-run.md"
 
 
 def recipe() -> str:
-    """The README's first bash block that starts the SuperLink by PID and runs `flwr run .`."""
-    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
-        if PID_LINE in block and "flwr run ." in block:
-            return block
-    raise AssertionError("no `flwr run .` recipe with SUPERLINK_PID in README.md")
+    """The page's first bash block that starts the SuperLink by PID and runs `flwr run .`."""
+    for block in fenced_blocks(PAGE, "bash"):
+        if PID_LINE in block.code and "flwr run ." in block.code:
+            return block.code
+    raise AssertionError(f"no `flwr run .` recipe with SUPERLINK_PID in {PAGE}")
+
+
+def test_the_recipe_is_on_its_page() -> None:
+    script = recipe()
+    assert script.startswith('export PATH="$PWD/.venv/bin:$PATH"') and script.rstrip().endswith(
+        "kill $SUPERLINK_PID   # its SuperExec and app processes exit with it"
+    )
 
 
 def _port_free(port: int) -> bool:
