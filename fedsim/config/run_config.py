@@ -109,9 +109,10 @@ class Knob:
             )
         return value
 
-    def check(self, value: Any) -> None:
+    def check(self, value: Any, flag: str | None = None) -> None:
         """Raise UserInputError unless `value` is a valid setting: the declared type, finite,
-        within the declared range and choices, and free of control characters."""
+        within the declared range and choices, and free of control characters. `flag` is the
+        option the hint names (default `--<key>`; `fedsim compare` passes `--seeds`)."""
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
             raise UserInputError(
                 f"{self.key} must be {self.type.__name__}, got {value!r}; pass a {self.type.__name__}"
@@ -131,13 +132,13 @@ class Knob:
             raise UserInputError(
                 f"{self.key} {value:g} overflows float32, in which models train; pass e.g. {self.default}"
             )
-        self._check_range(value)  # first: a seed of 2**64 is out of its range, whatever else
+        self._check_range(value, flag or f"--{self.key}")  # first: a seed of 2**64 is out of range
         if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
             raise UserInputError(
                 f"{self.key} {value} does not fit a 64-bit integer; pass e.g. {self.default}"
             )
 
-    def _check_range(self, value: float) -> None:
+    def _check_range(self, value: float, flag: str) -> None:
         low_ok = (self.at_least is None or value >= self.at_least) and (
             self.above is None or value > self.above
         )
@@ -152,21 +153,21 @@ class Knob:
             low = f"[{_num(self.at_least)}" if self.at_least is not None else f"({_num(self.above)}"
             high = f"{_num(self.at_most)}]" if self.at_most is not None else f"{_num(self.below)})"
             raise UserInputError(
-                f"{self.key} must be in {low}, {high} (got {value}); pass --{self.key} in that range"
+                f"{self.key} must be in {low}, {high} (got {value}); pass {flag} in that range"
             )
         if self.at_least is not None:
             raise UserInputError(
                 f"{self.key} must be at least {_num(self.at_least)} (got {value}); "
-                f"pass --{self.key} {_num(self.at_least)} or more"
+                f"pass {flag} {_num(self.at_least)} or more"
             )
         if self.above is not None:
             raise UserInputError(
                 f"{self.key} must be > {_num(self.above)} (got {value}); "
-                f"pass --{self.key} above {_num(self.above)}"
+                f"pass {flag} above {_num(self.above)}"
             )
         bound, word = (self.at_most, "at most") if self.at_most is not None else (self.below, "below")
         raise UserInputError(
-            f"{self.key} must be {word} {_num(bound)} (got {value}); pass --{self.key} {word} {_num(bound)}"
+            f"{self.key} must be {word} {_num(bound)} (got {value}); pass {flag} {word} {_num(bound)}"
         )
 
 

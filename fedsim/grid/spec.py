@@ -45,6 +45,9 @@ COMPARE_DEFAULTS: dict[str, Any] = {
 # Keys that a cell sets itself (`name` is the cell id) or that only a defence entry may set.
 CELL_KEYS = ("name",)
 DEFENCE_KEYS = ("defence", "central-dp")
+# The most cells one grid may have: each cell is a federation (a minute or more on 2 cores), so a
+# grid beyond this is a typo (a seeds range, a product of long lists), refused before any check.
+MAX_CELLS = 1000
 # Characters kept in a cell id (it is a folder name).
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
@@ -176,10 +179,15 @@ def build_grid(values: Mapping[str, Any], source: str = "compare spec") -> GridS
             what = "each cell's name is its id" if key in CELL_KEYS else "defences go in the defences list"
             raise UserInputError(f"key {key!r} is not allowed in [run] of {source}: {what}")
     base = {**COMPARE_DEFAULTS, **run}
-    models = [_axis(entry, "models", source) for entry in _list(values, "models", ["mlp"], source)]
-    datasets = [_axis(entry, "datasets", source) for entry in _list(values, "datasets", ["digits"], source)]
-    defences = [_defence(entry, source) for entry in _list(values, "defences", ["none"], source)]
-    seeds = [_seed(s, source) for s in _list(values, "seeds", [0], source)]
+    model_entries = _list(values, "models", ["mlp"], source)
+    dataset_entries = _list(values, "datasets", ["digits"], source)
+    defence_entries = _list(values, "defences", ["none"], source)
+    seed_entries = _list(values, "seeds", [0], source)
+    _check_cell_count(model_entries, dataset_entries, defence_entries, seed_entries, source)
+    models = [_axis(entry, "models", source) for entry in model_entries]
+    datasets = [_axis(entry, "datasets", source) for entry in dataset_entries]
+    defences = [_defence(entry, source) for entry in defence_entries]
+    seeds = [_seed(s, source) for s in seed_entries]
     cells = []
     for model in models:
         for dataset in [model.dataset] if model.dataset is not None else datasets:
@@ -190,12 +198,13 @@ def build_grid(values: Mapping[str, Any], source: str = "compare spec") -> GridS
                     settings.update(model=model.name, dataset=dataset.name, seed=seed, name=cell_id)
                     config = RunConfig.from_mapping(settings, source=f"{source} (cell {cell_id})")
                     cells.append(Cell(cell_id, model.name, dataset.name, defence, seed, config))
-    ids = [cell.id for cell in cells]
-    duplicate = next((i for i in ids if ids.count(i) > 1), None)
-    if duplicate is not None:
-        raise UserInputError(
-            f"two cells of {source} share the id {duplicate!r}; give one of the entries a distinct `label`"
-        )
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.id in seen:
+            raise UserInputError(
+                f"two cells of {source} share the id {cell.id!r}; give one of the entries a distinct `label`"
+            )
+        seen.add(cell.id)
     return GridSpec(name, tuple(cells))
 
 
@@ -234,6 +243,21 @@ def check_cells(grid: GridSpec) -> dict[str, str]:
             f"no cell can run; cell {first.id}: {refused[first.id].removeprefix('cannot run: ')}"
         )
     return refused
+
+
+def _check_cell_count(
+    models: list[Any], datasets: list[Any], defences: list[Any], seeds: list[Any], source: str
+) -> None:
+    """Count the cells from the raw lists (a model that pins its dataset spans one) and refuse a
+    grid over `MAX_CELLS` before building any of them."""
+    per_model = [1 if isinstance(m, Mapping) and "dataset" in m else len(datasets) for m in models]
+    count = sum(per_model) * len(defences) * len(seeds)
+    if count > MAX_CELLS:
+        raise UserInputError(
+            f"{source} has {count:,} cells ({len(models)} models × {len(datasets)} datasets × "
+            f"{len(defences)} defences × {len(seeds)} seeds), over the limit of {MAX_CELLS:,}; "
+            "shorten a list or split the grid into several specs"
+        )
 
 
 def _list(values: Mapping[str, Any], key: str, default: list[Any], source: str) -> list[Any]:
@@ -326,7 +350,7 @@ def _slug(label: Any, what: str) -> str:
 def _seed(value: Any, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserInputError(f"seeds in {source} must be integers, got {value!r}")
-    RunConfig.knob("seed").check(value)
+    RunConfig.knob("seed").check(value, flag="--seeds")
     return value
 
 

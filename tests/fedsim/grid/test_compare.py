@@ -14,7 +14,7 @@ import fedsim
 from fedsim.cli import cli
 from fedsim.errors import UserInputError
 from fedsim.grid.row import best_attack
-from fedsim.grid.spec import build_grid, check_cells, merge_overrides, read_spec_file
+from fedsim.grid.spec import MAX_CELLS, build_grid, check_cells, merge_overrides, read_spec_file
 from tests.support.runs import ROOT
 
 
@@ -93,6 +93,21 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"models": ["mlp", "mlp"]}, "two cells of compare spec share the id 'mlp__digits__none__s0'"),
     ({"run": {"audit-attacks": "dlgg"}}, "unknown attack(s) dlgg"),
     ({"run": {"clients": 5000}}, "no cell can run; cell mlp__digits__none__s0: 5000 clients but only"),
+    ({"seeds": [-1]}, "seed must be in [0, 4294967295] (got -1); pass --seeds in that range"),
+    (
+        {"seeds": list(range(10**6))},
+        "compare spec has 1,000,000 cells (1 models × 1 datasets × 1 defences × 1000000 seeds), "
+        f"over the limit of {MAX_CELLS:,}",
+    ),
+    (
+        {
+            "models": ["mlp", {"name": "cloze", "dataset": "fortunes"}],
+            "datasets": ["digits"] * 10,
+            "defences": ["none"] * 10,
+            "seeds": list(range(10)),
+        },
+        "compare spec has 1,100 cells (2 models × 10 datasets × 10 defences × 10 seeds)",
+    ),
 ]
 
 
@@ -103,6 +118,11 @@ def test_bad_specs_fail_up_front_with_one_line(spec: dict[str, Any], message: st
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()  # nothing written, no cell ran
+
+
+def test_a_grid_at_the_cell_limit_expands_and_ids_stay_unique() -> None:
+    grid = build_grid({"seeds": list(range(MAX_CELLS))})
+    assert len(grid.cells) == MAX_CELLS == len({cell.id for cell in grid.cells})
 
 
 def test_a_combination_that_cannot_run_is_a_failed_cell_not_a_bad_spec() -> None:
