@@ -162,8 +162,7 @@ class Knob:
             )
         if self.above is not None:
             raise UserInputError(
-                f"{self.key} must be > {_num(self.above)} (got {value}); "
-                f"pass {flag} above {_num(self.above)}"
+                f"{self.key} must be > {_num(self.above)} (got {value}); pass {flag} above {_num(self.above)}"
             )
         bound, word = (self.at_most, "at most") if self.at_most is not None else (self.below, "below")
         raise UserInputError(
@@ -315,15 +314,37 @@ class RunConfig:
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
         """Build from kebab- or snake-case keys; unknown keys and wrong types are user errors."""
         by_key = _knob_by_key(cls)
-        kwargs: dict[str, Any] = {}
+        return cls(
+            **{by_key[k].name: by_key[k].coerce(v, source) for k, v in cls.canonical(values, source).items()}
+        )
+
+    @classmethod
+    def canonical(
+        cls, values: Mapping[str, Any], source: str = "config", keep_unknown: bool = False
+    ) -> dict[str, Any]:
+        """The same settings under each knob's public key (`num_clients` -> `clients`), so that
+        mappings can be merged; one knob given under several spellings (`clients`, `num-clients`,
+        `num_clients`: the last would silently win) is a user error, and so is an unknown key
+        unless `keep_unknown` passes it through for a later check to name in its own context."""
+        by_key = _knob_by_key(cls)
+        found: dict[str, Any] = {}
         for raw_key, value in values.items():
             spec = by_key.get(raw_key) if isinstance(raw_key, str) else None
+            if spec is None and keep_unknown:
+                found[raw_key] = value
+                continue
             if spec is None:
                 close = difflib.get_close_matches(str(raw_key), list(by_key), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else "see `fedsim run --help` for the keys"
                 raise UserInputError(f"unknown key {raw_key!r} in {source}; {hint}")
-            kwargs[spec.name] = spec.coerce(value, source)
-        return cls(**kwargs)
+            if spec.key in found:
+                spellings = [k for k in values if isinstance(k, str) and by_key.get(k) is spec]
+                raise UserInputError(
+                    f"{source} sets {spec.key} {len(spellings)} times, as {', '.join(map(repr, spellings))}; "
+                    f"keep one (`{spec.key} = ...`)"
+                )
+            found[spec.key] = value
+        return found
 
     @classmethod
     def from_file(cls, path: Path) -> RunConfig:

@@ -154,11 +154,19 @@ def merge_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
             continue
         if key in SPEC_KEYS and key != "run":
             merged[key] = value
-        elif isinstance(run, dict):
+        elif isinstance(run, dict):  # over the spec's own spelling of the same knob, if any
+            run = {k: v for k, v in run.items() if not _same_knob(k, key)}
             run[key] = value
     if run:
         merged["run"] = run
     return merged
+
+
+def _same_knob(a: object, b: str) -> bool:
+    try:
+        return isinstance(a, str) and RunConfig.knob(a) is RunConfig.knob(b)
+    except KeyError:
+        return a == b
 
 
 def build_grid(values: Mapping[str, Any], source: str = "compare spec") -> GridSpec:
@@ -178,7 +186,7 @@ def build_grid(values: Mapping[str, Any], source: str = "compare spec") -> GridS
         if key in CELL_KEYS or key in DEFENCE_KEYS:
             what = "each cell's name is its id" if key in CELL_KEYS else "defences go in the defences list"
             raise UserInputError(f"key {key!r} is not allowed in [run] of {source}: {what}")
-    base = {**COMPARE_DEFAULTS, **run}
+    base = {**COMPARE_DEFAULTS, **RunConfig.canonical(run, f"[run] of {source}", keep_unknown=True)}
     model_entries = _list(values, "models", ["mlp"], source)
     dataset_entries = _list(values, "datasets", ["digits"], source)
     defence_entries = _list(values, "defences", ["none"], source)
@@ -280,6 +288,7 @@ def _axis(entry: Any, key: str, source: str) -> Axis:
         )
     own = entry.get("dataset") if key == "models" else None
     settings = {k: v for k, v in entry.items() if k not in ("name", "label", "dataset")}
+    settings = RunConfig.canonical(settings, f"{what} {entry['name']!r} of {source}", keep_unknown=True)
     for k in [*settings, *(["dataset"] if key == "datasets" and "dataset" in entry else [])]:
         if k in CELL_KEYS or k in DEFENCE_KEYS or k in ("model", "dataset", "seed"):
             raise UserInputError(f"key {k!r} is not allowed in a {what} entry of {source}")

@@ -111,6 +111,12 @@ CONFIG_VALUE_CASES = [
     (".json", '{"alpha": Infinity}', "alpha must be a finite number (got inf)"),
     (".json", '{"learning-rate": NaN}', "learning-rate must be a finite number (got nan)"),
     (".json", '{"name": "run\\u0000x"}', "name 'run\\x00x' contains the control character '\\x00'"),
+    (
+        ".toml",
+        "clients = 2\nnum-clients = 5\nnum_clients = 7\n",
+        "sets clients 3 times, as 'clients', 'num-clients', 'num_clients'; keep one (`clients = ...`)",
+    ),
+    (".json", '{"learning-rate": 0.1, "learning_rate": 0.2}', "sets learning-rate 2 times"),
 ]
 
 

@@ -70,6 +70,16 @@ def test_cli_lists_replace_the_spec_lists_and_run_keys_override_its_run_table() 
     assert merged == {"models": ["cnn6-d"], "defences": ["clip"], "run": {"rounds": 2, "clients": 3}}
 
 
+def test_a_knob_spelled_differently_in_the_spec_and_the_defaults_or_the_cli_is_one_setting() -> None:
+    """`[run] audit_clients` overrides the grid's default `audit-clients`; `--clients` overrides
+    the spec's `num-clients`: spellings merge by knob, the later source winning, never refused."""
+    spec = {"run": {"audit_clients": 2, "num-clients": 3}}
+    (cell,) = build_grid(merge_overrides(spec, {"clients": 5})).cells
+    assert cell.config.audit_clients == 2 and cell.config.num_clients == 5
+    (cell,) = build_grid(spec).cells
+    assert cell.config.num_clients == 3
+
+
 BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"models": ["resnet"]}, "unknown model 'resnet'; choose one of"),
     ({"datasets": ["cifar10"]}, "unknown dataset 'cifar10'; choose one of"),
@@ -94,6 +104,7 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"run": {"audit-attacks": "dlgg"}}, "unknown attack(s) dlgg"),
     ({"run": {"clients": 5000}}, "no cell can run; cell mlp__digits__none__s0: 5000 clients but only"),
     ({"seeds": [-1]}, "seed must be in [0, 4294967295] (got -1); pass --seeds in that range"),
+    ({"run": {"clients": 2, "num_clients": 3}}, "[run] of compare spec sets clients 2 times"),
     (
         {"seeds": list(range(10**6))},
         "compare spec has 1,000,000 cells (1 models × 1 datasets × 1 defences × 1000000 seeds), "
