@@ -32,6 +32,10 @@ from audits.similarity.text import Decode, TextScore, score_text
 RECONSTRUCTED = "reconstructed"
 DECLINED = "declined"
 FAILED = "failed"
+# A DP-SGD client whose Poisson-sampled batches were all empty trained on no sample: its update is
+# the mechanism's noise alone, so there is nothing to reconstruct and nothing to score.
+NOISE_ONLY = "noise only"
+EMPTY_BATCH_NOTE = "the client's Poisson batch was empty: the update is noise only"
 
 NO_TRUTH_NOTE = "leakage not measurable: the node shares no training samples (no audit-truth opt-in)"
 NON_FINITE_NOTE = "the update holds non-finite values (NaN or Inf); nothing to attack"
@@ -78,7 +82,7 @@ class AuditRow:
     defences: str  # space-separated labels, e.g. "dp-sgd(z=1.1,C=1) central-dp(server,z=0.8,C=1)"
     batch_size: int
     local_steps: int
-    status: str  # RECONSTRUCTED, DECLINED or FAILED
+    status: str  # RECONSTRUCTED, DECLINED, FAILED or NOISE_ONLY
     psnr: float | None  # mean over reconstructed images, each against its nearest true sample
     ssim: float | None
     label_score: float | None  # share of recovered labels matching a distinct true label (0..1)
@@ -214,6 +218,9 @@ class UpdateAuditor:
         return _with_images(rows, {}, truth)
 
     def _audit(self, update: ObservedUpdate, truth: Truth | None, context: AuditContext) -> UpdateAudit:
+        if truth is not None and len(truth.labels) == 0 and len(truth.inputs) == 0:
+            rows = [_row(context, a.name, NOISE_ONLY, None, 0.0, EMPTY_BATCH_NOTE) for a in self.attacks]
+            return UpdateAudit(rows, None, original_note="no sample:\nnoise only")
         truth, truth_note = _usable_truth(update, truth)
         if not all(bool(torch.isfinite(g).all()) for g in update.gradients.values()):
             rows = [_row(context, a.name, DECLINED, truth, 0.0, NON_FINITE_NOTE) for a in self.attacks]

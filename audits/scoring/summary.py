@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: files only, the caller's backend untouched
 
-from audits.scoring.engine import DECLINED, FAILED, RECONSTRUCTED, AuditRow, UpdateAudit
+from audits.scoring.engine import DECLINED, FAILED, NOISE_ONLY, RECONSTRUCTED, AuditRow, UpdateAudit
 
 TRUTH_ROW = "true sample"
 
@@ -28,8 +28,9 @@ def read_audit_rows(path: Path) -> list[AuditRow]:
 
 def summarise_audit(source: Path | str | Iterable[AuditRow]) -> list[dict[str, Any]]:
     """Per attack, in order of first appearance: how many updates it saw, reconstructed, declined
-    and failed on; PSNR mean/max, SSIM and label score over the scored ones; mean seconds per
-    reconstruction; and the first reason it could not run (or could not be scored)."""
+    and failed on, and how many were noise only (an empty DP-SGD batch); PSNR mean/max, SSIM and
+    label score over the scored ones; mean seconds per reconstruction; and the first reason it
+    could not run (or could not be scored)."""
     rows = read_audit_rows(Path(source)) if isinstance(source, (str, Path)) else list(source)
     summary = []
     for attack in dict.fromkeys(r.attack for r in rows):
@@ -45,6 +46,7 @@ def summarise_audit(source: Path | str | Iterable[AuditRow]) -> list[dict[str, A
                 "reconstructed": len(ran),
                 "declined": sum(r.status == DECLINED for r in mine),
                 "failed": sum(r.status == FAILED for r in mine),
+                "noise_only": sum(r.status == NOISE_ONLY for r in mine),
                 "scored": len(psnrs),
                 "mean_psnr": _mean(psnrs),
                 "max_psnr": max(psnrs) if psnrs else None,

@@ -37,8 +37,9 @@ AUDIT = {
     "under SecAgg+",
     "batch_size": "the client's batch size (SecAgg+: the round's total examples)",
     "local_steps": "the client's local steps (SecAgg+: the clients' example-weighted mean)",
-    "status": "`reconstructed`, `declined` (the attack does not apply; `note` says why) or `failed` "
-    "(it raised; the federation goes on)",
+    "status": "`reconstructed`, `declined` (the attack does not apply; `note` says why), `failed` "
+    "(it raised; the federation goes on) or `noise only` (a DP-SGD client whose Poisson batches were "
+    "all empty: no sample to reconstruct)",
     "psnr": "mean PSNR (dB) over the reconstructed images, each against its nearest true sample; empty "
     "where the node shares no samples",
     "ssim": "mean SSIM, as `psnr`",

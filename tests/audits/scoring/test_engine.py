@@ -13,8 +13,10 @@ from attacks.base import ObservedUpdate, Reconstruction, observe_gradient
 from audits.scoring.engine import (
     AUDIT_COLUMNS,
     DECLINED,
+    EMPTY_BATCH_NOTE,
     FAILED,
     NO_TRUTH_NOTE,
+    NOISE_ONLY,
     NON_FINITE_NOTE,
     RECONSTRUCTED,
     AuditContext,
@@ -106,6 +108,22 @@ def test_truth_not_shaped_like_the_inputs_is_not_scored() -> None:
     wrong = Truth(np.zeros((1, 1, 4, 4), dtype=np.float32), y)
     (row,) = UpdateAuditor(["analytic-fc"]).audit(_update(model, x, y), wrong, AuditContext("t")).rows
     assert row.status == RECONSTRUCTED and row.psnr is None and "do not fit the model's inputs" in row.note
+
+
+def test_an_update_whose_poisson_batches_were_all_empty_is_noise_only_not_a_reconstruction() -> None:
+    """DP-SGD's Poisson sampling can leave a client no sample: the rows say so with their own
+    status, no attack runs on pure noise, and the summary counts them apart."""
+    model = _mlp()
+    x, y = _crops(1)
+    empty = Truth(np.zeros((0, *SHAPE), dtype=np.float32), np.zeros(0, dtype=np.int64))
+    audit = UpdateAuditor(["analytic-fc", "idlg"]).audit(_update(model, x, y), empty, AuditContext("t"))
+    assert [(r.attack, r.status, r.note) for r in audit.rows] == [
+        ("analytic-fc", NOISE_ONLY, EMPTY_BATCH_NOTE),
+        ("idlg", NOISE_ONLY, EMPTY_BATCH_NOTE),
+    ]
+    assert all(r.psnr is None and r.seconds == 0.0 for r in audit.rows) and audit.images == {}
+    (first, _) = summarise_audit(audit.rows)
+    assert first["noise_only"] == 1 and first["reconstructed"] == 0 and first["note"] == EMPTY_BATCH_NOTE
 
 
 def test_label_score_is_the_share_of_recovered_labels_matching_distinct_true_ones() -> None:
