@@ -7,14 +7,15 @@ parameter gradients it can derive from the reply, and what else the threat model
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from models.base import ZooModel
+from models.base import ZooModel, federated_names_of
 
 
 class AttackError(ValueError):
@@ -28,7 +29,9 @@ class ObservedUpdate:
     `gradients` maps each parameter name of `model` to dL/dθ at the model's current weights.
     For multi-step FedAvg updates it is the estimate Δw / (-lr · steps) (see `from_weight_delta`).
     Labels, known or recovered, are training targets (`model.targets(labels)`): what the loss
-    and hence the gradient depend on.
+    and hence the gradient depend on. `approximation` says why an estimate is not the mean
+    gradient over the client's steps (its optimiser, frozen parameters), empty when it is: an
+    attack's result on an approximate estimate means less, and its report must say so.
     """
 
     model: ZooModel
@@ -38,10 +41,13 @@ class ObservedUpdate:
     batch_size: int = 1
     known_labels: torch.Tensor | None = None
     # Per-parameter standard deviation of the gradient estimate, when known (weight deltas: the
-    # float32 rounding of the weights divided by lr * steps); None for exact gradients. Layer-wise
-    # inversion weights its equations by it (generalised least squares) when the update's
-    # residual confirms it is all the noise there is.
+    # float32 rounding of the weights divided by that parameter's lr * steps, `UNOBSERVED_STD` where
+    # its rate was 0); None for exact gradients. Layer-wise inversion weights its equations by it
+    # (generalised least squares) when the update's residual confirms it is all the noise there is.
     gradient_noise: dict[str, torch.Tensor] | None = None
+    # Why the gradients are only an approximation of the mean gradient over the local steps
+    # ("; "-separated reasons); empty for an exact gradient or an exact estimate.
+    approximation: str = ""
 
     def __post_init__(self) -> None:
         params = dict(self.model.named_parameters())
@@ -65,25 +71,109 @@ class ObservedUpdate:
         model: ZooModel,
         before: Mapping[str, torch.Tensor],
         after: Mapping[str, torch.Tensor],
-        learning_rate: float,
+        learning_rate: float | Mapping[str, float],
         local_steps: int,
         input_shape: tuple[int, ...],
         num_classes: int,
         batch_size: int = 1,
+        approximation: str = "",
     ) -> ObservedUpdate:
         """Estimate the gradient from a FedAvg weight delta: g ≈ (w_before − w_after) / (lr · steps).
 
         Exact for one SGD step (FedSGD); for several steps it is the mean gradient along the local
-        trajectory, which layer-wise inversion treats as if it were one gradient.
+        trajectory, which layer-wise inversion treats as if it were one gradient. `learning_rate`
+        is one rate for every parameter, or each parameter's own (its optimiser group's: a
+        family's optimiser may give groups different rates, or rate 0 to a group frozen this
+        round). A parameter at rate 0 did not move with its gradient, so its gradient was not
+        observed: its estimate is 0 with the "no information" std `UNOBSERVED_STD`, and the
+        update's `approximation` names it after the caller's reasons (`approximation`: why the
+        client's optimiser step is not lr · gradient, e.g. momentum over several steps).
         """
-        scale = 1.0 / (learning_rate * local_steps)
-        deltas = {name: (before[name] - after[name]).detach().float() for name in before}
-        grads = {name: delta * scale for name, delta in deltas.items()}
-        noise = {
-            name: _rounding_std(before[name], after[name], deltas[name], grads[name], scale)
-            for name in before
-        }
-        return cls(model, grads, input_shape, num_classes, batch_size, gradient_noise=noise)
+        if local_steps < 1:
+            raise ValueError(f"local_steps must be at least 1, got {local_steps}")
+        rates = _parameter_rates(learning_rate, before)
+        grads: dict[str, torch.Tensor] = {}
+        noise: dict[str, torch.Tensor] = {}
+        for name in before:
+            delta = (before[name] - after[name]).detach().float()
+            if rates[name] == 0:
+                grads[name] = torch.zeros_like(delta)
+                noise[name] = torch.full_like(delta, UNOBSERVED_STD)
+                continue
+            scale = 1.0 / (rates[name] * local_steps)
+            grads[name] = delta * scale
+            noise[name] = _rounding_std(before[name], after[name], delta, grads[name], scale)
+        reason = "; ".join(filter(None, [approximation, unobserved_reason(model, rates)]))
+        return cls(
+            model, grads, input_shape, num_classes, batch_size, gradient_noise=noise, approximation=reason
+        )
+
+
+# The std of the estimate of a gradient the update did not observe (learning rate 0): it says "no
+# information", so a solver weighting its equations by 1 / std² ignores them (zero would claim the
+# gradient is exactly 0). Finite, unlike the truth, so that std² and sums of it stay finite even in
+# float32 (< 3.4e38) and no attack meets an infinity; no real gradient entry comes near it.
+UNOBSERVED_STD = 1e15
+
+
+def _parameter_rates(
+    learning_rate: float | Mapping[str, float], before: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """One finite rate >= 0 per parameter of `before` (a single rate: > 0, for all of them)."""
+    if not isinstance(learning_rate, Mapping):
+        rate = float(learning_rate)
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"learning_rate must be a finite number above 0, got {learning_rate}")
+        return dict.fromkeys(before, rate)
+    missing = [name for name in before if name not in learning_rate]
+    unknown = [name for name in learning_rate if name not in before]
+    if missing or unknown:
+        raise ValueError(
+            f"learning rates do not fit the update (missing {missing[:3]}, unknown {unknown[:3]}); "
+            "pass one rate per parameter"
+        )
+    rates = {name: float(learning_rate[name]) for name in before}
+    bad = [name for name, rate in rates.items() if not math.isfinite(rate) or rate < 0]
+    if bad:
+        raise ValueError(f"learning rates must be finite and >= 0; {bad[0]!r} has {rates[bad[0]]}")
+    return rates
+
+
+def unobserved_reason(model: ZooModel, rates: Mapping[str, float]) -> str:
+    """Why some of the update's gradients are not observed: the federated parameters at rate 0
+    (frozen this round, or in no optimiser group), named compactly (`compact_names`); empty when
+    there are none. Parameters outside the federated model (a frozen pretrained base) never
+    train and are not named."""
+    if all(rate != 0 for rate in rates.values()):
+        return ""
+    federated = set(federated_names_of(model))
+    frozen = [name for name, rate in rates.items() if rate == 0 and name in federated]
+    if not frozen:
+        return ""
+    names = compact_names(frozen, [name for name in rates if name in federated])
+    return f"no gradient observed for {names} (learning rate 0 this round: estimated as 0)"
+
+
+def compact_names(chosen: Sequence[str], every: Sequence[str]) -> str:
+    """`chosen` parameter names, a module all of whose (two or more) parameters are chosen
+    written once as `prefix.*`, and "every parameter" when all are chosen, so a note naming a
+    frozen layer group stays one line."""
+    picked = set(chosen)
+    if picked >= set(every):
+        return "every parameter"
+    out: list[str] = []
+    for name in (n for n in every if n in picked):
+        parts = name.split(".")
+        label = name
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth]) + "."
+            under = [n for n in every if n.startswith(prefix)]
+            if len(under) > 1 and all(n in picked for n in under):
+                label = prefix + "*"
+                break
+        if label not in out:
+            out.append(label)
+    return ", ".join(out)
 
 
 def _ulp(values: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,11 @@ class ZooModel(nn.Module):
     metric_names: tuple[str, ...] = ("accuracy",)
     per_sample_loss: bool = True
     trained_by_gradients: bool = True
+    # The schedule by which a family's optimiser changes its learning rates from one local step
+    # to the next (e.g. ULMFiT's slanted triangular rates), empty when they stay for the whole
+    # round as `configure_optimizer` sets them: with a schedule, a client's weight delta is no
+    # fixed multiple of its mean gradient, and the auditor's gradient estimate says so.
+    step_schedule: str = ""
     # Samples per evaluation batch: a family whose outputs are large (a 49,152-token LM's logits
     # at every position: 6 MiB per sample) lowers it so evaluation stays within memory.
     evaluation_batch_size: int = 512

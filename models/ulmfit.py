@@ -140,6 +140,8 @@ class WeightDropLSTM(nn.Module):
 class ULMFiT(ZooModel):
     """A small AWD-LSTM with a language-model decoder and a concat-pooling classifier."""
 
+    step_schedule = "slanted triangular learning rates, set at every local step"
+
     def __init__(
         self,
         spec: InputSpec,

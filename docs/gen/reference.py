@@ -180,9 +180,7 @@ def render_models(models: Mapping[str, Any], options_of: Callable[[Any], Iterabl
     rows = []
     for name, entry in models.items():
         options = ", ".join(code(f"{o.name}={o.default}") for o in options_of(entry.build)) or "–"
-        takes = ", ".join(getattr(entry, "takes", ()) or ()) or "–"
-        dataset = getattr(entry, "dataset", "") or ""
-        rows.append([code(name), cell(takes), code(dataset) if dataset else "–", options,
+        rows.append([code(name), cell(", ".join(entry.takes)), code(entry.dataset), options,
                      cell(first_paragraph(entry.build))])  # fmt: skip
     return "\n".join(
         [

@@ -57,6 +57,7 @@ def build_strategy(config: RunConfig) -> Strategy:
     if config.strategy == "fedprox":
         return FedProx(proximal_mu=config.proximal_mu, **common)
     if config.strategy == "fedadam":
+        # eta_l is only logged by Flower's FedOpt (flwr/serverapp/strategy/fedopt.py), never computed with.
         return FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **common)
     if config.strategy == "krum":
         return Krum(num_malicious_nodes=config.num_malicious, **common)

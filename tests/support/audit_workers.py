@@ -9,14 +9,14 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from audits.scoring.engine import UpdateAuditor
 from fedsim.strategy.auditor.strategy import AUDIT_FILE, GRID_FOLDER, AuditingStrategy
-from tests.support.audited_replies import LR, Recorder, digits_mlp
+from tests.support.audited_replies import PLAIN_SGD, Recorder, digits_mlp
 
 
 def auditing_strategy_for(tmp_path: Path, attacks: list[object], workers: int, batch_size: int = 1) -> tuple:
     tmp_path.mkdir(parents=True, exist_ok=True)
     inner = Recorder()
     strategy = AuditingStrategy(
-        inner, UpdateAuditor(attacks), digits_mlp, LR, batch_size, tmp_path, workers=workers
+        inner, UpdateAuditor(attacks), digits_mlp, PLAIN_SGD, batch_size, tmp_path, workers=workers
     )
     strategy.configure_train(1, ArrayRecord(digits_mlp().state_dict()), ConfigRecord(), grid=None)
     return strategy, inner

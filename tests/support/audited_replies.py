@@ -12,12 +12,14 @@ from flwr.serverapp.strategy import Strategy
 from attacks.base import observe_gradient
 from fedsim import wire
 from fedsim.data.photos import photo_crops
+from fedsim.training.client_step import ClientTraining
 from models import InputSpec, ZooModel, build_model
 
 SHAPE = (3, 8, 8)
 
 
 LR = 0.1
+PLAIN_SGD = ClientTraining.plain_sgd(LR)  # what the replies below were trained with
 
 
 class Recorder(Strategy):
@@ -59,8 +61,10 @@ def train_reply_of(
     num_examples: int = 1,
     poison: float | None = None,
     truth_samples: int = 1,
+    local_steps: int = 1,
 ) -> Message:
-    """What a FedSGD batch-1 client sends back: w - lr * g for one photo crop."""
+    """What a FedSGD batch-1 client sends back: w - lr * g for one photo crop (reporting
+    `local_steps` steps: what the server reads its gradient estimate with)."""
     model = digits_mlp()
     x, y = photo_crops(sample + truth_samples, size=SHAPE[1], seed=2)
     x, y = x[sample:], y[sample:]
@@ -71,7 +75,7 @@ def train_reply_of(
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord(local),
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: num_examples, wire.LOCAL_STEPS: 1}),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: num_examples, wire.LOCAL_STEPS: local_steps}),
             wire.CLIENT: ConfigRecord({wire.PARTITION_ID: partition_id}),
         }
     )

@@ -7,7 +7,9 @@ client's update (`audits.scoring.engine.UpdateAuditor`), as one large batch of a
 and the clients' mean number of local steps (both sent in clear under Flower's SecAgg+), and its
 rows land in the same `audit.csv` and `audit/round-NNNN.png`, with an empty partition id and a
 note saying what was attacked and why. The server gets no client's samples, so the leakage is not
-scored against any. An audit that fails is logged; it never stops the federation.
+scored against any. The gradient is estimated with the round's client step (each parameter's
+own learning rate, `fedsim.training.client_step`), and the note says when that estimate is
+approximate. An audit that fails is logged; it never stops the federation.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacks.base import ObservedUpdate
 from audits.scoring.engine import AUDIT_COLUMNS, NO_TRUTH_NOTE, AuditContext, UpdateAuditor, measure_security
 from audits.scoring.summary import save_audit_grid
 from fedsim import wire
 from fedsim.config.run_config import RunConfig
 from fedsim.store.audit_folder import AUDIT_FILE
 from fedsim.store.csv_log import CsvLog
+from fedsim.strategy.auditor.jobs import with_approximation_note
 from fedsim.strategy.auditor.strategy import GRID_FOLDER, drop_grids_after, weights_around
 from fedsim.strategy.secagg_fedavg import AggregateRound
+from fedsim.training.client_step import ClientTraining
 from fedsim.training.local import model_for
 from models.base import load_federated_state
 
@@ -100,10 +103,8 @@ class AggregateAuditor:
             local_steps=steps,
             rank_score=measure_security(model, tuple(model.spec.shape)).score,
         )
-        update = ObservedUpdate.from_weight_delta(
-            model, before, after, self.config.learning_rate, steps,
-            tuple(model.spec.shape), model.spec.num_classes, batch,
-        )  # fmt: skip
+        step = ClientTraining.of(self.config).step(model, aggregate.server_round)
+        update = step.observe(model, before, after, steps, batch)
         audit = self.auditor.audit(update, None, context)
         for row in audit.rows:
             rest = (
@@ -112,6 +113,7 @@ class AggregateAuditor:
                 else row.note.replace(NO_TRUTH_NOTE, NO_SAMPLES_NOTE)
             )
             row.note = f"{PER_CLIENT_IMPOSSIBLE}; {rest}" if rest else PER_CLIENT_IMPOSSIBLE
+        with_approximation_note(audit, update)
         audit.original_note = "no samples\nunder SecAgg+"
         self.log.append(row.to_dict() for row in audit.rows)
         save_audit_grid(

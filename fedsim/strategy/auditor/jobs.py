@@ -19,8 +19,12 @@ from attacks.base import ObservedUpdate
 from audits.scoring.engine import AuditContext, Truth, UpdateAudit, UpdateAuditor, measure_security
 from audits.scoring.summary import save_audit_grid
 from audits.scoring.text_table import text_table
+from fedsim.training.client_step import ClientStep
 from models import ZooModel
 from models.base import load_federated_state
+
+# How an audit row says its update's gradient estimate is approximate (`ObservedUpdate.approximation`).
+APPROXIMATE_NOTE = "gradient estimate dw/(lr*steps) is approximate: {reason}"
 
 
 @dataclass(frozen=True)
@@ -76,25 +80,33 @@ def audit_reply(
     model: ZooModel,
     global_state: Mapping[str, torch.Tensor],
     job: ReplyJob,
-    learning_rate: float,
+    step: ClientStep,
 ) -> UpdateAudit:
-    """Attack one reply. Torch's global generator is seeded from the round and the client, so an
-    attack that drew from it would give the same result in a worker as in the server thread."""
+    """Attack one reply, its gradient estimated with the round's client step (`step`, read from
+    `model` once per round). Torch's global generator is seeded from the round and the client, so
+    an attack that drew from it would give the same result in a worker as in the server thread."""
     context = job.context
     if job.local is None:
         return auditor.unreadable(context, job.note)
     try:
         before, after = weights_around(model, global_state, job.local.tensors())
-        update = ObservedUpdate.from_weight_delta(
-            model, before, after,
-            learning_rate, context.local_steps, tuple(model.spec.shape), model.spec.num_classes,
-            context.batch_size,
-        )  # fmt: skip
+        update = step.observe(model, before, after, context.local_steps, context.batch_size)
     except Exception as err:  # a reply the auditor cannot read must not stop the round
         return auditor.unreadable(context, f"reply not readable: {type(err).__name__}: {err}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_job_seed(context))
-        return auditor.audit(update, job.truth, context)
+        audit = auditor.audit(update, job.truth, context)
+    return with_approximation_note(audit, update)
+
+
+def with_approximation_note(audit: UpdateAudit, update: ObservedUpdate) -> UpdateAudit:
+    """Every row of an update whose gradient is only estimated approximately says why, once, after
+    what the engine noted: a reconstruction (or a refusal) from it means less than from a gradient."""
+    if update.approximation:
+        note = APPROXIMATE_NOTE.format(reason=update.approximation)
+        for row in audit.rows:
+            row.note = f"{row.note}; {note}" if row.note else note
+    return audit
 
 
 def with_rank_score(audits: Sequence[UpdateAudit], score: float | None) -> list[UpdateAudit]:

@@ -1,8 +1,9 @@
 """The audit off the federation's critical path: attacks run in worker processes while the
 following rounds train, through a bounded queue.
 
-- Plain data in (`audit_jobs.ReplyJob`, the global state as numpy), `UpdateAudit`s out: the
-  workers run the same functions as the serial auditor, so rows and grids are identical.
+- Plain data in (`audit_jobs.ReplyJob`, the global state as numpy, how clients train),
+  `UpdateAudit`s out: the workers run the same functions as the serial auditor, each reading the
+  round's model and client step once per round, so rows and grids are identical.
 - In order: a round's rows are appended, and its grid submitted, only once every earlier round's
   are, so audit.csv reads as the serial audit wrote it.
 - Bounded: at most `MAX_PENDING_ROUNDS` rounds in flight; submitting another waits for the
@@ -45,6 +46,7 @@ from fedsim.strategy.auditor.jobs import (
     security_score,
     with_rank_score,
 )
+from fedsim.training.client_step import ClientStep, ClientTraining
 from models import ZooModel
 
 # Two rounds: one being audited while the next is queued behind it, so a worker never idles
@@ -84,18 +86,18 @@ class AuditQueue:
         workers: int,
         auditor: UpdateAuditor,
         make_model: Callable[[], ZooModel],
-        learning_rate: float,
+        training: ClientTraining,
         grid_dir: Path,
         write_rows: Callable[[int, list[UpdateAudit]], None],
         max_rounds: int = MAX_PENDING_ROUNDS,
     ) -> None:
         self.workers, self.max_rounds = workers, max_rounds
-        self.auditor, self.make_model, self.learning_rate = auditor, make_model, learning_rate
+        self.auditor, self.make_model, self.training = auditor, make_model, training
         self.grid_dir, self.write_rows = grid_dir, write_rows
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[_Round] = deque()
         try:  # what each worker receives; fail here, not inside a round
-            pickle.dumps((auditor, make_model))
+            pickle.dumps((auditor, make_model, training))
         except Exception as err:
             raise TypeError(
                 f"audit workers need a picklable auditor and model recipe ({err}); "
@@ -115,7 +117,7 @@ class AuditQueue:
             self._advance(wait_for=self._pending[0].number)
         state = PlainState.of(global_state)
         security = self._submit(_security_job, server_round, state)
-        updates = [self._submit(_audit_job, server_round, state, job, self.learning_rate) for job in jobs]
+        updates = [self._submit(_audit_job, server_round, state, job, self.training) for job in jobs]
         self._pending.append(_Round(server_round, jobs, security, updates))
 
     def after(self, callback: Callable[[], None]) -> None:
@@ -240,7 +242,7 @@ def _init_worker(auditor: UpdateAuditor, make_model: Callable[[], ZooModel], gri
     torch.set_num_threads(1)
     # A killed server (`kill -9`, a test's timeout) cannot stop its pool: a worker leaves with it.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    _worker.update(auditor=auditor, make_model=make_model, grid_dir=Path(grid_dir), model=None)
+    _worker.update(auditor=auditor, make_model=make_model, grid_dir=Path(grid_dir), model=None, step=None)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -265,13 +267,23 @@ def _model(server_round: int, state: PlainState) -> tuple[ZooModel, dict[str, to
     return cached[1], cached[2]
 
 
+def _step(server_round: int, model: ZooModel, training: ClientTraining) -> ClientStep:
+    """The round's client step, read once per round and worker from the round's model."""
+    cached = _worker.get("step")
+    if cached is None or cached[0] != server_round:
+        cached = (server_round, training.step(model, server_round))
+        _worker["step"] = cached
+    return cached[1]
+
+
 def _security_job(server_round: int, state: PlainState) -> float | None:
     return security_score(_model(server_round, state)[0])
 
 
-def _audit_job(server_round: int, state: PlainState, job: ReplyJob, learning_rate: float) -> UpdateAudit:
+def _audit_job(server_round: int, state: PlainState, job: ReplyJob, training: ClientTraining) -> UpdateAudit:
     model, global_state = _model(server_round, state)
-    return audit_reply(_worker["auditor"], model, global_state, job, learning_rate)
+    step = _step(server_round, model, training)
+    return audit_reply(_worker["auditor"], model, global_state, job, step)
 
 
 def _draw_job(audits: Sequence[UpdateAudit], partitions: Sequence[int | None], server_round: int) -> None:

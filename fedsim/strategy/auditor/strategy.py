@@ -9,9 +9,13 @@ optional truth go to `audits.scoring.engine.UpdateAuditor`, which attacks and sc
   weights, so a larger learning rate leaks more precisely), and layer-wise inversion
   can recover the sample exactly when every layer's system has full rank.
 - Batch > 1 or several local steps (FedAvg): Δw / (lr · steps) is only the mean gradient along
-  the local trajectory (and SGD momentum distorts it further); layer-wise inversion then solves
-  for a single image that explains an average and generally fails, and optimisation attacks
-  reconstruct at best a blend. Rows say which threat model applied.
+  the local trajectory; layer-wise inversion then solves for a single image that explains an
+  average and generally fails, and optimisation attacks reconstruct at best a blend. Rows say
+  which threat model applied.
+- lr is each parameter's own, read once per round from the optimiser the family builds
+  (`fedsim.training.client_step`); where that optimiser makes Δw no scaled mean gradient
+  (momentum over several steps, Adam, weight decay, a per-step schedule, groups frozen this
+  round), every row of the update says why in its note.
 
 The batch size comes from what the server knows (the run config and the example count the
 client reports), never from the truth. A node that opted in (`audit-truth`) also sends the
@@ -60,6 +64,7 @@ from fedsim.strategy.auditor.pending import AuditQueue
 from fedsim.strategy.base import StrategyWrapper
 from fedsim.strategy.central_dp import OFF, central_dp_label
 from fedsim.strategy.ordering import partition_of
+from fedsim.training.client_step import ClientTraining
 from fedsim.training.local import model_for
 from models import ZooModel
 
@@ -83,7 +88,7 @@ class AuditingStrategy(StrategyWrapper):
         inner: Strategy,
         auditor: UpdateAuditor,
         make_model: Callable[[], ZooModel],
-        learning_rate: float,
+        training: ClientTraining,
         batch_size: int,
         output_dir: Path,
         max_clients: int = 0,
@@ -94,7 +99,7 @@ class AuditingStrategy(StrategyWrapper):
         self.server_defences = server_defences  # e.g. central DP's label, added to every row
         self.auditor = auditor
         self.make_model = make_model
-        self.learning_rate = learning_rate
+        self.training = training  # how clients train: read into each round's client step
         self.batch_size = batch_size
         self.max_clients = max_clients
         self.log = CsvLog(output_dir / AUDIT_FILE, AUDIT_COLUMNS)
@@ -102,7 +107,7 @@ class AuditingStrategy(StrategyWrapper):
         self.grid_dir.mkdir(exist_ok=True)
         self._global: dict[str, torch.Tensor] | None = None
         self.queue = (
-            AuditQueue(workers, auditor, make_model, learning_rate, self.grid_dir, self._write_rows)
+            AuditQueue(workers, auditor, make_model, self.training, self.grid_dir, self._write_rows)
             if workers > 0
             else None
         )
@@ -154,7 +159,8 @@ class AuditingStrategy(StrategyWrapper):
         """The serial audit: the same functions the workers run, in the server thread."""
         model = round_model(self.make_model, self._global)
         score = security_score(model)  # once per round
-        audits = [audit_reply(self.auditor, model, self._global, job, self.learning_rate) for job in jobs]
+        step = self.training.step(model, server_round)  # once per round
+        audits = [audit_reply(self.auditor, model, self._global, job, step) for job in jobs]
         self._write_rows(server_round, with_rank_score(audits, score))
         partitions = [job.context.partition_id for job in jobs]
         draw_round(audits, partitions, server_round, self.grid_dir, self.auditor.decode)
@@ -234,7 +240,7 @@ def auditing_wrapper(config: RunConfig, output_dir: Path) -> Callable[[Strategy]
             inner,
             UpdateAuditor(config.attack_names(), _decoder(config)),
             make_model=functools.partial(model_for, config),  # picklable: workers build their own
-            learning_rate=config.learning_rate,
+            training=ClientTraining.of(config),
             batch_size=config.batch_size,
             output_dir=output_dir,
             max_clients=config.audit_clients,

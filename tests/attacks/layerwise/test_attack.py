@@ -8,7 +8,7 @@ import scipy.linalg as sla
 import torch
 from torch import nn
 
-from attacks.base import AttackError, ObservedUpdate, observe_gradient
+from attacks.base import UNOBSERVED_STD, AttackError, ObservedUpdate, observe_gradient
 from attacks.layerwise.attack import LayerwiseInversion
 from attacks.layerwise.head import logistic_roots
 from attacks.layerwise.noise import LayerSolve, weight_consistency
@@ -247,6 +247,43 @@ def test_weight_delta_reports_rounding_noise() -> None:
         assert float(noise.min()) > 0
         assert bool((error <= 2 * 12**0.5 * noise + 1e-12).all())  # within about one ulp / lr
     assert exact.gradient_noise is None
+
+
+def test_weight_delta_reads_each_parameter_at_its_own_rate_and_names_the_unobserved() -> None:
+    """Per-parameter rates (a family's optimiser groups): each delta over its own rate, with its
+    own rounding noise; a rate-0 parameter did not move with its gradient, so its estimate is 0
+    with a finite "no information" std, never a division by zero, and the update names it."""
+    model = seeded("mlp", hidden=32, depth=1)
+    images, labels = photo_crops(1, seed=0)
+    exact = observe_gradient(model, torch.from_numpy(images), torch.from_numpy(labels))
+    rates = {name: 0.1 if name.endswith("weight") else 0.0 for name in exact.gradients}
+    rates["layers.1.weight"] = 0.5
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    after = {k: (v - rates[k] * exact.gradients[k]).float() for k, v in before.items()}
+    update = ObservedUpdate.from_weight_delta(
+        model, before, after, rates, 1, SPEC.shape, SPEC.num_classes, approximation="momentum"
+    )
+    assert update.gradient_noise is not None
+    frozen = [name for name, rate in rates.items() if rate == 0]
+    assert frozen == ["layers.1.bias", "layers.3.bias"]
+    assert update.approximation == (
+        "momentum; no gradient observed for layers.1.bias, layers.3.bias (learning rate 0 this round: "
+        "estimated as 0)"
+    )
+    for name, noise in update.gradient_noise.items():
+        assert bool(torch.isfinite(noise).all()) and bool(torch.isfinite(update.gradients[name]).all())
+        if name in frozen:
+            assert not bool(update.gradients[name].any()) and bool((noise == UNOBSERVED_STD).all())
+            continue
+        error = (update.gradients[name] - exact.gradients[name]).abs()
+        assert bool((error <= 2 * 12**0.5 * noise + 1e-12).all())  # its own rate's rounding
+    single = ObservedUpdate.from_weight_delta(model, before, before, 0.1, 1, SPEC.shape, SPEC.num_classes)
+    assert single.approximation == ""  # one rate for all: nothing unobserved
+    with pytest.raises(ValueError, match="missing"):
+        ObservedUpdate.from_weight_delta(model, before, after, {}, 1, SPEC.shape, SPEC.num_classes)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        negative = {**rates, "layers.1.bias": -0.1}
+        ObservedUpdate.from_weight_delta(model, before, after, negative, 1, SPEC.shape, SPEC.num_classes)
 
 
 @pytest.mark.parametrize("moved", [0, 2], ids=["round-1", "moved-weights"])

@@ -8,13 +8,16 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord
 
 from attacks.base import AttackError, ObservedUpdate, Reconstruction
 from audits.scoring.engine import UpdateAuditor
 from fedsim.strategy.auditor.pending import MAX_PENDING_ROUNDS
 from fedsim.strategy.auditor.strategy import AuditingStrategy
+from fedsim.training.client_step import ClientTraining
+from models import TrainingSettings
 from tests.support.audit_workers import audit_rows_of, auditing_strategy_for, grid_bytes_of
-from tests.support.audited_replies import LR, Recorder, digits_mlp, train_reply_of
+from tests.support.audited_replies import LR, PLAIN_SGD, Recorder, digits_mlp, train_reply_of
 
 
 class Slow:
@@ -70,4 +73,21 @@ def test_workers_refuse_a_model_recipe_they_cannot_receive(tmp_path: Path) -> No
     """Each worker gets the auditor and the model recipe by pickling; a lambda fails at once."""
     recipe = lambda: digits_mlp()  # noqa: E731
     with pytest.raises(TypeError, match="audit workers need a picklable auditor"):
-        AuditingStrategy(Recorder(), UpdateAuditor(["layerwise"]), recipe, LR, 1, tmp_path, workers=2)
+        AuditingStrategy(Recorder(), UpdateAuditor(["layerwise"]), recipe, PLAIN_SGD, 1, tmp_path, workers=2)
+
+
+def test_workers_read_the_rounds_client_step_as_the_serial_audit_does(tmp_path: Path) -> None:
+    """Momentum over two steps: a worker's rows carry the same approximation note as the serial
+    audit's, so the client step reached it."""
+    training = ClientTraining(TrainingSettings(LR, momentum=0.9))
+    for name, workers in (("serial", 0), ("parallel", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        strategy = AuditingStrategy(
+            Recorder(), UpdateAuditor(["analytic-fc"]), digits_mlp, training, 1, folder, workers=workers
+        )
+        strategy.configure_train(1, ArrayRecord(digits_mlp().state_dict()), ConfigRecord(), grid=None)
+        strategy.aggregate_train(1, [train_reply_of(0, 0, local_steps=2)])
+        strategy.close()
+    serial, parallel = audit_rows_of(tmp_path / "serial"), audit_rows_of(tmp_path / "parallel")
+    assert parallel == serial and "SGD momentum 0.9" in parallel[0]["note"]

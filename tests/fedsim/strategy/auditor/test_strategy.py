@@ -16,6 +16,8 @@ from audits.scoring.engine import AUDIT_COLUMNS, NO_TRUTH_NOTE, NON_FINITE_NOTE
 from fedsim import wire
 from fedsim.config.run_config import RunConfig
 from fedsim.strategy.auditor import jobs as audit_jobs
+from fedsim.strategy.auditor.aggregate import PER_CLIENT_IMPOSSIBLE, AggregateAuditor
+from fedsim.strategy.auditor.jobs import APPROXIMATE_NOTE
 from fedsim.strategy.auditor.strategy import (
     AUDIT_FILE,
     GRID_FOLDER,
@@ -24,8 +26,12 @@ from fedsim.strategy.auditor.strategy import (
     auditing_wrapper,
 )
 from fedsim.strategy.base import StrategyWrapper
-from models import InputSpec, ZooModel
-from tests.support.audited_replies import LR, Recorder, digits_mlp, train_reply_of
+from fedsim.strategy.secagg_fedavg import AggregateRound, ClientResult
+from fedsim.training.client_step import ClientTraining, client_step
+from fedsim.training.local import model_for
+from models import InputSpec, TrainingSettings, ZooModel
+from tests.support.audited_replies import LR, PLAIN_SGD, Recorder, digits_mlp, train_reply_of
+from tests.support.secagg import audit_rows
 
 
 class Raises:
@@ -37,7 +43,7 @@ class Raises:
 
 def _auditor(tmp_path: Path, attacks: list[object], batch_size: int = 1) -> tuple[AuditingStrategy, Recorder]:
     inner = Recorder()
-    strategy = AuditingStrategy(inner, UpdateAuditor(attacks), digits_mlp, LR, batch_size, tmp_path)
+    strategy = AuditingStrategy(inner, UpdateAuditor(attacks), digits_mlp, PLAIN_SGD, batch_size, tmp_path)
     strategy.configure_train(1, ArrayRecord(digits_mlp().state_dict()), ConfigRecord(), grid=None)
     return strategy, inner
 
@@ -139,6 +145,7 @@ def test_the_chain_factory_wraps_any_strategy(tmp_path: Path) -> None:
     wrapped = auditing_wrapper(config, tmp_path)(inner)
     assert isinstance(wrapped, StrategyWrapper) and wrapped.inner is inner
     assert (wrapped.batch_size, wrapped.max_clients) == (config.batch_size, 1)
+    assert wrapped.training == ClientTraining.of(config)  # the run's momentum, not a bare rate
 
 
 class _BagOfEmbeddings(ZooModel):
@@ -181,7 +188,7 @@ def _token_reply(partition_id: int, tokens: list[int]) -> Message:
 def test_token_models_get_a_text_table_per_round_and_resume_drops_later_ones(tmp_path: Path) -> None:
     decode = lambda ids: " ".join(f"w{int(i)}" for i in ids)  # noqa: E731
     strategy = AuditingStrategy(
-        Recorder(), UpdateAuditor(["token-set"], decode), _token_model, LR, 1, tmp_path
+        Recorder(), UpdateAuditor(["token-set"], decode), _token_model, PLAIN_SGD, 1, tmp_path
     )
     strategy.configure_train(1, ArrayRecord(_token_model().state_dict()), ConfigRecord(), grid=None)
     for server_round in (1, 2):
@@ -195,3 +202,42 @@ def test_token_models_get_a_text_table_per_round_and_resume_drops_later_ones(tmp
     assert "w12" in lines[0] and "w9" in lines[1] and "~~" not in table, "every true token recovered"
     strategy.drop_rounds_after(1)
     assert sorted(p.name for p in (tmp_path / GRID_FOLDER).iterdir()) == ["round-0001.md", "round-0001.png"]
+
+
+def test_every_row_of_a_momentum_runs_update_says_once_that_its_estimate_is_approximate(
+    tmp_path: Path,
+) -> None:
+    """Momentum over two steps: dw/(lr*steps) is not the mean gradient, and each row of that update
+    says so once (a reconstruction and a failure alike); one step from a zero buffer is exact."""
+    training = ClientTraining(TrainingSettings(LR, momentum=0.9))
+    strategy = AuditingStrategy(
+        Recorder(), UpdateAuditor(["analytic-fc", Raises()]), digits_mlp, training, 1, tmp_path
+    )
+    strategy.configure_train(1, ArrayRecord(digits_mlp().state_dict()), ConfigRecord(), grid=None)
+    strategy.aggregate_train(1, [train_reply_of(0, 0, local_steps=2), train_reply_of(1, 1)])
+    note = APPROXIMATE_NOTE.format(reason=client_step(digits_mlp(), training.settings, 1).reason(2))
+    assert "SGD momentum 0.9" in note
+    rows = _rows(tmp_path)
+    assert [(r["partition_id"], r["local_steps"], r["note"].count(note)) for r in rows] == [
+        ("0", "2", 1),
+        ("0", "2", 1),
+        ("1", "1", 0),
+        ("1", "1", 0),
+    ]
+    assert rows[1]["note"] == f"LinAlgError: SVD did not converge; {note}"
+    assert rows[2]["note"] == "" and "approximate" not in rows[3]["note"]
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "plain-sgd"])
+def test_the_secagg_aggregate_auditor_estimates_with_the_runs_client_step(
+    tmp_path: Path, momentum: float
+) -> None:
+    config = RunConfig(secagg=True, num_clients=3, audit=True, learning_rate=0.1, momentum=momentum)
+    before = {k: v.numpy() for k, v in model_for(config).state_dict().items()}
+    after = {k: v - 0.01 for k, v in before.items()}
+    clients = [ClientResult(p, 100 + p, {wire.LOCAL_STEPS: 4}) for p in range(3)]
+    AggregateAuditor(config, tmp_path)(AggregateRound(7, before, after, clients))
+    (row,) = audit_rows(tmp_path)
+    assert row["note"].startswith(PER_CLIENT_IMPOSSIBLE)
+    momentum_note = "gradient estimate dw/(lr*steps) is approximate: SGD momentum 0.9"
+    assert row["note"].count(momentum_note) == (1 if momentum else 0), row["note"]
