@@ -21,7 +21,7 @@ FOREIGN = {"models": {"flwr"}, "attacks": {"flwr"}, "audits": {"flwr"}, "fedsim"
 PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "attacks": (
         ("base",),
-        ("analytic", "disclosure", "layerwise", "text"),
+        ("analytic", "disclosure", "layerwise", "replay", "text"),
         ("optimisation",),
         ("auto",),
         ("registry",),
