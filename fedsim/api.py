@@ -34,7 +34,7 @@ from fedsim.launch import PathLike, RunResult, checked_path, run
 from fedsim.plan.planning import check_attack_names, check_model_name, check_model_takes
 from fedsim.store.audit_folder import check_output_folder, load_weights, write_audit
 from fedsim.training.run_model import build_run_model
-from models import InputSpec, UnsupportedInputError, ZooModel, available_models, natural_dataset
+from models import InputSpec, UnsupportedInputError, ZooModel, natural_dataset
 from models import model_options as model_options_of
 
 __all__ = ["AuditResult", "RunResult", "audit", "compare", "run"]
@@ -96,7 +96,8 @@ def audit(
         one-step weight delta, see `audits.architecture.report.ROUNDING_LEARNING_RATE`).
     model_options: the model's options as `fedsim run --model-options` takes them.
     """
-    if dataset is None and model in available_models():
+    if dataset is None:  # the family's own data: the model's name is checked first
+        check_model_name(model)
         dataset = natural_dataset(model)
     names = [a.strip() for a in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     names = [name for name in names if name]

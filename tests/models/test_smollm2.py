@@ -50,12 +50,12 @@ def test_refuses_other_ids_before_loading_any_weight(monkeypatch: pytest.MonkeyP
         raise AssertionError("weights loaded for a spec the model refuses")
 
     monkeypatch.setattr(sys.modules["models.smollm2"], "load_smollm2", no_load)
-    for spec in (
-        InputSpec.tokens(32, 5000, 6),
-        InputSpec.tokens(32, VOCAB, 6, "minilm"),
-        InputSpec((1, 8, 8), 10),
+    for spec, message in (
+        (InputSpec.tokens(32, 5000, 6), "use --dataset fortunes-smollm2"),
+        (InputSpec.tokens(32, VOCAB, 6, "minilm"), "use --dataset fortunes-smollm2"),
+        (InputSpec((1, 8, 8), 10), "takes tokens inputs, not image"),  # the registry's modality line
     ):
-        with pytest.raises(UnsupportedInputError, match="use --dataset fortunes-smollm2"):
+        with pytest.raises(UnsupportedInputError, match=message):
             build_model("smollm2", spec)
     for options, problem in (
         ({"rank": 0}, "rank must be at least 1"),
